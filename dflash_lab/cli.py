@@ -1,0 +1,60 @@
+"""The `dflash-lab` command. Subcommands are thin: each module below registers its own parsers
+and calls into its package. A handler returns an exit status (or None for 0)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dflash_lab import __version__
+from dflash_lab.errors import DFlashLabError
+
+# Each module has `register(subparsers)`; order is the order `--help` lists them.
+COMMAND_MODULES = [
+    "dflash_lab.models.commands",  # models fetch, draft init, generate
+    "dflash_lab.data.commands",  # prompts build|stats
+    "dflash_lab.labels.commands",  # label, labels audit, serve-cmd
+    "dflash_lab.train.commands",  # train
+    "dflash_lab.eval.commands",  # eval, eval-run, runs, report
+    "dflash_lab.demo",  # demo
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dflash-lab",
+        description="Train, evaluate and track DFlash draft models for lossless speculative decoding.",
+    )
+    parser.add_argument("--version", action="version", version=f"dflash-lab {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # not built yet
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        status = args.handler(args)
+    except DFlashLabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
