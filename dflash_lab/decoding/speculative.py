@@ -1,0 +1,122 @@
+"""The greedy, lossless verify loop (SPEC section 5), shared by every drafter.
+
+    prefill the prompt -> bonus = argmax of the last logits
+    repeat:
+        block = [bonus, d_1 .. d_k]                       d_i from the drafter (k may be 0)
+        y_0 .. y_k = argmax(target(block))                one target forward, with its KV cache
+        a = longest prefix with d_{i+1} == y_i            the target agrees with the draft that far
+        commit bonus, d_1 .. d_a; the new bonus is y_a    so every committed token is the target's own
+        crop the target cache to the committed length; hand the committed tokens' features to the drafter
+
+Each cycle commits a + 1 tokens (the "acceptance length", at most the block size); tau is their
+mean. Stop tokens and `max_new_tokens` may cut the last cycle short; the recorded length is what
+was committed, as in z-lab's reference loop.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class GenerationResult:
+    output_ids: list[int]  # generated tokens only (the prompt excluded)
+    cycle_acceptance: list[int]  # a + 1 per verify cycle
+    num_prompt_tokens: int
+    finish_reason: str  # "stop" or "length"
+    wall_s: float
+    prefill_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tau(self) -> float:
+        """Mean committed tokens per verify cycle (0 cycles: nan)."""
+        return sum(self.cycle_acceptance) / len(self.cycle_acceptance) if self.cycle_acceptance else float("nan")
+
+
+def _crop(cache: DynamicCache, keep: int) -> None:
+    # transformers rejects crop(positive) on some versions; a negative count removes that many tokens
+    remove = cache.get_seq_length() - keep
+    if remove > 0:
+        cache.crop(-remove)
+
+
+@torch.inference_mode()
+def speculative_generate(
+    target,
+    drafter,
+    prompt_ids: list[int] | torch.Tensor,
+    max_new_tokens: int,
+    stop_token_ids: list[int] | None = None,
+) -> GenerationResult:
+    """Greedy decoding of `target` accelerated by `drafter`; the output equals plain greedy."""
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    device = target.device
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).flatten()
+    num_prompt = prompt.shape[0]
+    max_length = num_prompt + max_new_tokens
+    stops = torch.tensor(sorted(set(stop_token_ids or [])), dtype=torch.long, device=device)
+    layer_ids = drafter.layer_ids
+    tokens = torch.empty(max_length + 1, dtype=torch.long, device=device)
+    tokens[:num_prompt] = prompt
+    positions = torch.arange(max_length + 1, device=device)
+    cache = DynamicCache(config=target.config)
+
+    t0 = time.perf_counter()
+    logits, features = target.forward(
+        prompt[None], layer_ids, position_ids=positions[None, :num_prompt], past_key_values=cache, logits_to_keep=1
+    )
+    tokens[num_prompt] = logits[0, -1].argmax()
+    drafter.start(features, positions[None, :num_prompt])
+    prefill_s = time.perf_counter() - t0
+
+    start = num_prompt  # position of the bonus token
+    cycles: list[int] = []
+    stopped = bool(torch.isin(tokens[start], stops))
+    while start + 1 < max_length and not stopped:
+        verify_size = min(drafter.block_size, max_length - start)
+        proposals = drafter.propose(tokens, start, verify_size - 1) if verify_size > 1 else tokens[:0]
+        block = torch.cat([tokens[start:start + 1], proposals])
+        size = block.shape[0]
+        logits, features = target.forward(
+            block[None], layer_ids, position_ids=positions[None, start:start + size], past_key_values=cache
+        )
+        predicted = logits[0].argmax(dim=-1)  # y_0 .. y_k
+        agree = (proposals == predicted[: size - 1]).int()
+        accepted = int(agree.cumprod(0).sum()) if size > 1 else 0
+        tokens[start:start + accepted + 1] = block[: accepted + 1]
+        tokens[start + accepted + 1] = predicted[accepted]
+        produced = min(accepted + 1, max_length - start - 1)
+        if stops.numel():
+            hit = torch.isin(tokens[start + 1:start + produced + 1], stops).nonzero()
+            if hit.numel():
+                produced = int(hit[0]) + 1
+                stopped = True
+        if features is not None:
+            drafter.commit(features[:, :produced], positions[None, start:start + produced])
+        start += produced
+        _crop(cache, start)
+        cycles.append(produced)
+
+    end = min(start + 1, max_length)
+    wall = time.perf_counter() - t0
+    return GenerationResult(
+        output_ids=tokens[num_prompt:end].tolist(),
+        cycle_acceptance=cycles,
+        num_prompt_tokens=num_prompt,
+        finish_reason="stop" if stopped else "length",
+        wall_s=wall,
+        prefill_s=prefill_s,
+    )
+
+
+def greedy_generate(target, prompt_ids, max_new_tokens: int, stop_token_ids=None) -> GenerationResult:
+    """Plain target greedy decoding (the speed baseline), through the same loop."""
+    from dflash_lab.decoding.drafters import NoDrafter
+
+    return speculative_generate(target, NoDrafter(), prompt_ids, max_new_tokens, stop_token_ids)

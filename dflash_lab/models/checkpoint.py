@@ -1,0 +1,149 @@
+"""Draft checkpoints in the format SGLang and vLLM load as `DFlashDraftModel` (SPEC section 2).
+
+A directory with `config.json` (Qwen3 fields + `architectures: ["DFlashDraftModel"]`, `block_size`,
+`num_target_layers`, `dflash_config: {mask_token_id, target_layer_ids}`) and `model.safetensors`
+(tensor names without a `model.` prefix, no embed_tokens, no lm_head). z-lab's published drafts use
+the same format and load here too. Weights are read with safetensors only: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from dflash_lab.errors import DFlashLabError
+from dflash_lab.models.draft import DFlashDraftModel, DraftConfig, validate_against_target
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def save_draft(model: DFlashDraftModel, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
+               extra_files: dict[str, str] | None = None) -> Path:
+    """Write config.json + model.safetensors atomically (a temp directory renamed into place).
+
+    `extra_files` maps file names to text written beside them (e.g. training metadata).
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_json_dict()
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach()
+        if dtype is not None:
+            tensor = tensor.to(dtype)
+        tensors[name] = tensor.contiguous().cpu()
+    config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_draft_config(path: str | os.PathLike) -> DraftConfig:
+    path = Path(path)
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise DFlashLabError(f"draft {path}: no {CONFIG_NAME}; a draft checkpoint is a directory with "
+                             f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise DFlashLabError(f"draft {cfg_file}: not valid JSON ({exc}); re-export the checkpoint") from exc
+    archs = raw.get("architectures") or []
+    if archs and not any("DFlash" in a for a in archs):
+        raise DFlashLabError(f"draft {cfg_file}: architectures {archs} is not a DFlash draft (expected DFlashDraftModel)")
+    return DraftConfig.from_json_dict(raw, source=str(cfg_file))
+
+
+def expected_shapes(cfg: DraftConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a draft with this config, by checkpoint name."""
+    model = torch.device("meta")
+    with model:
+        draft = DFlashDraftModel(cfg)
+    return {name: tuple(t.shape) for name, t in draft.state_dict().items()}
+
+
+def read_tensors(path: str | os.PathLike, cfg: DraftConfig) -> dict[str, torch.Tensor]:
+    """Load and check the weights: a truncated file, a missing, unexpected or misshapen tensor each
+    give a message naming the file and the tensor."""
+    wfile = Path(path) / WEIGHTS_NAME
+    if not wfile.is_file():
+        raise DFlashLabError(f"draft {path}: no {WEIGHTS_NAME}")
+    try:
+        with safe_open(str(wfile), framework="pt") as handle:
+            names = list(handle.keys())
+            tensors = {name: handle.get_tensor(name) for name in names}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise DFlashLabError(
+            f"draft {wfile}: unreadable safetensors file ({exc}); it is probably truncated or corrupt: "
+            "copy or export it again"
+        ) from exc
+    # Some exporters prefix names with `model.`; the serving format has none.
+    if names and all(n.startswith("model.") for n in names):
+        tensors = {n.removeprefix("model."): t for n, t in tensors.items()}
+    expected = expected_shapes(cfg)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected) - {"embed_tokens.weight", "lm_head.weight"})
+    misshapen = [f"{n}: file {tuple(tensors[n].shape)} vs config {expected[n]}"
+                 for n in expected if n in tensors and tuple(tensors[n].shape) != expected[n]]
+    if missing or unexpected or misshapen:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+        if misshapen:
+            parts.append("shape mismatch " + "; ".join(misshapen[:4]))
+        raise DFlashLabError(f"draft {wfile} does not match its {CONFIG_NAME}: " + ", ".join(parts))
+    return {n: t for n, t in tensors.items() if n in expected}
+
+
+def load_draft(path: str | os.PathLike, target=None, *, dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu") -> DFlashDraftModel:
+    """Load a draft directory (ours or z-lab's), validated against `target` when given."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DFlashLabError(f"draft {path}: no such directory")
+    cfg = read_draft_config(path)
+    if target is not None:
+        validate_against_target(cfg, target, source=f"draft {path}")
+    tensors = read_tensors(path, cfg)
+    if dtype is None:
+        dtype = target.dtype if target is not None else next(iter(tensors.values())).dtype
+    with torch.device("meta"):
+        model = DFlashDraftModel(cfg)
+    model.load_state_dict({n: t.to(dtype) for n, t in tensors.items()}, assign=True, strict=True)
+    return model.to(device).eval()
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """sha256 of the weights file: the identity of a draft in results and the registry."""
+    digest = hashlib.sha256()
+    with open(Path(path) / WEIGHTS_NAME, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

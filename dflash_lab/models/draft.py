@@ -1,0 +1,361 @@
+"""The DFlash draft model (SPEC section 1), in plain PyTorch.
+
+A stack of Qwen3 decoder layers that predicts a block of B tokens in one forward pass:
+
+    c       = hidden_norm(fc(concat(target features of target_layer_ids)))     one vector per context token
+    x       = embed([anchor, MASK, ..., MASK])                                the block, B tokens
+    layer:  h = input_layernorm(x)
+            q = q_norm(q_proj(h))                                            queries: block only
+            k = k_norm(k_proj([c ; h])),  v = v_proj([c ; h])                keys/values: context + block
+            x = x + o_proj(attention(q, k, v));  x = x + mlp(post_attention_layernorm(x))
+    out     = norm(x) -> the target's lm_head                                slot k predicts position p + k
+
+Context key/values depend on c only (not on the layer's input), so in decoding each layer caches
+them and only newly committed tokens are projected. Embedding and lm_head belong to the target:
+this module holds neither, so its state dict is exactly the checkpoint of SPEC section 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dflash_lab.errors import DFlashLabError
+
+
+@dataclass
+class DraftConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    num_target_layers: int
+    mask_token_id: int
+    target_layer_ids: list[int]
+    block_size: int = 16
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 40960
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    # keys of a loaded config.json that this class does not model (kept so a re-save round-trips)
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        problems = []
+        if self.block_size < 2:
+            problems.append(f"block_size must be >= 2, got {self.block_size}")
+        if self.num_hidden_layers < 1:
+            problems.append(f"num_hidden_layers must be >= 1, got {self.num_hidden_layers}")
+        if not self.target_layer_ids:
+            problems.append("target_layer_ids is empty")
+        if self.num_attention_heads % self.num_key_value_heads:
+            problems.append(
+                f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if problems:
+            raise DFlashLabError("invalid draft config: " + "; ".join(problems))
+
+    # -- the config.json of SPEC section 2 ---------------------------------------------------------
+    def to_json_dict(self) -> dict:
+        d = asdict(self)
+        extra = d.pop("extra")
+        mask_token_id = d.pop("mask_token_id")
+        target_layer_ids = d.pop("target_layer_ids")
+        out = dict(extra)
+        out.update(
+            {
+                "architectures": ["DFlashDraftModel"],
+                "model_type": "qwen3",
+                **d,
+                "rope_scaling": None,
+                "tie_word_embeddings": False,
+                "use_sliding_window": False,
+                "attention_dropout": 0.0,
+                "dflash_config": {"mask_token_id": mask_token_id, "target_layer_ids": list(target_layer_ids)},
+            }
+        )
+        return out
+
+    @classmethod
+    def from_json_dict(cls, raw: dict, *, source: str = "config.json") -> "DraftConfig":
+        raw = dict(raw)
+        dflash = dict(raw.pop("dflash_config", None) or {})
+        for key in ("mask_token_id", "target_layer_ids", "block_size"):
+            if key in dflash and key not in raw:
+                raw[key] = dflash.pop(key)
+        if "rope_theta" not in raw and isinstance(raw.get("rope_parameters"), dict):
+            raw["rope_theta"] = raw["rope_parameters"].get("rope_theta", 1_000_000.0)
+        if raw.get("head_dim") is None and raw.get("hidden_size") and raw.get("num_attention_heads"):
+            raw["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
+        if "num_target_layers" not in raw and raw.get("target_layer_ids"):
+            raise DFlashLabError(f"{source}: missing num_target_layers")
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        missing = sorted(k for k in known if k not in raw and cls.__dataclass_fields__[k].default is MISSING)
+        if missing:
+            raise DFlashLabError(f"{source}: missing DFlash draft fields {missing}; is this a DFlash draft checkpoint?")
+        kwargs = {k: raw.pop(k) for k in list(raw) if k in known}
+        for key in ("architectures", "model_type", "rope_scaling", "tie_word_embeddings",
+                    "use_sliding_window", "attention_dropout"):
+            raw.pop(key, None)
+        if dflash:
+            raw["dflash_config"] = dflash  # unknown dflash_config keys, kept verbatim
+        return cls(**kwargs, extra=raw)
+
+
+class RMSNorm(nn.Module):
+    """Qwen3's RMSNorm: normalise in fp32, scale in the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin of shape [N, L, head_dim] for integer positions [N, L] (default RoPE, fp32 math)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, L, d]; cos/sin [N, L, d]."""
+    cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+# attention(q [N,h,Q,d], k_ctx [N,kv,S,d], v_ctx, k_blk [N,kv,Q,d], v_blk, scale) -> [N,h,Q,d]
+AttentionFn = Callable[..., torch.Tensor]
+
+
+def full_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale):
+    """Decoding: the block sees the whole (cached) context and all of itself."""
+    k = torch.cat([k_ctx, k_blk], dim=2)
+    v = torch.cat([v_ctx, v_blk], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+class DraftAttention(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+
+    def _heads(self, x, heads):  # [N, L, heads*d] -> [N, heads, L, d]
+        return x.view(*x.shape[:2], heads, self.head_dim).transpose(1, 2)
+
+    def key_value(self, x, cos, sin):
+        k = self.k_norm(self._heads(self.k_proj(x), self.num_kv_heads))
+        return apply_rope(k, cos, sin), self._heads(self.v_proj(x), self.num_kv_heads)
+
+    def forward(self, h, cos, sin, k_ctx, v_ctx, attention: AttentionFn):
+        q = apply_rope(self.q_norm(self._heads(self.q_proj(h), self.num_heads)), cos, sin)
+        k_blk, v_blk = self.key_value(h, cos, sin)
+        out = attention(q, k_ctx, v_ctx, k_blk, v_blk, self.head_dim**-0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(*h.shape[:2], -1))
+
+
+class DraftMLP(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = DraftAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = DraftMLP(cfg)
+
+    def forward(self, x, cos, sin, k_ctx, v_ctx, attention):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_ctx, v_ctx, attention)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DraftCache:
+    """Per-layer context keys/values (after k_norm and RoPE) for decoding. The block's own keys are
+    never cached, so nothing has to be cropped after a verify."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class DFlashDraftModel(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.config = cfg
+        n_features = len(cfg.target_layer_ids)
+        self.fc = nn.Linear(n_features * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.mask_token_id
+
+    @property
+    def target_layer_ids(self) -> list[int]:
+        return self.config.target_layer_ids
+
+    def init_weights(self, seed: int | None = None, std: float = 0.02) -> "DFlashDraftModel":
+        """Fresh initialisation (normal(0, std) linears, unit norms), reproducible from `seed`."""
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(0 if seed is None else seed)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                elif name.endswith(".bias"):
+                    param.zero_()
+                else:
+                    param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
+        return self
+
+    def fuse_context(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, S, n*H] target features -> c [N, S, H]."""
+        return self.hidden_norm(self.fc(features))
+
+    def forward(
+        self,
+        noise_embedding: torch.Tensor,  # [N, Q, H] embeddings of [anchor, MASK...] blocks
+        positions: torch.Tensor,  # [N, Q] RoPE positions of the block slots
+        context_features: torch.Tensor | None,  # [N, S, n*H] raw target features (new ones only, with a cache)
+        context_positions: torch.Tensor | None,  # [N, S]
+        *,
+        cache: DraftCache | None = None,
+        attention: AttentionFn = full_attention,
+    ) -> torch.Tensor:
+        """Hidden states of the block slots after the final norm: [N, Q, H]."""
+        cfg = self.config
+        dtype = noise_embedding.dtype
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype)
+        if context_features is not None and context_features.shape[1] > 0:
+            c = self.fuse_context(context_features.to(self.fc.weight.dtype))
+            ccos, csin = rope_cos_sin(context_positions, cfg.head_dim, cfg.rope_theta, c.dtype)
+        else:
+            c = None
+        x = noise_embedding
+        for i, layer in enumerate(self.layers):
+            if c is not None:
+                k_ctx, v_ctx = layer.self_attn.key_value(c, ccos, csin)
+            else:
+                empty = x.new_zeros(x.shape[0], cfg.num_key_value_heads, 0, cfg.head_dim)
+                k_ctx, v_ctx = empty, empty
+            if cache is not None:
+                k_ctx, v_ctx = cache.extend(i, k_ctx, v_ctx)
+            x = layer(x, cos, sin, k_ctx, v_ctx, attention)
+        return self.norm(x)
+
+
+def build_draft_config(
+    target,
+    *,
+    num_layers: int,
+    block_size: int = 16,
+    mask_token_id: int | None = None,
+    target_layer_ids: list[int] | None = None,
+    intermediate_size: int | None = None,
+    rope_theta: float | None = None,
+) -> DraftConfig:
+    """A draft config shaped like the target's own layers (hidden size, heads, MLP width)."""
+    from dflash_lab.models.target import default_target_layer_ids
+
+    tc = target.config
+    heads = int(tc.num_attention_heads)
+    head_dim = int(getattr(tc, "head_dim", None) or tc.hidden_size // heads)
+    if rope_theta is None:
+        rope_params = getattr(tc, "rope_parameters", None) or {}
+        rope_theta = float(rope_params.get("rope_theta", getattr(tc, "rope_theta", 1_000_000.0)))
+    cfg = DraftConfig(
+        hidden_size=target.hidden_size,
+        intermediate_size=int(intermediate_size or tc.intermediate_size),
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=int(getattr(tc, "num_key_value_heads", None) or heads),
+        head_dim=head_dim,
+        vocab_size=target.vocab_size,
+        num_target_layers=target.num_layers,
+        mask_token_id=target.default_mask_token_id() if mask_token_id is None else mask_token_id,
+        target_layer_ids=target_layer_ids or default_target_layer_ids(target.num_layers, num_layers),
+        block_size=block_size,
+        rms_norm_eps=float(getattr(tc, "rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        max_position_embeddings=int(getattr(tc, "max_position_embeddings", 40960)),
+    )
+    validate_against_target(cfg, target)
+    return cfg
+
+
+def validate_against_target(cfg: DraftConfig, target, *, source: str = "draft") -> None:
+    """Stop with a message naming both values when a draft does not fit a target."""
+    problems = []
+    if cfg.hidden_size != target.hidden_size:
+        problems.append(f"hidden_size: draft {cfg.hidden_size} != target {target.hidden_size}")
+    if cfg.vocab_size != target.vocab_size:
+        problems.append(f"vocab_size: draft {cfg.vocab_size} != target embedding rows {target.vocab_size}")
+    if cfg.num_target_layers != target.num_layers:
+        problems.append(f"num_target_layers: draft {cfg.num_target_layers} != target {target.num_layers}")
+    bad = [i for i in cfg.target_layer_ids if not 0 <= i < target.num_layers]
+    if bad:
+        problems.append(
+            f"target_layer_ids {cfg.target_layer_ids}: {bad} outside the target's layers 0..{target.num_layers - 1}"
+        )
+    if not 0 <= cfg.mask_token_id < target.vocab_size:
+        problems.append(
+            f"mask_token_id {cfg.mask_token_id} outside the target's embedding table (0..{target.vocab_size - 1})"
+        )
+    if cfg.block_size < 2:
+        problems.append(f"block_size {cfg.block_size} < 2")
+    if problems:
+        raise DFlashLabError(
+            f"{source} does not match target {target.name}: " + "; ".join(problems)
+            + ". Use a draft made for this target (dflash-lab draft init --target ...)."
+        )

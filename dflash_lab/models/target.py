@@ -1,0 +1,318 @@
+"""The frozen target model: loading, chat rendering, stop tokens, and the features a draft reads.
+
+A DFlash draft is conditioned on the outputs of target layers `target_layer_ids`. In a Hugging Face
+`output_hidden_states` tuple, index 0 is the embedding output, so layer `i`'s output is
+`hidden_states[i + 1]` (the `+1` offset of SPEC section 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dflash_lab.errors import DFlashLabError
+
+# Where a chat template knows a thinking switch, it is always turned off (SPEC section 6).
+THINKING_KWARGS = {"enable_thinking": False}
+
+
+def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
+    """SPEC section 1: `round(1 + i * (L - 4) / (n - 1))`, or `[L // 2]` for a one-layer draft."""
+    if num_draft_layers < 1:
+        raise DFlashLabError(f"a draft needs at least one layer, got num_layers={num_draft_layers}")
+    if num_draft_layers == 1:
+        return [num_target_layers // 2]
+    span = num_target_layers - 4
+    # Python's round() is banker's rounding, like the reference implementations.
+    return [round(1 + i * span / (num_draft_layers - 1)) for i in range(num_draft_layers)]
+
+
+def select_features(hidden_states, layer_ids: list[int]) -> torch.Tensor:
+    """Concatenate the outputs of `layer_ids` from an `output_hidden_states` tuple: [.., S, n*H]."""
+    return torch.cat([hidden_states[i + 1] for i in layer_ids], dim=-1)
+
+
+def _file_sha256(path: Path, limit: int | None = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class TargetModel:
+    """A causal LM plus everything dflash-lab needs to know about it.
+
+    `model` is a transformers `*ForCausalLM`; `tokenizer` may be None for tiny test targets that
+    work on ids only.
+    """
+
+    model: nn.Module
+    tokenizer: object | None = None
+    name: str = "target"
+    mask_token_id: int | None = None  # the target's choice of DFlash mask row, if it has one
+    extra_stop_token_ids: list[int] = field(default_factory=list)
+    fingerprint: str | None = None
+
+    # -- shape facts ----------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        head = getattr(self.model, "lm_head", None)
+        return head if head is not None else self.model.get_output_embeddings()
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the embedding table (may exceed the tokenizer's vocabulary, as in Qwen3)."""
+        return int(self.embed_tokens.weight.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def default_mask_token_id(self) -> int:
+        """The DFlash mask row: the target's recorded choice, else the first embedding row past the
+        tokenizer's vocabulary (Qwen3: 151669), else an error asking for an explicit choice."""
+        if self.mask_token_id is not None:
+            return self.mask_token_id
+        if self.tokenizer is not None and len(self.tokenizer) < self.vocab_size:
+            return len(self.tokenizer)
+        raise DFlashLabError(
+            f"target {self.name}: every embedding row is a real token, so no mask token can be "
+            "chosen automatically; pass --mask-token-id with a token that text never produces"
+        )
+
+    # -- text -----------------------------------------------------------------------------------
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise DFlashLabError(f"target {self.name} has no tokenizer; load it from a directory that has one")
+        return self.tokenizer
+
+    def template_kwargs(self) -> dict:
+        """Extra chat-template arguments: `enable_thinking=False` where the template knows it."""
+        template = getattr(self._need_tokenizer(), "chat_template", None) or ""
+        return dict(THINKING_KWARGS) if "enable_thinking" in template else {}
+
+    def render_prompt(self, messages: list[dict]) -> str:
+        """The generation prompt exactly as a server renders it (thinking off). Labels, training
+        and evaluation all call this one function so that they see the same text."""
+        tokenizer = self._need_tokenizer()
+        if not getattr(tokenizer, "chat_template", None):
+            raise DFlashLabError(f"target {self.name}: the tokenizer has no chat template")
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **self.template_kwargs()
+        )
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of already rendered text (the template supplies the special tokens)."""
+        return list(self._need_tokenizer()(text, add_special_tokens=False)["input_ids"])
+
+    def encode_prompt(self, messages: list[dict]) -> list[int]:
+        return self.encode(self.render_prompt(messages))
+
+    def decode(self, ids) -> str:
+        return self._need_tokenizer().decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def end_of_turn_token(self) -> str | None:
+        """The token that closes an assistant turn (appended after a response in training)."""
+        if self.tokenizer is None:
+            return None
+        ids = self.stop_token_ids
+        return self.tokenizer.convert_ids_to_tokens(ids[0]) if ids else None
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Ids that end a response: the generation config's eos ids, the tokenizer's eos, and the
+        chat end-of-turn markers the tokenizer knows (`<|im_end|>`, `<|eot_id|>`, `<|end|>`)."""
+        ids: list[int] = []
+
+        def add(value):
+            if value is None:
+                return
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if item is not None and int(item) not in ids and 0 <= int(item) < self.vocab_size:
+                    ids.append(int(item))
+
+        tokenizer = self.tokenizer
+        if tokenizer is not None:
+            vocab = tokenizer.get_vocab()
+            for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+                add(vocab.get(marker))
+        gen = getattr(self.model, "generation_config", None)
+        add(getattr(gen, "eos_token_id", None))
+        if tokenizer is not None:
+            add(tokenizer.eos_token_id)
+        add(getattr(self.config, "eos_token_id", None))
+        add(self.extra_stop_token_ids)
+        return ids
+
+    # -- compute --------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        layer_ids: list[int] | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+        logits_to_keep: int = 0,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the target. Returns (logits, features of `layer_ids` or None).
+
+        `logits_to_keep=k` computes logits for the last k positions only (0 = all).
+        """
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_cache=past_key_values is not None,
+            output_hidden_states=bool(layer_ids),
+            logits_to_keep=logits_to_keep,
+        )
+        features = select_features(out.hidden_states, layer_ids) if layer_ids else None
+        return out.logits, features
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "model_type": getattr(self.config, "model_type", None),
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+        }
+
+
+# -- loading --------------------------------------------------------------------------------------
+def _pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise DFlashLabError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16") from None
+
+
+def _dir_fingerprint(path: Path) -> str:
+    """sha256 over the config and the weight files' names and sizes (cheap, stable)."""
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.suffix in (".json", ".safetensors", ".gguf", ".bin"):
+            digest.update(file.name.encode())
+            digest.update(str(file.stat().st_size).encode())
+            if file.name == "config.json":
+                digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def load_target(
+    spec: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str = "cpu",
+) -> TargetModel:
+    """Load a target from an embedded name (`smollm2-135m-instruct`), a local Hugging Face
+    directory, a GGUF file, or a hub id (needs network or a warm hub cache)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dflash_lab.models import embedded
+
+    spec = str(spec)
+    torch_dtype = _pick_dtype(dtype, device)
+    meta: dict = {}
+    if spec in embedded.EMBEDDED_TARGETS:
+        path = embedded.fetch(spec)
+        return load_target(path, dtype=torch_dtype, device=device)
+
+    path = Path(spec).expanduser()
+    gguf_file = None
+    if path.is_file() and path.suffix == ".gguf":
+        gguf_file, path = path.name, path.parent
+    elif path.exists() and not path.is_dir():
+        raise DFlashLabError(f"target {spec}: not a directory or a .gguf file")
+
+    if path.is_dir():
+        if gguf_file is None and not (path / "config.json").exists():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                gguf_file = ggufs[0].name
+            else:
+                raise DFlashLabError(
+                    f"target {spec}: no config.json (and {len(ggufs)} .gguf files) in the directory; "
+                    "point at a Hugging Face model directory or a .gguf file"
+                )
+        meta_file = path / "dflash_lab.json"
+        if meta_file.exists():
+            meta = json.loads(meta_file.read_text())
+        source = str(path)
+        fingerprint = _file_sha256(path / gguf_file)[:16] if gguf_file else _dir_fingerprint(path)
+    elif "/" in spec and not spec.startswith((".", "/", "~")):
+        source, fingerprint = spec, None  # hub id
+    else:
+        raise DFlashLabError(
+            f"target {spec}: no such directory or file, and not a hub id; "
+            f"embedded targets: {', '.join(embedded.EMBEDDED_TARGETS)}"
+        )
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError):
+        tokenizer = None  # tiny test targets carry no tokenizer
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except OSError as exc:
+        raise DFlashLabError(f"target {spec}: could not load the model ({exc})") from exc
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return TargetModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=meta.get("name", spec),
+        mask_token_id=meta.get("mask_token_id"),
+        fingerprint=fingerprint,
+    )
+
+
+def wrap_target(model: nn.Module, tokenizer=None, name: str = "target", mask_token_id: int | None = None) -> TargetModel:
+    """Wrap an already built transformers model (tests, notebooks)."""
+    model.eval()
+    model.requires_grad_(False)
+    return TargetModel(model=model, tokenizer=tokenizer, name=name, mask_token_id=mask_token_id)
