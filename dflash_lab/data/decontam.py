@@ -4,7 +4,8 @@ Rules (a prompt is removed by the first that fires):
 
 * exact: the prompt's normalised text (case-folded, whitespace collapsed; the id's text) equals a
   benchmark text's normalised text.
-* ngram: words are the ``\\w+`` runs of the case-folded text. With ``n`` (default 13), a prompt's
+* ngram: words are the whitespace-separated tokens of the case-folded text after ASCII
+  punctuation is replaced by spaces. With ``n`` (default 13), a prompt's
   *n-gram hit fraction* is (distinct prompt n-grams found in any benchmark text) / (distinct prompt
   n-grams). ``threshold == 0`` removes on any hit; ``threshold > 0`` removes when the fraction is
   ``>= threshold``. The removal is attributed to the benchmark with the most hits.
@@ -19,7 +20,7 @@ The core is ``Decontaminator(bench_texts)`` / ``decontaminate(texts, bench_texts
 from __future__ import annotations
 
 import json
-import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -37,11 +38,12 @@ BENCH_FILES = {
 }
 MBPP_TEST_IDS = range(11, 511)
 
-_WORD = re.compile(r"\w+")
+_PUNCT = str.maketrans({c: " " for c in string.punctuation})
 
 
 def words_of(text: str) -> list[str]:
-    return _WORD.findall(text.casefold())
+    """Words for n-grams: the case-folded text with ASCII punctuation turned into spaces, split."""
+    return text.casefold().translate(_PUNCT).split()
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -143,16 +145,29 @@ class DecontamReport:
 
 
 class Decontaminator:
+    """Indexes benchmark texts once; ``check(text)`` says which rule (if any) removes a prompt.
+
+    Speed: besides the full n-gram table it keeps a prefilter of all benchmark g-grams
+    (g = ceil(n/2)); a prompt's g-grams are looked up only at every s-th word (g + s - 1 = n), which
+    is enough to see any shared n-gram, so a clean prompt costs about n/s times fewer lookups.
+    """
+
     def __init__(self, bench_texts: dict[str, list[str]], ngram: int = 13, threshold: float = 0.0, min_words: int = 8):
         if ngram < 1:
             raise DFlashLabError(f"decontamination ngram must be >= 1, got {ngram}")
-        self.n = ngram
+        self.n = n = ngram
         self.threshold = threshold
+        self.min_words = min_words = max(1, min(min_words, ngram))
         self.names = sorted(bench_texts)
         self.exact: dict[str, str] = {}
         self.grams: dict[tuple, object] = {}  # n-gram -> benchmark name, or a tuple of names
         self.short: dict[int, dict[tuple, str]] = {}
-        n = ngram
+        self.g = (n + 1) // 2
+        self.s = n - self.g + 1
+        self.g2 = (min_words + 1) // 2
+        self.s2 = min_words - self.g2 + 1
+        self.pre: set[tuple] = set()
+        self.pre2: set[tuple] = set()
         for name in self.names:
             for text in bench_texts[name]:
                 if not isinstance(text, str) or not text.strip():
@@ -166,8 +181,10 @@ class Decontaminator:
                             self.grams[g] = name
                         elif prev != name and (isinstance(prev, str) or name not in prev):
                             self.grams[g] = (prev, name) if isinstance(prev, str) else prev + (name,)
+                    self.pre.update(zip(*[w[i:] for i in range(self.g)]))
                 elif len(w) >= min_words:
                     self.short.setdefault(len(w), {}).setdefault(tuple(w), name)
+                    self.pre2.update(zip(*[w[i:] for i in range(self.g2)]))
         self._short_lengths = sorted(self.short)
         self.sizes = {name: len(bench_texts[name]) for name in self.names}
 
@@ -178,34 +195,43 @@ class Decontaminator:
             return Hit(name, "exact")
         w = words_of(text)
         nw = len(w)
-        grams = self.grams
         n = self.n
-        if nw >= n and grams:
-            cols = [w[i:] for i in range(n)]
-            if not grams.keys().isdisjoint(zip(*cols)):
-                mine = set(zip(*cols))
-                counts: dict[str, int] = {}
-                hits = 0
-                for g in mine:
-                    owner = grams.get(g)
-                    if owner is None:
-                        continue
-                    hits += 1
-                    for b in (owner,) if isinstance(owner, str) else owner:
-                        counts[b] = counts.get(b, 0) + 1
-                frac = hits / len(mine)
-                if self.threshold <= 0 or frac >= self.threshold:
-                    best = max(sorted(counts), key=lambda b: counts[b])
-                    return Hit(best, "ngram", frac)
-        for L in self._short_lengths:
-            if L > nw:
-                break
-            table = self.short[L]
-            cols = [w[i:] for i in range(L)]
-            if not table.keys().isdisjoint(zip(*cols)):
-                for g in zip(*cols):
-                    if g in table:
-                        return Hit(table[g], "short")
+        if nw >= n and self.grams:
+            g, s = self.g, self.s
+            if not self.pre.isdisjoint(zip(*[w[i::s] for i in range(g)])):
+                hit = self._ngram_hit(w)
+                if hit is not None:
+                    return hit
+        if self.short and nw >= self.min_words:
+            g2, s2 = self.g2, self.s2
+            if not self.pre2.isdisjoint(zip(*[w[i::s2] for i in range(g2)])):
+                for L in self._short_lengths:
+                    if L > nw:
+                        break
+                    table = self.short[L]
+                    for gram in zip(*[w[i:] for i in range(L)]):
+                        if gram in table:
+                            return Hit(table[gram], "short")
+        return None
+
+    def _ngram_hit(self, w: list[str]) -> Hit | None:
+        grams = self.grams
+        mine = set(zip(*[w[i:] for i in range(self.n)]))
+        counts: dict[str, int] = {}
+        hits = 0
+        for gram in mine:
+            owner = grams.get(gram)
+            if owner is None:
+                continue
+            hits += 1
+            for b in (owner,) if isinstance(owner, str) else owner:
+                counts[b] = counts.get(b, 0) + 1
+        if not hits:
+            return None
+        frac = hits / len(mine)
+        if self.threshold <= 0 or frac >= self.threshold:
+            best = max(sorted(counts), key=lambda b: counts[b])
+            return Hit(best, "ngram", frac)
         return None
 
 

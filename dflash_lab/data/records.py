@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import json.encoder
 import os
 import tempfile
 from pathlib import Path
@@ -41,6 +42,17 @@ def make_record(text: str, category: str, source: str, pid: str | None = None) -
 def record_line(record: dict) -> str:
     """One jsonl line (no newline). Fixed key order and separators, so output bytes are stable."""
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+_enc = json.encoder.encode_basestring  # the C encoder json.dumps(ensure_ascii=False) uses
+
+
+def canonical_line(pid: str, category: str, source: str, text: str) -> str:
+    """``record_line(make_record(text, category, source, pid))``, built faster; same bytes."""
+    return (
+        f'{{"id":"{pid}","category":"{category}","source":{_enc(source)},'
+        f'"messages":[{{"role":"user","content":{_enc(text)}}}]}}'
+    )
 
 
 def record_text(record: dict) -> str:

@@ -126,8 +126,3 @@ def shape_python_functions(
                     errors.append((str(f), f"{type(exc).__name__}: {exc}"))
     return prompts
 
-
-def _demo():  # pragma: no cover
-    import json
-
-    print(json.dumps(shape_python_functions(Path(textwrap.__file__))[:1], indent=1))

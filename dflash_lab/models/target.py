@@ -8,6 +8,7 @@ A DFlash draft is conditioned on the outputs of target layers `target_layer_ids`
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ def select_features(hidden_states, layer_ids: list[int]) -> torch.Tensor:
     return torch.cat([hidden_states[i + 1] for i in layer_ids], dim=-1)
 
 
-def _file_sha256(path: Path, limit: int | None = None) -> str:
+def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -194,17 +195,25 @@ class TargetModel:
 
         `logits_to_keep=k` computes logits for the last k positions only (0 = all).
         """
+        # transformers 5.2x renamed `past_key_values` to `cache`; older releases know only the former
+        cache_kwarg = {self._cache_arg_name(): past_key_values} if past_key_values is not None else {}
         out = self.model(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             use_cache=past_key_values is not None,
             output_hidden_states=bool(layer_ids),
             logits_to_keep=logits_to_keep,
+            **cache_kwarg,
         )
         features = select_features(out.hidden_states, layer_ids) if layer_ids else None
         return out.logits, features
+
+    def _cache_arg_name(self) -> str:
+        if not hasattr(self, "_cache_arg"):
+            params = inspect.signature(self.model.forward).parameters
+            self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        return self._cache_arg
 
     def describe(self) -> dict:
         return {

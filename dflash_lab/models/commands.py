@@ -1,0 +1,97 @@
+"""`dflash-lab models fetch`, `dflash-lab draft init`, `dflash-lab generate`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    models = subparsers.add_parser("models", help="embedded targets")
+    models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    fetch = models_sub.add_parser("fetch", help="download and convert an embedded target; print its path")
+    fetch.add_argument("name", help="smollm2-135m-instruct")
+    fetch.set_defaults(handler=_fetch)
+
+    draft = subparsers.add_parser("draft", help="draft checkpoints")
+    draft_sub = draft.add_subparsers(dest="draft_command", metavar="ACTION", required=True)
+    init = draft_sub.add_parser("init", help="write a freshly initialised draft for a target")
+    init.add_argument("--target", required=True, help="embedded name, HF directory, .gguf file or hub id")
+    init.add_argument("--num-layers", type=int, required=True)
+    init.add_argument("--out", required=True)
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--block-size", type=int, default=16)
+    init.add_argument("--mask-token-id", type=int, default=None)
+    init.add_argument("--target-layer-ids", default=None, help="comma-separated, e.g. 1,9,17,25,33")
+    init.set_defaults(handler=_draft_init)
+
+    gen = subparsers.add_parser("generate", help="greedy generation, plain or speculative (lossless)")
+    gen.add_argument("--target", required=True)
+    gen.add_argument("--draft", default=None, help="DFlash draft directory")
+    gen.add_argument("--drafter", choices=["dflash", "prompt-lookup", "none"], default=None,
+                     help="default: dflash with --draft, else none (plain greedy)")
+    gen.add_argument("--prompt", required=True, help="the user message (rendered with the chat template, thinking off)")
+    gen.add_argument("--raw", action="store_true", help="use --prompt as is, without the chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--block-size", type=int, default=16, help="prompt-lookup block size")
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--json", action="store_true", help="print a JSON object instead of the text")
+    gen.set_defaults(handler=_generate)
+
+
+def _fetch(args) -> int:
+    from dflash_lab.models.embedded import fetch
+
+    print(fetch(args.name))
+    return 0
+
+
+def _draft_init(args) -> int:
+    from dflash_lab.models.checkpoint import save_draft
+    from dflash_lab.models.draft import DFlashDraftModel, build_draft_config
+    from dflash_lab.models.target import load_target
+
+    target = load_target(args.target, dtype="float32")
+    layer_ids = [int(x) for x in args.target_layer_ids.split(",")] if args.target_layer_ids else None
+    cfg = build_draft_config(target, num_layers=args.num_layers, block_size=args.block_size,
+                             mask_token_id=args.mask_token_id, target_layer_ids=layer_ids)
+    draft = DFlashDraftModel(cfg).init_weights(seed=args.seed)
+    out = save_draft(draft, args.out)
+    print(out)
+    return 0
+
+
+def _generate(args) -> int:
+    from dflash_lab.decoding.drafters import make_drafter
+    from dflash_lab.decoding.speculative import speculative_generate
+    from dflash_lab.errors import DFlashLabError
+    from dflash_lab.models.checkpoint import load_draft
+    from dflash_lab.models.target import load_target
+
+    kind = args.drafter or ("dflash" if args.draft else "none")
+    if kind == "dflash" and not args.draft:
+        raise DFlashLabError("--drafter dflash needs --draft DIR (a DFlash draft checkpoint)")
+    if args.max_new_tokens < 1:
+        raise DFlashLabError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    target = load_target(args.target, dtype=args.dtype, device=args.device)
+    draft = load_draft(args.draft, target, device=args.device) if kind == "dflash" else None
+    drafter = make_drafter(kind, target=target, draft=draft, block_size=args.block_size)
+    prompt_ids = target.encode(args.prompt) if args.raw else target.encode_prompt([{"role": "user", "content": args.prompt}])
+    result = speculative_generate(target, drafter, prompt_ids, args.max_new_tokens, target.stop_token_ids)
+    if args.json:
+        print(json.dumps({
+            "text": target.decode(result.output_ids),
+            "output_ids": result.output_ids,
+            "cycle_acceptance": result.cycle_acceptance,
+            "tau_pooled": result.tau,
+            "wall_s": result.wall_s,
+            "num_prompt_tokens": result.num_prompt_tokens,
+            "finish_reason": result.finish_reason,
+            "drafter": kind,
+        }))
+    else:
+        print(target.decode(result.output_ids))
+        print(f"[{len(result.output_ids)} tokens, {len(result.cycle_acceptance)} verify cycles, "
+              f"tau {result.tau:.2f}, {result.wall_s:.2f} s]", file=sys.stderr)
+    return 0
