@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/dflash-lab demo
+	$(VENV)/bin/dflash-lab demo $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -1,0 +1,67 @@
+"""`dflash-lab serve-cmd`: the exact commands that start one OpenAI-compatible server per GPU.
+
+    CUDA_VISIBLE_DEVICES=0 python -m sglang.launch_server --model-path T --port 30000 --host 127.0.0.1
+    CUDA_VISIBLE_DEVICES=1 python -m sglang.launch_server --model-path T --port 30001 --host 127.0.0.1
+
+With `--draft DIR` (evaluation) the servers decode speculatively with a DFlash draft (SPEC section 2):
+SGLang `--speculative-algorithm DFLASH --speculative-draft-model-path DIR --speculative-num-draft-tokens B
+--attention-backend triton`; vLLM `--speculative-config '{"method": "dflash", "model": "DIR",
+"num_speculative_tokens": B-1}'`, with B the draft's `block_size` (config.json, default 16).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from dflash_lab.errors import DFlashLabError
+
+DEFAULT_PORTS = {"sglang": 30000, "vllm": 8000}
+DEFAULT_BLOCK_SIZE = 16
+
+
+def draft_block_size(draft_dir: str | Path) -> int:
+    """`block_size` from DIR/config.json (16 when the config does not say)."""
+    config_path = Path(draft_dir).expanduser() / "config.json"
+    if not config_path.exists():
+        raise DFlashLabError(f"--draft {draft_dir}: no config.json; point at an exported DFlash draft directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise DFlashLabError(f"--draft {draft_dir}: config.json is not valid JSON ({exc})") from None
+    return int(config.get("block_size") or DEFAULT_BLOCK_SIZE)
+
+
+def serve_commands(engine: str, target: str, gpus: int = 1, port: int | None = None, *, draft: str | None = None,
+                   host: str = "127.0.0.1", extra_args: list[str] | None = None) -> list[str]:
+    """One shell command per GPU (GPU i listens on port + i)."""
+    if engine not in DEFAULT_PORTS:
+        raise DFlashLabError(f"--engine {engine!r}: choose sglang or vllm")
+    if gpus < 1:
+        raise DFlashLabError(f"--gpus must be >= 1, got {gpus}")
+    port = DEFAULT_PORTS[engine] if port is None else port
+    spec_args: list[str] = []
+    if draft is not None:
+        block = draft_block_size(draft)
+        if engine == "sglang":
+            spec_args = ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", str(draft),
+                         "--speculative-num-draft-tokens", str(block), "--attention-backend", "triton"]
+        else:
+            config = json.dumps({"method": "dflash", "model": str(draft), "num_speculative_tokens": block - 1})
+            spec_args = ["--speculative-config", config]
+    commands = []
+    for gpu in range(gpus):
+        if engine == "sglang":
+            argv = ["python", "-m", "sglang.launch_server", "--model-path", str(target),
+                    "--port", str(port + gpu), "--host", host]
+        else:
+            argv = ["vllm", "serve", str(target), "--port", str(port + gpu), "--host", host]
+        argv += spec_args + list(extra_args or [])
+        commands.append(f"CUDA_VISIBLE_DEVICES={gpu} " + " ".join(shlex.quote(a) for a in argv))
+    return commands
+
+
+def server_urls(engine: str, gpus: int = 1, port: int | None = None, host: str = "127.0.0.1") -> list[str]:
+    port = DEFAULT_PORTS[engine] if port is None else port
+    return [f"http://{host}:{port + gpu}" for gpu in range(gpus)]
