@@ -4,8 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-# Two cores: keep intra-op threads bounded so parallel test processes do not oversubscribe.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads
+# that spin-wait for each other made the decoding tests 10x slower. Subprocesses inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO.parent / "shared" / "data" / "benchmarks"

@@ -1,0 +1,307 @@
+"""Where the responses of a benchmark come from.
+
+- `builtin`: our own lossless verify loop (`speculative_generate`) on this machine; every response
+  can be checked against plain greedy decoding (the lossless check), which also gives the
+  target-only throughput on the same prompts for free.
+- `sglang`: already running SGLang servers in DFLASH mode, native `/generate` endpoint; tau comes
+  from each response's `meta_info` (`completion_tokens`, `spec_verify_ct`, `spec_accept_length`).
+- `vllm`: already running vLLM servers, `/v1/completions`; tau comes from the Prometheus spec-decode
+  counters on `/metrics`, diffed before/after the benchmark (vLLM has no per-request count).
+
+Each backend returns one record per response (a sample's turn). mt-bench turns run in order inside
+a sample: turn 2 is rendered after turn 1's generated answer, appended as the assistant message.
+Server responses are parsed by the pure functions `parse_sglang_response`,
+`parse_prometheus` and `parse_vllm_completion`, tested on bodies shaped as the servers document.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from itertools import cycle as round_robin
+
+from tqdm import tqdm
+
+from dflash_lab.errors import DFlashLabError
+
+BACKENDS = ("builtin", "sglang", "vllm")
+
+
+def _bar(total: int, desc: str, progress: bool):
+    return tqdm(total=total, desc=desc, unit="resp", disable=not progress, dynamic_ncols=True)
+
+
+# -- builtin --------------------------------------------------------------------------------------
+def run_builtin(target, drafter, benchmark, max_new_tokens: int, *, lossless_check: bool = True,
+                progress: bool = True) -> list[dict]:
+    """Generate every response of `benchmark` with the core verify loop; with `lossless_check`,
+    also decode greedily and record whether the tokens match exactly."""
+    from dflash_lab.decoding.speculative import greedy_generate, speculative_generate
+
+    stop_ids = target.stop_token_ids
+    records: list[dict] = []
+    total = sum(len(s.turns) for s in benchmark.samples)
+    pooled = [0, 0]
+    with _bar(total, f"eval {benchmark.name}", progress) as bar:
+        for sample in benchmark.samples:
+            messages: list[dict] = []
+            for turn, user_text in enumerate(sample.turns, start=1):
+                messages.append({"role": "user", "content": user_text})
+                prompt_text = target.render_prompt(messages)
+                prompt_ids = target.encode(prompt_text)
+                result = speculative_generate(target, drafter, prompt_ids, max_new_tokens, stop_ids)
+                record = {
+                    "id": sample.id,
+                    "turn": turn,
+                    "prompt_text": prompt_text,
+                    "num_prompt_tokens": result.num_prompt_tokens,
+                    "output_ids": result.output_ids,
+                    "cycle_acceptance": result.cycle_acceptance,
+                    "finish_reason": result.finish_reason,
+                    "wall_s": result.wall_s,
+                    "lossless": None,
+                }
+                if lossless_check:
+                    reference = greedy_generate(target, prompt_ids, max_new_tokens, stop_ids)
+                    record["lossless"] = reference.output_ids == result.output_ids
+                    record["greedy_wall_s"] = reference.wall_s
+                records.append(record)
+                # the next turn sees this turn's generated answer (special tokens dropped, as a
+                # server's detokenizer does)
+                messages.append({"role": "assistant", "content": target.decode(result.output_ids)})
+                pooled[0] += sum(result.cycle_acceptance)
+                pooled[1] += len(result.cycle_acceptance)
+                bar.update(1)
+                bar.set_postfix(tau=f"{pooled[0] / max(pooled[1], 1):.2f}")
+    return records
+
+
+# -- HTTP -----------------------------------------------------------------------------------------
+def _http(method: str, url: str, body: dict | None = None, timeout: float = 600.0) -> bytes:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:300]
+        raise DFlashLabError(f"server {url} answered HTTP {exc.code}: {detail}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise DFlashLabError(
+            f"server {url} is not reachable ({exc}); start it first and pass its address with --server"
+        ) from exc
+
+
+def _post_json(url: str, body: dict, timeout: float = 600.0) -> dict:
+    raw = _http("POST", url, body, timeout)
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise DFlashLabError(f"server {url}: the answer is not JSON ({raw[:200]!r})") from exc
+
+
+def _run_sample_turns(sample, target, send) -> list[dict]:
+    """Turns of one sample in order; `send(prompt_text, prompt_ids) -> record` talks to a server."""
+    messages: list[dict] = []
+    records = []
+    for turn, user_text in enumerate(sample.turns, start=1):
+        messages.append({"role": "user", "content": user_text})
+        prompt_text = target.render_prompt(messages)
+        prompt_ids = target.encode(prompt_text)
+        started = time.perf_counter()
+        record = send(prompt_text, prompt_ids)
+        record.update(id=sample.id, turn=turn, prompt_text=prompt_text, num_prompt_tokens=len(prompt_ids),
+                      wall_s=time.perf_counter() - started, lossless=None)
+        records.append(record)
+        messages.append({"role": "assistant", "content": record.get("output_text") or ""})
+    return records
+
+
+def _run_servers(benchmark, target, servers: list[str], concurrency: int, progress: bool, make_send) -> list[dict]:
+    if not servers:
+        raise DFlashLabError("this backend drives running servers: pass --server URL (one or more)")
+    concurrency = max(1, concurrency)
+    assignments = list(zip(benchmark.samples, round_robin(servers)))
+    results: list[list[dict]] = [None] * len(assignments)  # type: ignore[list-item]
+    total = sum(len(s.turns) for s in benchmark.samples)
+    with _bar(total, f"eval {benchmark.name}", progress) as bar, ThreadPoolExecutor(concurrency) as pool:
+        def job(i):
+            sample, server = assignments[i]
+            results[i] = _run_sample_turns(sample, target, make_send(server.rstrip("/")))
+            bar.update(len(sample.turns))
+
+        list(pool.map(job, range(len(assignments))))
+    return [record for sample_records in results for record in sample_records]
+
+
+# -- sglang ---------------------------------------------------------------------------------------
+def sglang_request(prompt_ids: list[int], max_new_tokens: int) -> dict:
+    """Body of SGLang's native `/generate`: greedy, exactly the tokens the builtin backend sees."""
+    return {"input_ids": prompt_ids, "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens}}
+
+
+def parse_sglang_response(body: dict) -> dict:
+    """One `/generate` answer -> a response record. SGLang's `meta_info.completion_tokens` counts
+    the prefill's token too, so `spec_accept_length = completion_tokens / spec_verify_ct` (ceiling
+    B + 1, SPEC section 6)."""
+    if isinstance(body, list):  # batched answers are lists; we send one prompt per request
+        body = body[0]
+    meta = body.get("meta_info") or {}
+    if "completion_tokens" not in meta:
+        raise DFlashLabError(f"SGLang answer without meta_info.completion_tokens: {json.dumps(body)[:200]}")
+    completion = int(meta["completion_tokens"])
+    verify = meta.get("spec_verify_ct")
+    if verify is None:
+        raise DFlashLabError(
+            "SGLang answer has no meta_info.spec_verify_ct: the server does not run speculative decoding; "
+            "start it with --speculative-algorithm DFLASH --speculative-draft-model-path DIR"
+        )
+    verify = int(verify)
+    accept = meta.get("spec_accept_length")
+    if accept is None:
+        accept = completion / verify if verify else None
+    finish = meta.get("finish_reason")
+    return {
+        "output_ids": body.get("output_ids"),
+        "output_text": body.get("text"),
+        "completion_tokens": completion,
+        "spec_verify_ct": verify,
+        "spec_accept_length": float(accept) if accept is not None else None,
+        "cycle_acceptance": None,  # SGLang reports counts, not per-cycle lengths
+        "finish_reason": finish.get("type") if isinstance(finish, dict) else finish,
+    }
+
+
+def run_sglang(target, benchmark, max_new_tokens: int, servers: list[str], *, concurrency: int = 1,
+               progress: bool = True) -> list[dict]:
+    def make_send(server):
+        def send(prompt_text, prompt_ids):
+            return parse_sglang_response(_post_json(server + "/generate", sglang_request(prompt_ids, max_new_tokens)))
+        return send
+
+    return _run_servers(benchmark, target, servers, concurrency, progress, make_send)
+
+
+# -- vllm -----------------------------------------------------------------------------------------
+VLLM_ACCEPTED = "vllm:spec_decode_num_accepted_tokens_total"
+VLLM_DRAFTS = "vllm:spec_decode_num_drafts_total"
+VLLM_PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos_total"
+_PROM_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+_PROM_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_prometheus(text: str) -> dict:
+    """The spec-decode counters of a `/metrics` page, summed over label sets (engines, models):
+    `{"accepted": float, "drafts": float, "per_pos": {position: float}}`."""
+    totals = {"accepted": 0.0, "drafts": 0.0, "per_pos": {}}
+    for line in text.splitlines():
+        match = _PROM_LINE.match(line.strip())
+        if not match or line.startswith("#"):
+            continue
+        name, labels, value = match.group(1), match.group(2) or "", float(match.group(3))
+        if name == VLLM_ACCEPTED:
+            totals["accepted"] += value
+        elif name == VLLM_DRAFTS:
+            totals["drafts"] += value
+        elif name == VLLM_PER_POS:
+            position = int(dict(_PROM_LABEL.findall(labels)).get("position", -1))
+            totals["per_pos"][position] = totals["per_pos"].get(position, 0.0) + value
+    return totals
+
+
+def diff_counters(before: dict, after: dict) -> dict:
+    positions = set(before["per_pos"]) | set(after["per_pos"])
+    return {
+        "accepted": after["accepted"] - before["accepted"],
+        "drafts": after["drafts"] - before["drafts"],
+        "per_pos": {p: after["per_pos"].get(p, 0.0) - before["per_pos"].get(p, 0.0) for p in sorted(positions)},
+    }
+
+
+def vllm_tau(counters: dict) -> float | None:
+    """SPEC section 6: 1 + num_accepted_tokens / num_drafts."""
+    return 1.0 + counters["accepted"] / counters["drafts"] if counters["drafts"] > 0 else None
+
+
+def vllm_histogram(counters: dict) -> dict[str, int] | None:
+    """Acceptance lengths from the per-position counters. per_pos[k] counts the drafts whose
+    position k was accepted, i.e. with a >= k + 1; so count(a = j) = reach[j] - reach[j + 1] with
+    reach[0] = drafts and reach[k + 1] = per_pos[k]. Keys are a + 1."""
+    per_pos = counters["per_pos"]
+    if not per_pos or counters["drafts"] <= 0:
+        return None
+    reach = [counters["drafts"]] + [per_pos.get(k, 0.0) for k in range(max(per_pos) + 1)] + [0.0]
+    return {str(j + 1): int(round(reach[j] - reach[j + 1])) for j in range(len(reach) - 1)}
+
+
+def vllm_request(prompt_ids: list[int], max_new_tokens: int, model: str | None) -> dict:
+    body = {"prompt": prompt_ids, "max_tokens": max_new_tokens, "temperature": 0}
+    if model:
+        body["model"] = model
+    return body
+
+
+def parse_vllm_completion(body: dict) -> dict:
+    """One `/v1/completions` answer -> a response record (no per-request acceptance in vLLM)."""
+    try:
+        choice = body["choices"][0]
+        usage = body.get("usage") or {}
+    except (KeyError, IndexError, TypeError) as exc:
+        raise DFlashLabError(f"vLLM answer without choices[0]: {json.dumps(body)[:200]}") from exc
+    return {
+        "output_ids": choice.get("token_ids"),
+        "output_text": choice.get("text"),
+        "completion_tokens": int(usage.get("completion_tokens", 0)),
+        "cycle_acceptance": None,
+        "finish_reason": choice.get("finish_reason"),
+    }
+
+
+def _vllm_model(server: str) -> str | None:
+    try:
+        models = json.loads(_http("GET", server + "/v1/models", timeout=30)).get("data") or []
+    except (DFlashLabError, json.JSONDecodeError):
+        return None
+    return models[0].get("id") if models else None
+
+
+def read_vllm_counters(servers: list[str]) -> dict:
+    total = {"accepted": 0.0, "drafts": 0.0, "per_pos": {}}
+    for server in servers:
+        one = parse_prometheus(_http("GET", server.rstrip("/") + "/metrics", timeout=30).decode())
+        total["accepted"] += one["accepted"]
+        total["drafts"] += one["drafts"]
+        for k, v in one["per_pos"].items():
+            total["per_pos"][k] = total["per_pos"].get(k, 0.0) + v
+    return total
+
+
+def run_vllm(target, benchmark, max_new_tokens: int, servers: list[str], *, concurrency: int = 1,
+             progress: bool = True) -> tuple[list[dict], dict]:
+    """Returns the records and the counter difference over the benchmark (the servers must not
+    serve anyone else meanwhile, or their requests count too)."""
+    if not servers:
+        raise DFlashLabError("the vllm backend drives running servers: pass --server URL (one or more)")
+    models = {s.rstrip("/"): _vllm_model(s.rstrip("/")) for s in servers}
+    before = read_vllm_counters(servers)
+
+    def make_send(server):
+        def send(prompt_text, prompt_ids):
+            return parse_vllm_completion(
+                _post_json(server + "/v1/completions", vllm_request(prompt_ids, max_new_tokens, models.get(server)))
+            )
+        return send
+
+    records = _run_servers(benchmark, target, servers, concurrency, progress, make_send)
+    counters = diff_counters(before, read_vllm_counters(servers))
+    if counters["drafts"] <= 0:
+        raise DFlashLabError(
+            f"vLLM servers {', '.join(servers)} counted no speculative drafts; start them with "
+            "--speculative-config '{\"method\": \"dflash\", ...}'"
+        )
+    return records, counters

