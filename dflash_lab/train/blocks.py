@@ -1,0 +1,219 @@
+"""Anchors, training blocks, labels and the training attention (SPEC section 3).
+
+For a sequence `tok` with loss mask `m`, an anchor is a position p with `m[p+1] == 1` (a supervised
+position that leaves room for at least one label; anchors are response tokens, like the bonus
+token at inference). Each anchor p gives one block:
+
+    block input ids   [tok[p], MASK, ..., MASK]           B tokens
+    positions         p, p+1, ..., p+B-1
+    label of slot k   tok[p+k]      valid iff k >= 1 and p+k < len and m[p+k] == 1
+
+All blocks of a sequence go through the draft in one forward. The attention rules, for a query in
+the block of anchor p:
+    1. a context key (target feature of token j) is visible iff j < p   (STRICTLY below p)
+    2. every key of its own block is visible (bidirectional, no causal mask inside a block)
+    3. no key of any other block is visible
+Padding anchors (in a batch of sequences with fewer anchors) use p = 0: they see no context,
+only their own block, and none of their slots are valid.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+# -- anchors and blocks ----------------------------------------------------------------------------
+def anchor_candidates(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Positions p whose next position is supervised: [C] (int64)."""
+    m = loss_mask.bool()
+    return torch.nonzero(m[1:], as_tuple=False).flatten()
+
+
+def sample_anchors(loss_mask: torch.Tensor, num_anchors: int, generator: torch.Generator) -> torch.Tensor:
+    """`num_anchors` distinct anchor positions (fewer if the sequence has fewer), sorted: [A]."""
+    candidates = anchor_candidates(loss_mask)
+    if candidates.numel() <= num_anchors:
+        return candidates
+    pick = torch.randperm(candidates.numel(), generator=generator)[:num_anchors]
+    return candidates[pick].sort().values
+
+
+def build_blocks(input_ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torch.Tensor, block_size: int, mask_token_id: int):
+    """Block inputs for one sequence.
+
+    Returns block_ids [A, B], positions [A, B], labels [A, B], valid [A, B] (bool; slot 0 never).
+    """
+    n = input_ids.shape[0]
+    offsets = torch.arange(block_size, device=anchors.device)
+    positions = anchors[:, None] + offsets[None, :]  # [A, B]
+    in_range = positions < n
+    safe = positions.clamp(max=n - 1)
+    labels = torch.where(in_range, input_ids[safe], torch.zeros_like(safe))
+    valid = in_range & loss_mask.bool()[safe]
+    valid[:, 0] = False
+    block_ids = torch.full_like(positions, mask_token_id)
+    block_ids[:, 0] = input_ids[anchors]
+    return block_ids, positions, labels, valid
+
+
+# -- attention -------------------------------------------------------------------------------------
+def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def _chunk_attention(q, k_ctx, v_ctx, k_blk, v_blk, anchor_pos, scale, block_size):
+    """One chunk of anchors. q/k_blk/v_blk [N, h, a*B, d]; k_ctx/v_ctx [N, h, S', d]; anchor_pos [N, a].
+
+    The context part [N, h, a*B, S'] and the block-diagonal part [N, h, a, B, B] share one softmax
+    (concatenated along the key axis), which is the exact log-sum-exp merge of the two. The block
+    part always has keys, so no row is fully masked."""
+    n, h, qlen, d = q.shape
+    a = qlen // block_size
+    s = k_ctx.shape[2]
+    ctx_scores = torch.matmul(q, k_ctx.transpose(-1, -2)) * scale  # [N, h, a*B, S']
+    key_pos = torch.arange(s, device=q.device)
+    visible = key_pos[None, None, :] < anchor_pos[:, :, None]  # [N, a, S']
+    visible = visible.repeat_interleave(block_size, dim=1)[:, None]  # [N, 1, a*B, S']
+    ctx_scores = ctx_scores.masked_fill(~visible, float("-inf"))
+    qb = q.view(n, h, a, block_size, d)
+    kb = k_blk.view(n, h, a, block_size, d)
+    vb = v_blk.view(n, h, a, block_size, d)
+    blk_scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale  # [N, h, a, B, B]
+    scores = torch.cat([ctx_scores, blk_scores.reshape(n, h, qlen, block_size)], dim=-1)
+    probs = torch.softmax(scores if scores.dtype == torch.float64 else scores.float(), dim=-1).to(q.dtype)
+    p_ctx, p_blk = probs[..., :s], probs[..., s:]
+    out = torch.matmul(p_ctx, v_ctx)
+    out = out + torch.matmul(p_blk.reshape(n, h, a, block_size, block_size), vb).reshape(n, h, qlen, d)
+    return out
+
+
+def chunked_block_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale, *, anchor_pos: torch.Tensor, block_size: int,
+                            anchor_chunk: int = 64, recompute: bool | None = None):
+    """CPU training attention. q [N, h, A*B, d]; k_ctx/v_ctx [N, kv, S, d]; k_blk/v_blk [N, kv, A*B, d];
+    anchor_pos [N, A] sorted per sequence. Memory is bounded by the anchor chunk: a chunk only
+    reads the context keys below its largest anchor, and with several chunks each is recomputed in
+    backward (activation checkpointing)."""
+    n, h, qlen, d = q.shape
+    a_total = anchor_pos.shape[1]
+    k_ctx, v_ctx = _expand_kv(k_ctx, h), _expand_kv(v_ctx, h)
+    k_blk, v_blk = _expand_kv(k_blk, h), _expand_kv(v_blk, h)
+    chunks = range(0, a_total, anchor_chunk)
+    if recompute is None:
+        recompute = len(chunks) > 1 and torch.is_grad_enabled()
+    outs = []
+    for start in chunks:
+        stop = min(start + anchor_chunk, a_total)
+        pos = anchor_pos[:, start:stop]
+        s_max = int(pos.max()) if pos.numel() else 0  # keys at >= max anchor are never visible
+        qs = slice(start * block_size, stop * block_size)
+        args = (q[:, :, qs], k_ctx[:, :, :s_max], v_ctx[:, :, :s_max], k_blk[:, :, qs], v_blk[:, :, qs], pos)
+        if recompute:
+            outs.append(checkpoint(_chunk_attention, *args, scale, block_size, use_reentrant=False))
+        else:
+            outs.append(_chunk_attention(*args, scale, block_size))
+    return torch.cat(outs, dim=2)
+
+
+def flex_block_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale, *, anchor_pos: torch.Tensor, block_size: int, compiled: bool = True):
+    """The same rules as a flex_attention BlockMask over keys [context S ; blocks A*B] (GPU path)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    n, h, qlen, d = q.shape
+    s = k_ctx.shape[2]
+    # under autocast q/k (RoPE'd in fp32) and v (a bf16 linear) can differ: use v's dtype for all
+    out_dtype, dt = q.dtype, v_ctx.dtype
+    q = q.to(dt)
+    k = torch.cat([k_ctx, k_blk], dim=2).to(dt)
+    v = torch.cat([v_ctx, v_blk], dim=2).to(dt)
+    anchor_of_query = anchor_pos.repeat_interleave(block_size, dim=1)  # [N, A*B]
+
+    def mask_mod(b, hh, q_idx, kv_idx):
+        ctx = (kv_idx < s) & (kv_idx < anchor_of_query[b, q_idx])
+        own = (kv_idx >= s) & ((kv_idx - s) // block_size == q_idx // block_size)
+        return ctx | own
+
+    device = q.device.type
+    block_mask = create_block_mask(mask_mod, n, None, qlen, s + qlen, device=device)
+    fn = _compiled_flex() if (compiled and device == "cuda") else flex_attention
+    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]).to(out_dtype)
+
+
+_FLEX = None
+
+
+def _compiled_flex():
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX = torch.compile(flex_attention, dynamic=True)
+    return _FLEX
+
+
+def make_attention(kind: str, anchor_pos: torch.Tensor, block_size: int, anchor_chunk: int = 64):
+    """The attention callable the draft's forward takes, bound to this batch's anchors."""
+    if kind == "auto":
+        kind = "flex" if anchor_pos.is_cuda else "chunked"
+    if kind == "flex":
+        return lambda q, kc, vc, kb, vb, scale: flex_block_attention(q, kc, vc, kb, vb, scale, anchor_pos=anchor_pos, block_size=block_size)
+    return lambda q, kc, vc, kb, vb, scale: chunked_block_attention(
+        q, kc, vc, kb, vb, scale, anchor_pos=anchor_pos, block_size=block_size, anchor_chunk=anchor_chunk)
+
+
+# -- the reference (tests) -------------------------------------------------------------------------
+def reference_mask(anchor_pos: list[int], context_len: int, block_size: int) -> list[list[bool]]:
+    """The three rules as a plain Python triple loop: mask[query][key] over keys [context ; blocks]."""
+    num_q = len(anchor_pos) * block_size
+    mask = [[False] * (context_len + num_q) for _ in range(num_q)]
+    for a, p in enumerate(anchor_pos):
+        for k in range(block_size):
+            qi = a * block_size + k
+            for j in range(context_len + num_q):
+                if j < context_len:
+                    mask[qi][j] = j < p  # rule 1: strictly below the anchor
+                else:
+                    mask[qi][j] = (j - context_len) // block_size == a  # rules 2 and 3
+    return mask
+
+
+def dense_reference_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale, *, anchor_pos: torch.Tensor, block_size: int):
+    """Dense attention with the triple-loop mask (tests only: O(Q x (S+Q)) memory)."""
+    n, h = q.shape[:2]
+    k = torch.cat([_expand_kv(k_ctx, h), _expand_kv(k_blk, h)], dim=2)
+    v = torch.cat([_expand_kv(v_ctx, h), _expand_kv(v_blk, h)], dim=2)
+    masks = torch.stack([torch.tensor(reference_mask(anchor_pos[b].tolist(), k_ctx.shape[2], block_size)) for b in range(n)])
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~masks[:, None], float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def collate_blocks(items: list[dict], pad_id: int = 0):
+    """Pad per-sequence blocks to one batch. Each item: input_ids [S_i], anchors [A_i], block_ids,
+    positions, labels, valid [A_i, B]. Padding anchors sit at p = 0 with every slot invalid."""
+    n = len(items)
+    a_max = max(int(it["anchors"].shape[0]) for it in items)
+    b = items[0]["block_ids"].shape[1]
+    out = {
+        "anchors": torch.zeros(n, a_max, dtype=torch.long),
+        "block_ids": torch.full((n, a_max, b), pad_id, dtype=torch.long),
+        "positions": torch.arange(b).repeat(n, a_max, 1),
+        "labels": torch.zeros(n, a_max, b, dtype=torch.long),
+        "valid": torch.zeros(n, a_max, b, dtype=torch.bool),
+    }
+    for i, it in enumerate(items):
+        a = it["anchors"].shape[0]
+        out["anchors"][i, :a] = it["anchors"]
+        for key in ("block_ids", "positions", "labels", "valid"):
+            out[key][i, :a] = it[key]
+    return out
+
+
+def pad_sequences(seqs: list[torch.Tensor], value: float = 0) -> torch.Tensor:
+    return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=value)
+
+
+__all__ = [
+    "anchor_candidates", "sample_anchors", "build_blocks", "chunked_block_attention", "flex_block_attention",
+    "make_attention", "reference_mask", "dense_reference_attention", "collate_blocks", "pad_sequences",
+]

@@ -1,0 +1,82 @@
+"""Process-group setup for `torchrun --nproc-per-node N -m dflash_lab train ...`.
+
+Without torchrun's environment (WORLD_SIZE unset or 1) everything is a single process. With it:
+NCCL on GPU, gloo on CPU; the draft is wrapped in DDP; the frozen target can be sharded with FSDP2
+(`fully_shard`) per decoder layer when it does not fit one device.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: str) -> DistInfo:
+    world = env_world_size()
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def wrap_draft(draft: torch.nn.Module, info: DistInfo, device: str) -> torch.nn.Module:
+    if not info.enabled:
+        return draft
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [torch.device(device).index] if device.startswith("cuda") else None
+    return DDP(draft, device_ids=ids, broadcast_buffers=False)
+
+
+def shard_target(target, info: DistInfo) -> None:
+    """FSDP2 over the frozen target's decoder layers (each rank holds 1/world of the weights)."""
+    if not info.enabled:
+        return
+    from torch.distributed.fsdp import fully_shard
+
+    body = getattr(target.model, "model", target.model)
+    for layer in getattr(body, "layers", []):
+        fully_shard(layer)
+    fully_shard(target.model)
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

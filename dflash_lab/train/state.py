@@ -1,0 +1,190 @@
+"""Checkpoints with training state, written atomically, and exact resume.
+
+A checkpoint directory `RUN_DIR/checkpoints/step-<N>/` (or `final/`) holds:
+    config.json, model.safetensors   the draft, as SGLang/vLLM/z-lab load it (via `save_draft`)
+    trainer_state.json               {"step", "epoch", "epoch_step", "epoch_end", "metrics", ...}
+    optimizer.safetensors            AdamW moments and step counts (flattened names)
+    optimizer.json                   param groups (lr, betas, ...) and the tensor layout
+    rng.json, rng.safetensors        python / numpy / torch RNG states
+The whole directory is built under a temporary name and renamed into place, so a kill never leaves
+a half-written checkpoint under a real name. Nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from dflash_lab.errors import DFlashLabError
+from dflash_lab.models.checkpoint import save_draft
+
+STATE_NAME = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    layout = {}
+    for idx, state in sd["state"].items():
+        layout[str(idx)] = {}
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = value.detach().contiguous().cpu()
+                layout[str(idx)][key] = "tensor"
+            else:
+                layout[str(idx)][key] = value
+    return tensors, {"param_groups": sd["param_groups"], "layout": layout}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
+    meta = json.loads((ckpt / "optimizer.json").read_text())
+    tensors = load_file(str(ckpt / "optimizer.safetensors")) if (ckpt / "optimizer.safetensors").exists() else {}
+    state = {}
+    for idx, fields in meta["layout"].items():
+        state[int(idx)] = {k: (tensors[f"state.{idx}.{k}"] if v == "tensor" else v) for k, v in fields.items()}
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]  # JSON lists
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    meta = {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    return meta, tensors
+
+
+def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(path: Path, draft, optimizer, trainer_state: dict) -> Path:
+    """Draft + training state, atomically (temp dir, then rename over any old one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_root = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp = save_draft(draft, tmp_root / "ckpt")
+        opt_tensors, opt_meta = optimizer_tensors(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+        rng_meta, rng_tensors = rng_state()
+        (tmp / "rng.json").write_text(json.dumps(rng_meta))
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        (tmp / STATE_NAME).write_text(json.dumps(trainer_state, indent=2) + "\n")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    return path
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    file = Path(ckpt) / STATE_NAME
+    if not file.is_file():
+        raise DFlashLabError(f"checkpoint {ckpt}: no {STATE_NAME}; not a training checkpoint of dflash-lab")
+    return json.loads(file.read_text())
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete `step-N` checkpoint, oldest first (plus final, last)."""
+    root = Path(run_dir) / "checkpoints"
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            m = _STEP_DIR.match(child.name)
+            if m and (child / STATE_NAME).is_file() and (child / "model.safetensors").is_file():
+                found.append((int(m.group(1)), child))
+    found.sort()
+    final = root / "final"
+    if (final / STATE_NAME).is_file():
+        found.append((read_trainer_state(final)["step"], final))
+    return found
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return None
+    return max(ckpts, key=lambda sp: (sp[0], sp[1].name == "final"))[1]
+
+
+def best_checkpoint(run_dir: str | os.PathLike, metric: str = "heldout_tau") -> Path:
+    """The checkpoint with the highest held-out simulated tau (ties: the later step); checkpoints
+    without the metric are considered only when none has it (then the latest)."""
+    ckpts = list_checkpoints(Path(run_dir))
+    if not ckpts:
+        raise DFlashLabError(f"run {run_dir}: no checkpoints under {Path(run_dir) / 'checkpoints'}")
+    scored = []
+    for step, path in ckpts:
+        value = read_trainer_state(path).get("metrics", {}).get(metric)
+        if value is not None:
+            scored.append((float(value), step, path.name == "final", path))
+    if not scored:
+        return latest_checkpoint(Path(run_dir))
+    return max(scored, key=lambda t: t[:3])[3]
+
+
+def epoch_checkpoint(run_dir: str | os.PathLike, epoch: int) -> Path:
+    """The checkpoint written at the end of epoch `epoch` (1-based)."""
+    for _, path in list_checkpoints(Path(run_dir)):
+        st = read_trainer_state(path)
+        if st.get("epoch_end") and st.get("epoch") == epoch:
+            return path
+    raise DFlashLabError(f"run {run_dir}: no checkpoint marks the end of epoch {epoch} (see trainer_state.json)")
+
+
+def resolve_init(init: str) -> Path | None:
+    """`scratch` -> None; `best:RUN_DIR`; `epoch-E:RUN_DIR`; else a checkpoint directory."""
+    if init in ("scratch", "", None):
+        return None
+    if init.startswith("best:"):
+        return best_checkpoint(init[5:])
+    m = re.match(r"^epoch-(\d+):(.+)$", init)
+    if m:
+        return epoch_checkpoint(m.group(2), int(m.group(1)))
+    path = Path(init).expanduser()
+    if not path.is_dir():
+        raise DFlashLabError(f"draft.init {init!r}: no such checkpoint directory; use scratch, a directory, "
+                             "best:RUN_DIR or epoch-E:RUN_DIR")
+    return path
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int | None, protect: Path | None = None) -> None:
+    """Keep the `keep_last` newest step checkpoints (never `protect`, e.g. the best so far)."""
+    if not keep_last:
+        return
+    steps = [(s, p) for s, p in list_checkpoints(run_dir) if p.name != "final"]
+    for _, path in steps[:-keep_last]:
+        if protect is not None and path.resolve() == Path(protect).resolve():
+            continue
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,178 @@
+"""The real `dflash-lab train` entry point on CPU with a tiny target: checkpoint layout (loadable
+by z-lab's DFlashDraftModel), a falling loss, exact resume, warm start, and 2-process gloo DDP
+equal to one process with the same global batch."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dflash_lab.cli import main
+from dflash_lab.testing import tiny_target_dir, write_jsonl
+from dflash_lab.train.state import best_checkpoint
+
+WORDS = "the quick brown fox jumps over lazy dog add return step answer boxed def sky blue".split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one thread avoids spinning threads on a shared, loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    target = tiny_target_dir(root / "target")
+    rng = random.Random(0)
+    rows = []
+    for i in range(14):
+        # a repetitive response: learnable within a few steps
+        phrase = " ".join(rng.choice(WORDS) for _ in range(3))
+        rows.append({"id": f"s{i}", "category": "chat", "source": "test",
+                     "messages": [{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(4))},
+                                  {"role": "assistant", "content": " ".join([phrase] * 6)}],
+                     "response_tokens": 20, "finish_reason": "stop"})
+    rows.append({"id": "tiny", "category": "chat", "source": "test",
+                 "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]})
+    data = write_jsonl(root / "labels" / "shard-00000.jsonl", rows)
+    (root / "labels" / "meta.json").write_text('{"kind": "labels"}')
+    recipe = root / "tiny.yaml"
+    recipe.write_text(
+        f"target: {{name: {target}}}\n"
+        "draft: {num_layers: 2, block_size: 6}\n"
+        "data: {max_length: 96, num_anchors: 8, heldout: 2}\n"
+        "loss: {name: kd, gamma: 4.0, chunk_slots: 16}\n"
+        "train: {lr: 1.0e-2, epochs: 2, micro_batch: 2, global_batch: 4, warmup_ratio: 0.1, seed: 3, eval_interval: 3}\n"
+    )
+    return {"root": root, "target": target, "data": data.parent, "recipe": recipe}
+
+
+def _train(setup, out, *extra):
+    argv = ["train", "--config", str(setup["recipe"]), "--data", str(setup["data"]), "--out", str(out), "--no-progress", *extra]
+    assert main(argv) == 0
+
+
+def _weights(ckpt):
+    return load_file(str(Path(ckpt) / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def full_run(setup):
+    out = setup["root"] / "run-full"
+    _train(setup, out, "--save-every", "2")
+    return out
+
+
+def test_layout_metrics_and_zlab_loading(setup, full_run):
+    ckpts = full_run / "checkpoints"
+    # 12 usable train sequences / global batch 4 = 3 steps per epoch, 2 epochs; epoch end at step 3
+    assert sorted(p.name for p in ckpts.iterdir()) == ["final", "step-2", "step-3", "step-4"]
+    for ckpt in ckpts.iterdir():
+        names = {p.name for p in ckpt.iterdir()}
+        assert {"config.json", "model.safetensors", "trainer_state.json", "optimizer.safetensors"} <= names
+    state = json.loads((ckpts / "step-3" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["epoch"] == 1 and state["epoch_end"] and "heldout_tau" in state["metrics"]
+    run = json.loads((full_run / "run.json").read_text())
+    assert run["status"] == "finished" and run["parent"] is None and run["run_dir"] == str(full_run)
+    assert run["data"]["manifest_sha256"] and run["data"]["tokenize"]["skipped_few_supervised"] == 1
+    assert run["schedule"]["total_steps"] == 6 and run["target"]["num_layers"] == 6
+    assert (full_run / "config.yaml").is_file() and list((full_run / "tb").glob("events.out.tfevents*"))
+    rows = [json.loads(x) for x in (full_run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "event" not in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "lr", "grad_norm", "acc_per_slot", "train_tau", "block_tokens_per_s"} <= set(train_rows[0])
+    assert any("heldout_tau" in r for r in train_rows)
+    assert best_checkpoint(full_run).parent == ckpts or best_checkpoint(full_run) == ckpts / "final"
+
+    from dflash_lab.models.checkpoint import load_draft
+    from dflash_lab.models.target import load_target
+
+    target = load_target(setup["target"])
+    ours = load_draft(ckpts / "final", target)
+    from dflash.model import DFlashDraftModel
+
+    zlab = DFlashDraftModel.from_pretrained(str(ckpts / "final"))
+    theirs = zlab.state_dict()
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(theirs[name].float(), tensor.float()), name
+
+
+def test_loss_falls(setup, tmp_path):
+    out = tmp_path / "run"
+    _train(setup, out, "train.epochs=4", "train.eval_interval=0", "loss.name=ce")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"event"' not in x]
+    losses = [r["loss"] for r in rows]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
+
+
+def test_resume_is_bit_identical(setup, full_run, tmp_path):
+    out = tmp_path / "run"
+    _train(setup, out, "--save-every", "2", "--stop-after", "5")  # "killed" after step 5 (past step-4)
+    assert not (out / "checkpoints" / "final").exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    # what a kill would leave: delete the checkpoint of the stop, resume from step-4
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-5")
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0  # recipe and data from the run
+    a, b = _weights(full_run / "checkpoints" / "final"), _weights(out / "checkpoints" / "final")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"event"' not in x]
+    assert steps == [1, 2, 3, 4, 5, 6]  # rows after the checkpoint were dropped and recomputed
+
+
+def test_warm_start_records_parent(setup, full_run, tmp_path):
+    out = tmp_path / "warm"
+    parent = full_run / "checkpoints" / "step-3"
+    _train(setup, out, f"draft.init={parent}", "train.max_steps=1", "loss.name=survival-eal")
+    run = json.loads((out / "run.json").read_text())
+    assert run["parent"] == str(parent.resolve())
+    # the first step started from the parent's weights (a fresh optimizer: AdamW's first step moves
+    # every weight by about lr)
+    a, b = _weights(parent), _weights(out / "checkpoints" / "final")
+    diff = max(float((a[n] - b[n]).abs().max()) for n in a)
+    assert 0 < diff < 0.05
+    out2 = tmp_path / "warm-best"
+    _train(setup, out2, f"draft.init=best:{full_run}", "train.max_steps=1")
+    assert json.loads((out2 / "run.json").read_text())["parent"] == str(best_checkpoint(full_run).resolve())
+
+
+def test_two_process_gloo_equals_one_process(setup, tmp_path):
+    common = ["train.epochs=1", "train.max_steps=2", "train.eval_interval=0", "data.heldout=0", "train.global_batch=2"]
+    single = tmp_path / "single"
+    _train(setup, single, *common, "train.micro_batch=2")
+    ddp = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dflash_lab",
+           "train", "--config", str(setup["recipe"]), "--data", str(setup["data"]), "--out", str(ddp), "--no-progress",
+           *common, "train.micro_batch=1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((ddp / "run.json").read_text())
+    assert run["schedule"]["world_size"] == 2 and run["schedule"]["grad_accum"] == 1
+    a, b = _weights(single / "checkpoints" / "final"), _weights(ddp / "checkpoints" / "final")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=0), (name, float((a[name] - b[name]).abs().max()))
+
+
+def test_feature_cache_is_reused(setup, tmp_path):
+    out = tmp_path / "cached"
+    cache = tmp_path / "cache"
+    _train(setup, out, f"data.feature_cache={cache}", "train.eval_interval=0", "data.heldout=0")
+    run = json.loads((out / "run.json").read_text())
+    # 14 usable sequences -> 3 steps x 4 per epoch, 2 epochs: the second epoch reads the cache
+    assert run["feature_cache"]["hits"] >= 10 and run["feature_cache"]["misses"] <= 14
+    assert len(list(cache.rglob("*.safetensors"))) >= 12

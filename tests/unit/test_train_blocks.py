@@ -1,0 +1,124 @@
+"""Anchors, block inputs, labels, and the training attention against a plain triple loop."""
+
+import pytest
+import torch
+
+from dflash_lab.train import blocks as Bk
+
+MASK = 99
+
+
+def test_reference_mask_rules_by_hand():
+    # anchors at 2 and 3, context of 5 tokens, blocks of 2: keys [c0..c4 ; b0s0 b0s1 b1s0 b1s1]
+    m = Bk.reference_mask([2, 3], 5, 2)
+    T, F = True, False
+    assert m[0] == [T, T, F, F, F, T, T, F, F]  # context strictly below 2, own block only
+    assert m[1] == [T, T, F, F, F, T, T, F, F]  # every slot of a block sees the same keys
+    assert m[2] == [T, T, T, F, F, F, F, T, T]  # anchor 3: c0..c2, NOT its own position 3
+    assert m[3] == m[2]
+
+
+def test_blocks_and_labels():
+    ids = torch.arange(100, 112)  # 12 tokens
+    mask = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 1])  # a gap at 10 (e.g. a template token)
+    anchors = torch.tensor([3, 5, 8])
+    block_ids, pos, labels, valid = Bk.build_blocks(ids, mask, anchors, 4, MASK)
+    assert block_ids.tolist() == [[103, MASK, MASK, MASK], [105, MASK, MASK, MASK], [108, MASK, MASK, MASK]]
+    assert pos.tolist() == [[3, 4, 5, 6], [5, 6, 7, 8], [8, 9, 10, 11]]
+    for a, p in enumerate(anchors.tolist()):
+        for k in range(4):
+            expected_valid = k >= 1 and p + k < 12 and bool(mask[p + k])
+            assert bool(valid[a, k]) == expected_valid
+            if expected_valid:
+                assert labels[a, k] == ids[p + k]  # same-position labels, not shifted
+    # the end of the sequence
+    _, _, _, valid = Bk.build_blocks(ids, mask, torch.tensor([10]), 4, MASK)
+    assert valid.tolist() == [[False, True, False, False]]
+
+
+def test_sample_anchors():
+    mask = torch.tensor([0] * 5 + [1] * 20 + [0] * 3)
+    cand = Bk.anchor_candidates(mask)
+    assert cand.tolist() == list(range(4, 24))  # p such that p+1 is supervised
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a1, a2 = Bk.sample_anchors(mask, 7, g1), Bk.sample_anchors(mask, 7, g2)
+    assert a1.tolist() == a2.tolist() and len(set(a1.tolist())) == 7
+    assert a1.tolist() == sorted(a1.tolist()) and set(a1.tolist()) <= set(cand.tolist())
+    assert Bk.sample_anchors(mask, 100, g1).tolist() == cand.tolist()  # fewer if short
+    assert Bk.sample_anchors(mask, 7, torch.Generator().manual_seed(4)).tolist() != a1.tolist()
+
+
+def _random_attention_inputs(seed=0, n=2, h=4, kv=2, d=8, s=23, block=4, anchors=((3, 7, 8, 15, 20), (5, 9, 0, 0, 0))):
+    g = torch.Generator().manual_seed(seed)
+    anchor_pos = torch.tensor(anchors)
+    q_len = anchor_pos.shape[1] * block
+    q = torch.randn(n, h, q_len, d, generator=g, dtype=torch.float64)
+    k_ctx, v_ctx = (torch.randn(n, kv, s, d, generator=g, dtype=torch.float64) for _ in range(2))
+    k_blk, v_blk = (torch.randn(n, kv, q_len, d, generator=g, dtype=torch.float64) for _ in range(2))
+    return (q, k_ctx, v_ctx, k_blk, v_blk), anchor_pos, block
+
+
+@pytest.mark.parametrize("anchor_chunk", [1, 2, 64])
+def test_chunked_attention_matches_triple_loop(anchor_chunk):
+    tensors, anchor_pos, block = _random_attention_inputs()
+    tensors_ref = [t.clone().requires_grad_(True) for t in tensors]
+    tensors_our = [t.clone().requires_grad_(True) for t in tensors]
+    scale = 8 ** -0.5
+    ref = Bk.dense_reference_attention(*tensors_ref, scale, anchor_pos=anchor_pos, block_size=block)
+    got = Bk.chunked_block_attention(*tensors_our, scale, anchor_pos=anchor_pos, block_size=block, anchor_chunk=anchor_chunk)
+    assert torch.allclose(got, ref, atol=1e-12)
+    weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (ref * weights).sum().backward()
+    (got * weights).sum().backward()
+    for a, b in zip(tensors_our, tensors_ref):
+        assert torch.allclose(a.grad, b.grad, atol=1e-12)
+
+
+def test_attention_ignores_future_context_and_other_blocks():
+    """Changing keys a query must not see leaves its output unchanged (and changing one it sees does not)."""
+    tensors, anchor_pos, block = _random_attention_inputs(n=1, anchors=((6, 10),))
+    q, k_ctx, v_ctx, k_blk, v_blk = tensors
+    base = Bk.chunked_block_attention(*tensors, 0.3, anchor_pos=anchor_pos, block_size=block)
+    v2 = v_ctx.clone()
+    v2[:, :, 6:] += 5.0  # positions >= 6: invisible to anchor 6, partly visible to anchor 10
+    out = Bk.chunked_block_attention(q, k_ctx, v2, k_blk, v_blk, 0.3, anchor_pos=anchor_pos, block_size=block)
+    assert torch.allclose(out[:, :, :block], base[:, :, :block])
+    assert not torch.allclose(out[:, :, block:], base[:, :, block:])
+    vb2 = v_blk.clone()
+    vb2[:, :, block:] += 5.0  # the second block's values
+    out = Bk.chunked_block_attention(q, k_ctx, v_ctx, k_blk, vb2, 0.3, anchor_pos=anchor_pos, block_size=block)
+    assert torch.allclose(out[:, :, :block], base[:, :, :block])
+
+
+def test_flex_attention_matches_chunked_on_cpu():
+    tensors, anchor_pos, block = _random_attention_inputs(block=4)
+    tensors = [t.float() for t in tensors]
+    try:
+        flex = Bk.flex_block_attention(*tensors, 0.3, anchor_pos=anchor_pos, block_size=block, compiled=False)
+    except Exception as exc:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"flex_attention does not run on this CPU torch: {exc}")
+    chunked = Bk.chunked_block_attention(*tensors, 0.3, anchor_pos=anchor_pos, block_size=block)
+    ref = Bk.dense_reference_attention(*tensors, 0.3, anchor_pos=anchor_pos, block_size=block)
+    assert torch.allclose(flex, ref, atol=1e-5)
+    assert torch.allclose(flex, chunked, atol=1e-5)
+
+
+def test_draft_forward_with_training_attention_matches_per_block_decoding():
+    """One training forward over many blocks == decoding each block alone with the context cut at p."""
+    from dflash_lab.models.draft import DFlashDraftModel, DraftConfig
+
+    cfg = DraftConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, vocab_size=50, num_target_layers=4, mask_token_id=49,
+                      target_layer_ids=[1, 2], block_size=4)
+    draft = DFlashDraftModel(cfg).init_weights(0).double()
+    g = torch.Generator().manual_seed(0)
+    s, anchors = 20, torch.tensor([[2, 9, 15]])
+    features = torch.randn(1, s, 64, generator=g, dtype=torch.float64)
+    noise = torch.randn(1, 3 * 4, 32, generator=g, dtype=torch.float64)
+    positions = (anchors[0][:, None] + torch.arange(4)).view(1, -1)
+    attn = Bk.make_attention("chunked", anchors, 4)
+    out = draft(noise, positions, features, torch.arange(s)[None], attention=attn)
+    for a, p in enumerate(anchors[0].tolist()):
+        sl = slice(a * 4, a * 4 + 4)
+        alone = draft(noise[:, sl], positions[:, sl], features[:, :p], torch.arange(p)[None])
+        assert torch.allclose(out[:, sl], alone, atol=1e-10)

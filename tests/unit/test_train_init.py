@@ -1,0 +1,46 @@
+"""Draft initialisation from the target's last layers (a CPU-efficiency lever)."""
+
+import pytest
+import torch
+
+from dflash_lab.models.draft import DFlashDraftModel, build_draft_config
+from dflash_lab.models.target import wrap_target
+from dflash_lab.testing import tiny_model
+from dflash_lab.train.trainer import init_from_target_layers
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+def test_init_from_target_layers(kind):
+    target = wrap_target(tiny_model(kind), mask_token_id=5)
+    cfg = build_draft_config(target, num_layers=2, block_size=4)
+    draft = DFlashDraftModel(cfg).init_weights(0)
+    copied = init_from_target_layers(draft, target)
+    layers = target.model.model.layers
+    for i, src in enumerate([layers[-2], layers[-1]]):
+        dst = draft.layers[i]
+        assert torch.equal(dst.self_attn.q_proj.weight, src.self_attn.q_proj.weight)
+        assert torch.equal(dst.mlp.down_proj.weight, src.mlp.down_proj.weight)
+        assert torch.equal(dst.input_layernorm.weight, src.input_layernorm.weight)
+        if kind == "qwen3":
+            assert torch.equal(dst.self_attn.k_norm.weight, src.self_attn.k_norm.weight)
+        else:
+            assert torch.all(dst.self_attn.k_norm.weight == 1)
+    assert torch.equal(draft.norm.weight, target.model.model.norm.weight)
+    h = cfg.hidden_size
+    fc = draft.fc.weight
+    assert torch.equal(fc[:, -h:], torch.eye(h)) and torch.all(fc[:, :-h] == 0)
+    assert "layers.1.self_attn.o_proj.weight" in copied
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+def test_feature_source_final_hidden_gives_target_logits(kind):
+    """KD recomputes p_k from hidden_states[-1] (after the final norm): check that assumption."""
+    from dflash_lab.train.data import Sample
+    from dflash_lab.train.trainer import FeatureSource
+
+    target = wrap_target(tiny_model(kind), mask_token_id=5)
+    sample = Sample(id="a", category="", input_ids=list(range(3, 20)), loss_mask=[0] * 5 + [1] * 12)
+    (feats, final), = FeatureSource(target, [1, 3], True, None, torch.device("cpu")).get([sample])
+    logits, ref_feats = target.forward(torch.tensor([sample.input_ids]), [1, 3])
+    assert torch.allclose(target.logits(final), logits[0], atol=1e-5)
+    assert torch.equal(feats, ref_feats[0])

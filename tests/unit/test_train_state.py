@@ -1,0 +1,69 @@
+"""Checkpoint listing, best/epoch selection, pruning, and the optimizer/RNG state round trip."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dflash_lab.errors import DFlashLabError
+from dflash_lab.models.draft import DFlashDraftModel, DraftConfig
+from dflash_lab.train import state as S
+
+
+def _draft():
+    cfg = DraftConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=8, vocab_size=40, num_target_layers=4, mask_token_id=39,
+                      target_layer_ids=[2], block_size=4)
+    return DFlashDraftModel(cfg).init_weights(0)
+
+
+def test_save_and_restore_state(tmp_path):
+    draft = _draft()
+    opt = torch.optim.AdamW(draft.parameters(), lr=1e-3)
+    draft(torch.randn(1, 4, 16), torch.arange(4)[None], torch.randn(1, 3, 16), torch.arange(3)[None]).sum().backward()
+    opt.step()
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    path = S.save_checkpoint(tmp_path / "checkpoints" / "step-1", draft, opt,
+                             {"step": 1, "epoch": 1, "epoch_end": False, "metrics": {"heldout_tau": 1.5}})
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    assert not list((tmp_path / "checkpoints").glob(".*"))  # no temp leftovers
+    opt2 = torch.optim.AdamW(_draft().parameters(), lr=5.0)
+    S.load_optimizer(opt2, path)
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for k in a["state"]:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(a["state"][k][key], b["state"][k][key])
+    from safetensors.torch import load_file
+
+    S.set_rng_state(json.loads((path / "rng.json").read_text()), load_file(str(path / "rng.safetensors")))
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def _fake(run, name, step, tau, epoch=1, epoch_end=False):
+    d = run / "checkpoints" / name
+    d.mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(b"x")
+    (d / "trainer_state.json").write_text(json.dumps({"step": step, "epoch": epoch, "epoch_end": epoch_end,
+                                                      "metrics": {} if tau is None else {"heldout_tau": tau}}))
+
+
+def test_best_epoch_and_prune(tmp_path):
+    _fake(tmp_path, "step-10", 10, 1.4)
+    _fake(tmp_path, "step-20", 20, 1.9, epoch=1, epoch_end=True)
+    _fake(tmp_path, "step-30", 30, 1.7, epoch=2)
+    _fake(tmp_path, "step-40", 40, 1.9, epoch=2, epoch_end=True)
+    _fake(tmp_path, "final", 50, 1.6, epoch=3, epoch_end=True)
+    assert S.best_checkpoint(tmp_path).name == "step-40"  # ties: the later step
+    assert S.epoch_checkpoint(tmp_path, 1).name == "step-20"
+    assert S.resolve_init(f"epoch-2:{tmp_path}").name == "step-40"
+    assert S.resolve_init(f"best:{tmp_path}").name == "step-40"
+    assert S.resolve_init("scratch") is None
+    with pytest.raises(DFlashLabError, match="end of epoch 7"):
+        S.epoch_checkpoint(tmp_path, 7)
+    S.prune_checkpoints(tmp_path, 1, protect=tmp_path / "checkpoints" / "step-20")
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert left == ["final", "step-20", "step-40"]
+    assert S.latest_checkpoint(tmp_path).name == "final"
