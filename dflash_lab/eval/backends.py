@@ -36,6 +36,22 @@ def _bar(total: int, desc: str, progress: bool):
 
 
 # -- builtin --------------------------------------------------------------------------------------
+# Plain greedy output depends only on (target, prompt, max_new_tokens, stops): evaluating several
+# drafters on the same prompts in one process (eval-run, the demo) decodes each reference once.
+# The cache lives on the model object, so it dies with it.
+_GREEDY_CACHE_MAX = 4096
+
+
+def _greedy_reference(target, prompt_ids, max_new_tokens, stop_ids, greedy_generate):
+    cache = target.model.__dict__.setdefault("_dflash_lab_greedy_cache", {})
+    key = (tuple(prompt_ids), max_new_tokens, tuple(stop_ids))
+    if key not in cache:
+        if len(cache) >= _GREEDY_CACHE_MAX:
+            cache.pop(next(iter(cache)))
+        cache[key] = greedy_generate(target, prompt_ids, max_new_tokens, stop_ids)
+    return cache[key]
+
+
 def run_builtin(target, drafter, benchmark, max_new_tokens: int, *, lossless_check: bool = True,
                 progress: bool = True) -> list[dict]:
     """Generate every response of `benchmark` with the core verify loop; with `lossless_check`,
@@ -66,7 +82,7 @@ def run_builtin(target, drafter, benchmark, max_new_tokens: int, *, lossless_che
                     "lossless": None,
                 }
                 if lossless_check:
-                    reference = greedy_generate(target, prompt_ids, max_new_tokens, stop_ids)
+                    reference = _greedy_reference(target, prompt_ids, max_new_tokens, stop_ids, greedy_generate)
                     record["lossless"] = reference.output_ids == result.output_ids
                     record["greedy_wall_s"] = reference.wall_s
                 records.append(record)

@@ -58,7 +58,7 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _stats_chunk(hidden, labels, target_hidden, head_weight, head_bias, with_target: bool):
+def _stats_chunk(hidden, labels, target_hidden, head_weight, head_bias, with_target: bool, target_index=None):
     logits = _at_least_fp32(F.linear(hidden, head_weight, head_bias))  # [M, V]
     logq = torch.log_softmax(logits, dim=-1)
     ce = -logq.gather(-1, labels[:, None]).squeeze(-1)
@@ -67,7 +67,15 @@ def _stats_chunk(hidden, labels, target_hidden, head_weight, head_bias, with_tar
         zero = torch.zeros_like(ce)
         return ce, zero, zero, correct
     with torch.no_grad():
-        logp = torch.log_softmax(_at_least_fp32(F.linear(target_hidden, head_weight, head_bias)).to(logq.dtype), dim=-1)
+        if target_index is None:
+            rows, inverse = target_hidden, None
+        else:
+            # many slots share a position (overlapping blocks): run the lm_head once per position
+            used, inverse = torch.unique(target_index, return_inverse=True)
+            rows = target_hidden[used]
+        logp = torch.log_softmax(_at_least_fp32(F.linear(rows, head_weight, head_bias)).to(logq.dtype), dim=-1)
+        if inverse is not None:
+            logp = logp[inverse]
         p = logp.exp()
     kl = (p * (logp - logq)).sum(-1)
     overlap = torch.minimum(p, logq.exp()).sum(-1)
@@ -75,25 +83,32 @@ def _stats_chunk(hidden, labels, target_hidden, head_weight, head_bias, with_tar
 
 
 def slot_statistics(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module,
-                    target_hidden: torch.Tensor | None = None, chunk_slots: int = 1024):
+                    target_hidden: torch.Tensor | None = None, chunk_slots: int = 1024,
+                    target_index: torch.Tensor | None = None):
     """Per-slot (ce, kl, overlap, correct), each [M], for hidden [M, H] and labels [M].
 
     `target_hidden` [M, H]: the target's final hidden state at position p+k-1 (so lm_head of it is
-    the target's logits for the token at p+k); None skips KL/overlap (zeros)."""
+    the target's logits for the token at p+k); None skips KL/overlap (zeros). With `target_index`
+    [M], `target_hidden` holds one row per distinct position [U, H] and slot i reads row
+    `target_index[i]`, so the target's logits are computed once per position, not once per slot."""
     weight = lm_head.weight
     bias = getattr(lm_head, "bias", None)
     with_target = target_hidden is not None
     m = hidden.shape[0]
     if m <= chunk_slots:
-        return _stats_chunk(hidden, labels, target_hidden, weight, bias, with_target)
+        return _stats_chunk(hidden, labels, target_hidden, weight, bias, with_target, target_index)
     parts = []
     for start in range(0, m, chunk_slots):
         sl = slice(start, start + chunk_slots)
-        th = target_hidden[sl] if with_target else None
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_stats_chunk, hidden[sl], labels[sl], th, weight, bias, with_target, use_reentrant=False))
+        if target_index is not None:
+            th, ti = target_hidden, target_index[sl]
         else:
-            parts.append(_stats_chunk(hidden[sl], labels[sl], th, weight, bias, with_target))
+            th, ti = (target_hidden[sl] if with_target else None), None
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_stats_chunk, hidden[sl], labels[sl], th, weight, bias, with_target, ti,
+                                    use_reentrant=False))
+        else:
+            parts.append(_stats_chunk(hidden[sl], labels[sl], th, weight, bias, with_target, ti))
     return tuple(torch.cat(p) for p in zip(*parts))
 
 

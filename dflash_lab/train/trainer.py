@@ -166,12 +166,15 @@ def forward_batch(draft_module, draft_cfg, target, features, samples, anchor_see
         valid = batch["valid"]
         h_sel = hidden[valid]  # only valid slots reach the (large) lm_head
         labels = batch["labels"][valid]
-        t_sel = None
+        t_rows = t_index = None
         if L.needs_target_logits(loss_cfg.name):
             final = B.pad_sequences([fin for _, fin in features])  # [N, S, H]
             seq_idx = torch.arange(n, device=device)[:, None, None].expand_as(valid)[valid]
-            t_sel = final[seq_idx, batch["positions"][valid] - 1].to(h_sel.dtype)
-        ce, kl, overlap, correct = L.slot_statistics(h_sel, labels, target.lm_head, t_sel, chunk_slots)
+            # flat index of position p+k-1 in [N*S]: slot k's target distribution lives there
+            t_index = seq_idx * final.shape[1] + batch["positions"][valid] - 1
+            t_rows = final.reshape(-1, final.shape[-1]).to(h_sel.dtype)
+        ce, kl, overlap, correct = L.slot_statistics(h_sel, labels, target.lm_head, t_rows, chunk_slots,
+                                                     target_index=t_index)
     ce_b, kl_b, ov_b, cor_b = (L.scatter_slots(x, valid) for x in (ce, kl, overlap, correct))
     loss_sum = hidden.new_zeros((), dtype=torch.float32)
     for i in range(n):

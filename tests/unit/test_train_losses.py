@@ -145,3 +145,21 @@ def test_dpace_equivalence_greedy_eal_gradient():
     for k in range(1, 5):
         expected = sum(float(torch.prod(a[1:j + 1])) for j in range(k, 5))
         assert loga.grad[0, k].item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("chunk_slots", [1000, 4])
+def test_shared_position_rows_equal_per_slot_rows(chunk_slots):
+    """The trainer passes one target row per position plus an index; same values and gradients."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 13, bias=False).double()
+    rows = torch.randn(6, 8, dtype=torch.float64)
+    index = torch.tensor([0, 2, 2, 5, 1, 0, 5, 5, 3, 2])
+    labels = torch.randint(0, 13, (10,))
+    hidden = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    per_slot = L.slot_statistics(hidden, labels, head, rows[index], chunk_slots=chunk_slots)
+    shared = L.slot_statistics(hidden, labels, head, rows, chunk_slots=chunk_slots, target_index=index)
+    for a, b in zip(per_slot, shared):
+        assert torch.allclose(a, b)
+    g1, = torch.autograd.grad(per_slot[1].sum() + per_slot[0].sum(), hidden)
+    g2, = torch.autograd.grad(shared[1].sum() + shared[0].sum(), hidden)
+    assert torch.allclose(g1, g2)
