@@ -152,6 +152,11 @@ class TargetModel:
     def stop_token_ids(self) -> list[int]:
         """Ids that end a response: the generation config's eos ids, the tokenizer's eos, and the
         chat end-of-turn markers the tokenizer knows (`<|im_end|>`, `<|eot_id|>`, `<|end|>`)."""
+        if getattr(self, "_stop_ids", None) is None:
+            self._stop_ids = self._find_stop_token_ids()  # get_vocab() copies the whole vocabulary
+        return list(self._stop_ids)
+
+    def _find_stop_token_ids(self) -> list[int]:
         ids: list[int] = []
 
         def add(value):

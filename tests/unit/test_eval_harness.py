@@ -3,21 +3,11 @@
 import json
 
 import pytest
-import torch
 
 from dflash_lab.cli import main
 from dflash_lab.eval import harness
 from dflash_lab.eval.benchmarks import Benchmark, Sample
 from dflash_lab.testing import tiny_target_dir, write_jsonl
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models run far faster on one thread than on busy shared cores
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -4,20 +4,11 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from dflash_lab import registry
 from dflash_lab.cli import main
 from dflash_lab.errors import DFlashLabError
 from dflash_lab.testing import tiny_target_dir, write_jsonl
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
