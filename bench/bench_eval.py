@@ -6,7 +6,7 @@ the lossless check (a greedy re-decode of every response).
     python bench/bench_eval.py --bench-dir ../shared/data/benchmarks --draft DIR    # a trained draft
     python bench/bench_eval.py --limit 4 --max-new-tokens 64 --threads 2 --out bench/eval-bench.json
 
-Not a test: it prints a markdown table to paste into bench/RESULTS-eval.md.
+Not a test: it prints a markdown table to paste into BENCHMARKS.md.
 """
 
 from __future__ import annotations

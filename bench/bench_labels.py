@@ -1,4 +1,4 @@
-"""Benchmark the label backends (not a test). Results go in bench/RESULTS-labels.md.
+"""Benchmark the label backends (not a test). Results go in BENCHMARKS.md.
 
     python bench/bench_labels.py                      # both parts
     python bench/bench_labels.py --part hf --prompts 16 --new-tokens 64 --batch-sizes 1 8 16
