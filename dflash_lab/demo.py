@@ -49,7 +49,7 @@ PRESETS = {
                    num_anchors=16, stage1_steps=12, stage2_steps=8, micro_batch=4, eval_limit=1,
                    eval_max_new_tokens=24),
     "quick": Preset(n_math=16, n_code=16, n_chat=12, label_max_new_tokens=48, label_batch_size=16, max_length=256,
-                    num_anchors=32, stage1_steps=40, stage2_steps=20, micro_batch=2, eval_limit=1,
+                    num_anchors=32, stage1_steps=24, stage2_steps=12, micro_batch=2, eval_limit=1,
                     eval_max_new_tokens=32),
     "default": Preset(n_math=64, n_code=64, n_chat=48, label_max_new_tokens=96, label_batch_size=16,
                       max_length=384, num_anchors=48, stage1_steps=72, stage2_steps=48, micro_batch=2,
