@@ -56,7 +56,7 @@ def run_variant(args) -> dict:
     torch.set_num_threads(args.threads)
     target = load_target(args.target, dtype="float32")
     overrides = [f"train.max_steps={args.steps}", "train.save_every=0", "train.eval_interval=0", "data.heldout=0",
-                 f"train.cpu_threads={args.threads}", f"train.epochs=100"]
+                 f"train.cpu_threads={args.threads}", "train.epochs=100"]
     cache_s = None
     if args.variant == "cache":
         cache_dir = Path(args.work) / "feature-cache"

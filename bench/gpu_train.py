@@ -38,11 +38,11 @@ def matmul_tflops(n: int = 8192, iters: int = 20) -> float:
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    sync()
+    torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(iters):
         a @ b
-    sync()
+    torch.cuda.synchronize()
     return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
 
 

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from dflash_lab.fileio import sha256_file  # noqa: F401  (re-exported for data/)
+
 CATEGORIES = ("math", "code", "chat")
 ID_HEX = 20
 
@@ -60,15 +62,6 @@ def record_text(record: dict) -> str:
     return record["messages"][0]["content"]
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(chunk)
-            if not block:
-                break
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class AtomicWriter:

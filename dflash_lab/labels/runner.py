@@ -24,10 +24,11 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+
+from dflash_lab.fileio import atomic_write_text as atomic_write
 from pathlib import Path
 
 from dflash_lab.errors import DFlashLabError
@@ -52,21 +53,6 @@ def _line(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write `text` to a temp file beside `path`, fsync, then os.replace: readers see old or new, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def read_jsonl_tolerant(path: Path) -> list[dict]:

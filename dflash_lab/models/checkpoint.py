@@ -8,7 +8,6 @@ the same format and load here too. Weights are read with safetensors only: nothi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dflash_lab.errors import DFlashLabError
+from dflash_lab.fileio import sha256_file
 from dflash_lab.models.draft import DFlashDraftModel, DraftConfig, validate_against_target
 
 CONFIG_NAME = "config.json"
@@ -142,8 +142,4 @@ def load_draft(path: str | os.PathLike, target=None, *, dtype: torch.dtype | Non
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:
     """sha256 of the weights file: the identity of a draft in results and the registry."""
-    digest = hashlib.sha256()
-    with open(Path(path) / WEIGHTS_NAME, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(Path(path) / WEIGHTS_NAME)

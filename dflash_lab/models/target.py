@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dflash_lab.errors import DFlashLabError
+from dflash_lab.fileio import sha256_file
 
 # Where a chat template knows a thinking switch, it is always turned off (SPEC section 6).
 THINKING_KWARGS = {"enable_thinking": False}
@@ -39,12 +40,6 @@ def select_features(hidden_states, layer_ids: list[int]) -> torch.Tensor:
     return torch.cat([hidden_states[i + 1] for i in layer_ids], dim=-1)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -296,7 +291,7 @@ def load_target(
         if meta_file.exists():
             meta = json.loads(meta_file.read_text())
         source = str(path)
-        fingerprint = _file_sha256(path / gguf_file)[:16] if gguf_file else _dir_fingerprint(path)
+        fingerprint = sha256_file(path / gguf_file)[:16] if gguf_file else _dir_fingerprint(path)
     elif "/" in spec and not spec.startswith((".", "/", "~")):
         source, fingerprint = spec, None  # hub id
     else:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from dflash_lab.errors import DFlashLabError
+from dflash_lab.fileio import atomic_write_text
 from dflash_lab.train import blocks as B
 from dflash_lab.train import distributed as D
 from dflash_lab.train import losses as L
@@ -58,10 +59,6 @@ def _mix_seed(*parts: int) -> int:
     return h
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # -- draft initialisation --------------------------------------------------------------------------
@@ -329,7 +326,7 @@ def train(config, data_path, out_dir, target=None, resume: bool = False, max_ste
         # stop_after is run control, not recipe: a resumed run must not stop again at the same step
         saved_recipe = parse_recipe({**recipe.model_dump(mode="json"),
                                      "train": {**recipe.train.model_dump(mode="json"), "stop_after": None}})
-        _atomic_write(out_dir / "config.yaml", recipe_to_yaml(saved_recipe))
+        atomic_write_text(out_dir / "config.yaml", recipe_to_yaml(saved_recipe))
         run = {
             "name": recipe.name or out_dir.name,
             "run_dir": str(out_dir),
@@ -355,7 +352,7 @@ def train(config, data_path, out_dir, target=None, resume: bool = False, max_ste
             run["parent"] = old.get("parent", run["parent"])
             run["recipe_path"] = old.get("recipe_path", run["recipe_path"])
             run["resumed_from"] = str(resume_from) if resume_from is not None else None
-        _atomic_write(out_dir / "run.json", json.dumps(run, indent=2) + "\n")
+        atomic_write_text(out_dir / "run.json", json.dumps(run, indent=2) + "\n")
         _truncate_metrics(out_dir / "metrics.jsonl", step)
     D.barrier(info)
     if info.is_main and tok_stats.skipped_few_supervised and progress:
@@ -420,7 +417,6 @@ def train(config, data_path, out_dir, target=None, resume: bool = False, max_ste
 
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     stop_at = tcfg.stop_after
-    t_window = time.perf_counter()
     stopped_early = False
     while step < total_steps:
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(_mix_seed(tcfg.seed, 17, epoch))).tolist()
@@ -520,7 +516,7 @@ def train(config, data_path, out_dir, target=None, resume: bool = False, max_ste
             run["best_checkpoint"] = str(S.best_checkpoint(out_dir))
             if cache is not None:
                 run["feature_cache"] = {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses}
-            _atomic_write(out_dir / "run.json", json.dumps(run, indent=2) + "\n")
+            atomic_write_text(out_dir / "run.json", json.dumps(run, indent=2) + "\n")
             db = db or recipe.registry.db
             if db:
                 try:
@@ -545,4 +541,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    _atomic_write(path, "".join(r + "\n" for r in rows))
+    atomic_write_text(path, "".join(r + "\n" for r in rows))
