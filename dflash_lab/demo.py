@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dflash_lab.errors import DFlashLabError
+from dflash_lab.fileio import atomic_write_text
 
 TARGET = "smollm2-135m-instruct"
 ALL_BENCHMARKS = ["gsm8k", "math500", "humaneval", "mbpp", "mt-bench"]
@@ -120,9 +121,7 @@ class DemoState:
     def finish(self, stage: str, value) -> None:
         self.data["done"][stage] = value
         self.data["wall_s"] = round(self.wall_s, 1)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.data, indent=2))
 
 
 def _log(message: str) -> None:
@@ -231,9 +230,7 @@ def run_demo(out: str | os.PathLike = "demo-out", *, preset: str = "default", pr
         "sizes": asdict(sizes),
         "report": str(Path(report_dir) / "report.md" if Path(report_dir).is_dir() else report_dir),
     }
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "summary.json")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     state.finish("report", summary["report"])
     print(table)
     print(f"\nreport: {summary['report']}")
