@@ -36,25 +36,34 @@ class Preset:
     max_length: int
     num_anchors: int
     stage1_steps: int
+    """Stage 1's schedule length, or its cap when a time budget sizes it."""
     stage2_steps: int
     micro_batch: int
     eval_limit: int
     eval_max_new_tokens: int
     lr1: float = 2e-3
     lr2: float = 1e-3
+    stage1_budget_s: float | None = None
+    """Training time of stage 1: the trainer measures its step time and sizes the schedule to fit
+    (`train.time_budget_s`), so the demo keeps its wall time on a slower or busier machine."""
+    stage2_budget_s: float | None = None
+    save_every: int = 0
+    """Checkpoint (and held-out evaluation) every N steps; 0 = a quarter of the cap."""
+    max_slot: int | None = 4
 
 
 PRESETS = {
-    # CI's end-to-end test: the same code path, as small as still means something
+    # CI's end-to-end test: the same code path, as small as still means something (fixed steps)
     "test": Preset(n_math=8, n_code=8, n_chat=8, label_max_new_tokens=32, label_batch_size=8, max_length=256,
                    num_anchors=16, stage1_steps=12, stage2_steps=8, micro_batch=4, eval_limit=1,
                    eval_max_new_tokens=24),
     "quick": Preset(n_math=16, n_code=16, n_chat=12, label_max_new_tokens=48, label_batch_size=16, max_length=256,
-                    num_anchors=32, stage1_steps=24, stage2_steps=12, micro_batch=2, eval_limit=1,
-                    eval_max_new_tokens=32),
+                    num_anchors=48, stage1_steps=200, stage2_steps=120, micro_batch=2, eval_limit=1,
+                    eval_max_new_tokens=32, stage1_budget_s=60, stage2_budget_s=35, save_every=1000),
     "default": Preset(n_math=64, n_code=64, n_chat=48, label_max_new_tokens=96, label_batch_size=16,
-                      max_length=384, num_anchors=48, stage1_steps=72, stage2_steps=48, micro_batch=2,
-                      eval_limit=2, eval_max_new_tokens=64),
+                      max_length=384, num_anchors=48, stage1_steps=1000, stage2_steps=600, micro_batch=2,
+                      eval_limit=2, eval_max_new_tokens=64, stage1_budget_s=390, stage2_budget_s=240,
+                      save_every=50),
 }
 
 
@@ -62,6 +71,8 @@ def demo_recipe(preset: Preset, stage: str, out: Path, init: str = "scratch") ->
     """The two stages' recipes (the smollm2-135m CPU recipe, resized by the preset)."""
     kd = stage == STAGES[0]
     steps = preset.stage1_steps if kd else preset.stage2_steps
+    budget = preset.stage1_budget_s if kd else preset.stage2_budget_s
+    save_every = preset.save_every or max(steps // 4, 1)
     return {
         "name": stage,
         "description": f"dflash-lab demo, {stage}",
@@ -76,19 +87,21 @@ def demo_recipe(preset: Preset, stage: str, out: Path, init: str = "scratch") ->
             "feature_cache": str(out / "feature-cache"),
         },
         # one chunk for all slots of a step: no recomputation of the 49K-row head in backward
-        "loss": {"name": "kd" if kd else "survival-eal", "alpha": 0.0, "gamma": 7.0, "chunk_slots": 8192},
+        "loss": {"name": "kd" if kd else "survival-eal", "alpha": 0.0, "gamma": 7.0, "chunk_slots": 8192,
+                 "max_slot": preset.max_slot},
         "train": {
             "lr": preset.lr1 if kd else preset.lr2,
-            "epochs": 1000,  # the step budget ends the stage
+            "epochs": 1000,  # the step budget (or the time budget) ends the stage
             "max_steps": steps,
+            "time_budget_s": budget,
             "micro_batch": preset.micro_batch,
             "global_batch": preset.micro_batch,
             "warmup_ratio": 0.04,
             "clip": 1.0,
             "seed": 0,
             "device": "cpu",
-            "save_every": max(steps // 4, 1),
-            "eval_interval": max(steps // 4, 1),
+            "save_every": save_every,
+            "eval_interval": 0,  # every checkpoint is evaluated on the held-out split
             "keep_last": 4,
         },
     }
@@ -189,7 +202,10 @@ def run_demo(out: str | os.PathLike = "demo-out", *, preset: str = "default", pr
         run_dir = out / "runs" / stage
         if not state.done(stage):
             recipe = demo_recipe(sizes, stage, out, init=init)
-            _log(f"training {stage} ({recipe['loss']['name']}, {recipe['train']['max_steps']} steps, init {init})")
+            budget = recipe["train"]["time_budget_s"]
+            length = (f"{budget:.0f} s of training, at most {recipe['train']['max_steps']} steps" if budget
+                      else f"{recipe['train']['max_steps']} steps")
+            _log(f"training {stage} ({recipe['loss']['name']}, {length}, init {init})")
             resume = (run_dir / "run.json").exists()
             train(recipe, label_dir, run_dir, target=target, resume=resume, db=str(db))
             state.finish(stage, str(best_checkpoint(run_dir)))

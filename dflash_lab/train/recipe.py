@@ -72,6 +72,10 @@ class LossSection(_Section):
     """eal / survival-eal: weight of the KL term beside -EAL."""
     chunk_slots: int = Field(1024, ge=1)
     """Slots per vocabulary-sized chunk; more than one chunk recomputes logits in backward."""
+    max_slot: int | None = Field(None, ge=1)
+    """Score only block slots 1..max_slot in training (null = all B-1). The frozen output head is
+    most of a small draft's step; early in training acceptance rarely reaches deep slots, so the
+    head's time is better spent on more anchors. Held-out simulated tau still scores every slot."""
 
 
 class TrainSection(_Section):
@@ -100,6 +104,11 @@ class TrainSection(_Section):
     keep_last: int | None = Field(None, ge=1)
     max_steps: int | None = Field(None, ge=1)
     """Length of the schedule: min(epochs * steps_per_epoch, max_steps)."""
+    time_budget_s: float | None = Field(None, gt=0)
+    """Size the schedule to this much training time: after two steps the step time is measured
+    and the schedule shortened to fit (never lengthened past epochs/max_steps). The decided
+    length is recorded in run.json and in every checkpoint, so a resumed run keeps it.
+    Held-out evaluations at checkpoints come on top."""
     stop_after: int | None = Field(None, ge=1)
     """Stop (with a checkpoint) after this many steps without shortening the schedule, as an
     interruption would; `--resume` continues exactly."""

@@ -136,8 +136,9 @@ class FeatureSource:
 # -- one forward over a micro-batch ----------------------------------------------------------------
 def forward_batch(draft_module, draft_cfg, target, features, samples, anchor_seeds, *, num_anchors, loss_cfg,
                   attention="auto", anchor_chunk=64, chunk_slots=1024, device=torch.device("cpu"),
-                  autocast_dtype=None):
-    """Loss summed over the sequences (each sequence's own normalised loss) and metric sums."""
+                  autocast_dtype=None, max_slot=None):
+    """Loss summed over the sequences (each sequence's own normalised loss) and metric sums.
+    `max_slot`: score only slots 1..max_slot (the others count as invalid)."""
     bsz = draft_cfg.block_size
     items = []
     for s, seed in zip(samples, anchor_seeds):
@@ -161,6 +162,8 @@ def forward_batch(draft_module, draft_cfg, target, features, samples, anchor_see
         hidden = draft_module(noise, batch["positions"].view(n, a * bsz), ctx, ctx_pos, attention=attn)
         hidden = hidden.view(n, a, bsz, -1)
         valid = batch["valid"]
+        if max_slot is not None and max_slot < bsz - 1:
+            valid = valid & (torch.arange(bsz, device=device) <= max_slot)
         h_sel = hidden[valid]  # only valid slots reach the (large) lm_head
         labels = batch["labels"][valid]
         t_rows = t_index = None
@@ -295,6 +298,7 @@ def train(config, data_path, out_dir, target=None, resume: bool = False, max_ste
 
     step, epoch, epoch_step = 0, 0, 0
     best_tau = None
+    budget_fixed = not tcfg.time_budget_s  # True once the schedule's length is decided
     if resume_from is not None:
         from safetensors.torch import load_file
 
@@ -306,6 +310,8 @@ def train(config, data_path, out_dir, target=None, resume: bool = False, max_ste
         st = S.read_trainer_state(resume_from)
         step, epoch, epoch_step = st["step"], st["data_position"]["epoch"], st["data_position"]["step_in_epoch"]
         best_tau = st.get("best_heldout_tau")
+        if tcfg.time_budget_s and st.get("budget_fixed"):
+            total_steps, budget_fixed = st["total_steps"], True
         S.set_rng_state(json.loads((resume_from / "rng.json").read_text()), load_file(str(resume_from / "rng.safetensors")))
     if epoch_step >= steps_per_epoch:
         epoch, epoch_step = epoch + 1, 0
@@ -387,14 +393,15 @@ def train(config, data_path, out_dir, target=None, resume: bool = False, max_ste
 
     def checkpoint(name: str, metrics: dict, epoch_end: bool) -> Path | None:
         nonlocal best_tau
-        tau = evaluate()
+        # `metrics` are the last step's: a held-out tau in them was measured on these very weights
+        tau = metrics["heldout_tau"] if "heldout_tau" in metrics else evaluate()
         if tau is not None:
             metrics = {**metrics, "heldout_tau": tau}
             best_tau = tau if best_tau is None else max(best_tau, tau)
         path = out_dir / "checkpoints" / name
         if info.is_main:
             state = {"step": step, "epoch": epoch + 1, "epoch_end": epoch_end,
-                     "total_steps": total_steps, "data_position": {"epoch": epoch, "step_in_epoch": epoch_step},
+                     "total_steps": total_steps, "budget_fixed": budget_fixed, "data_position": {"epoch": epoch, "step_in_epoch": epoch_step},
                      "best_heldout_tau": best_tau, "metrics": metrics, "seed": tcfg.seed}
             S.save_checkpoint(path, draft, optimizer, state)
             if writer is not None and tau is not None:
@@ -418,6 +425,7 @@ def train(config, data_path, out_dir, target=None, resume: bool = False, max_ste
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     stop_at = tcfg.stop_after
     stopped_early = False
+    loop_start = time.perf_counter()
     while step < total_steps:
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(_mix_seed(tcfg.seed, 17, epoch))).tolist()
         while epoch_step < steps_per_epoch and step < total_steps:
@@ -436,7 +444,8 @@ def train(config, data_path, out_dir, target=None, resume: bool = False, max_ste
                 feats = features.get(micro_samples)
                 sync = contextlib.nullcontext() if (acc_i == accum - 1 or not info.enabled) else model.no_sync()
                 with sync:
-                    loss_sum, st = forward_batch(model, dcfg_draft, target, feats, micro_samples, seeds, **fwd)
+                    loss_sum, st = forward_batch(model, dcfg_draft, target, feats, micro_samples, seeds,
+                                                 max_slot=lcfg.max_slot, **fwd)
                     (loss_sum * (info.world_size / global_batch)).backward()
                 loss_total += float(loss_sum.detach())
                 agg = st if agg is None else {k: agg[k] + st[k] for k in agg}
@@ -445,6 +454,23 @@ def train(config, data_path, out_dir, target=None, resume: bool = False, max_ste
             optimizer.zero_grad(set_to_none=True)
             step += 1
             epoch_step += 1
+            if not budget_fixed and step >= 2:
+                # step 1 paid the warm-up costs; step 2 is the measured one
+                # averaged over ranks, so every rank decides the same length
+                world_n = max(info.world_size, 1)
+                timing = D.all_reduce_sum(torch.tensor([time.perf_counter() - loop_start, time.perf_counter() - t0],
+                                                       dtype=torch.float64), info) / world_n
+                remaining = tcfg.time_budget_s - float(timing[0])
+                total_steps = min(total_steps, step + max(0, int(remaining / float(timing[1]))))
+                budget_fixed = True
+                if info.is_main:
+                    run_json = json.loads((out_dir / "run.json").read_text())
+                    run_json["schedule"]["total_steps"] = total_steps
+                    run_json["schedule"]["time_budget_s"] = tcfg.time_budget_s
+                    atomic_write_text(out_dir / "run.json", json.dumps(run_json, indent=2) + "\n")
+                if bar is not None:
+                    bar.total = total_steps
+                    bar.refresh()
             # metrics over all ranks
             vec = torch.cat([torch.tensor([loss_total, agg["tau_sum"], agg["blocks"], agg["block_tokens"], agg["valid_slots"],
                                            agg["kl_sum"], agg["ce_sum"]], dtype=torch.float64),

@@ -44,3 +44,22 @@ def test_feature_source_final_hidden_gives_target_logits(kind):
     logits, ref_feats = target.forward(torch.tensor([sample.input_ids]), [1, 3])
     assert torch.allclose(target.logits(final), logits[0], atol=1e-5)
     assert torch.equal(feats, ref_feats[0])
+
+
+def test_max_slot_scores_only_the_first_slots():
+    """`loss.max_slot=K`: slots past K reach neither the head nor the loss; K = B-1 is the full loss."""
+    from dflash_lab.train import losses as L
+    from dflash_lab.train.data import Sample
+    from dflash_lab.train.trainer import FeatureSource, forward_batch
+
+    target = wrap_target(tiny_model("qwen3"), mask_token_id=5)
+    draft = DFlashDraftModel(build_draft_config(target, num_layers=1, block_size=6)).init_weights(0)
+    samples = [Sample(id="a", category="", input_ids=list(range(3, 40)), loss_mask=[0] * 5 + [1] * 32)]
+    feats = FeatureSource(target, draft.target_layer_ids, True, None, torch.device("cpu")).get(samples)
+    kw = dict(num_anchors=6, loss_cfg=L.LossConfig(name="kd", gamma=4.0))
+    full, st_full = forward_batch(draft, draft.config, target, feats, samples, [7], **kw)
+    cut, st_cut = forward_batch(draft, draft.config, target, feats, samples, [7], max_slot=2, **kw)
+    same, _ = forward_batch(draft, draft.config, target, feats, samples, [7], max_slot=5, **kw)
+    assert torch.equal(st_cut["valid_per_slot"][1:3], st_full["valid_per_slot"][1:3])
+    assert st_full["valid_per_slot"][3:].sum() > 0 and st_cut["valid_per_slot"][3:].sum() == 0
+    assert not torch.isclose(full, cut) and torch.equal(full, same)
