@@ -35,6 +35,14 @@ VARIANTS = {
     "s4-ce": ["loss.max_slot=4", "loss.name=ce"],
     "s4-a96": ["loss.max_slot=4", "data.num_anchors=96"],
     "s4-lr1e-2": ["loss.max_slot=4", "train.lr=1e-2"],
+    "s4-it-lr5e-3": ["loss.max_slot=4", "draft.init_from_target_layers=true", "train.lr=5e-3"],
+    # the feature that feeds the copied last layer (layer 28's output): its K/V start as the target's
+    "s4-it28-lr5e-3": ["loss.max_slot=4", "draft.init_from_target_layers=true", "train.lr=5e-3",
+                       "draft.target_layer_ids=[28]"],
+    "s4-it28x3-lr5e-3": ["loss.max_slot=4", "draft.init_from_target_layers=true", "train.lr=5e-3",
+                         "draft.target_layer_ids=[8,18,28]"],
+    "s4-it-lr5e-3-mb1": ["loss.max_slot=4", "draft.init_from_target_layers=true", "train.lr=5e-3",
+                         "train.micro_batch=1", "train.global_batch=1"],
     "s4-lr5e-3-mb1": ["loss.max_slot=4", "train.lr=5e-3", "train.micro_batch=1", "train.global_batch=1"],
 }
 

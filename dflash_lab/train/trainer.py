@@ -65,7 +65,9 @@ def _mix_seed(*parts: int) -> int:
 def init_from_target_layers(draft, target) -> list[str]:
     """Copy the target's last decoder layers (attention, MLP, norms) and final norm into the draft
     where shapes match; q_norm/k_norm stay ones when the target has none; fc becomes the identity
-    on the last feature layer's slice (zeros elsewhere). Returns the copied tensor names."""
+    on the last feature layer's slice (zeros elsewhere), and when that feature is the first copied
+    layer's input (target_layer_ids[-1] == L - n - 1) hidden_norm takes that layer's input norm.
+    Returns the copied tensor names."""
     body = getattr(target.model, "model", target.model)
     layers = list(body.layers)
     n = len(draft.layers)
@@ -86,8 +88,15 @@ def init_from_target_layers(draft, target) -> list[str]:
         nfeat = len(draft.config.target_layer_ids)
         draft.fc.weight.zero_()
         draft.fc.weight[:, (nfeat - 1) * h:].copy_(torch.eye(h, dtype=draft.fc.weight.dtype))
-        draft.hidden_norm.weight.fill_(1.0)
         copied.append("fc.weight(identity)")
+        first = layers[len(layers) - n]
+        if draft.config.target_layer_ids[-1] == len(layers) - n - 1 and hasattr(first, "input_layernorm"):
+            # the last feature is exactly the first copied layer's input: c = hidden_norm(h) then
+            # gives that layer's own normalised input, so its K/V over the context start as the target's
+            draft.hidden_norm.weight.copy_(first.input_layernorm.weight.to(draft.hidden_norm.weight.dtype))
+            copied.append("hidden_norm.weight")
+        else:
+            draft.hidden_norm.weight.fill_(1.0)
     return copied
 
 

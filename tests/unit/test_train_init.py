@@ -30,6 +30,30 @@ def test_init_from_target_layers(kind):
     fc = draft.fc.weight
     assert torch.equal(fc[:, -h:], torch.eye(h)) and torch.all(fc[:, :-h] == 0)
     assert "layers.1.self_attn.o_proj.weight" in copied
+    # default ids for 2 of 6 layers are [1, 3]: feature 3 is the input of layer 4, the first copied
+    assert cfg.target_layer_ids[-1] == len(layers) - 3 and "hidden_norm.weight" in copied
+    assert torch.equal(draft.hidden_norm.weight, layers[-2].input_layernorm.weight)
+    other = DFlashDraftModel(build_draft_config(target, num_layers=2, block_size=4, target_layer_ids=[1, 2])).init_weights(0)
+    assert "hidden_norm.weight" not in init_from_target_layers(other, target)
+    assert torch.all(other.hidden_norm.weight == 1)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+def test_init_from_target_layers_feature_feeding_the_copied_layer(kind):
+    """With the feature that feeds the copied layer, the draft's context K/V are the target's own."""
+    target = wrap_target(tiny_model(kind), mask_token_id=5)
+    n_layers = target.num_layers
+    with torch.no_grad():  # a norm weight that is not all ones, so a missed copy shows
+        target.model.model.layers[-1].input_layernorm.weight.uniform_(0.5, 1.5)
+    cfg = build_draft_config(target, num_layers=1, block_size=4, target_layer_ids=[n_layers - 2])
+    draft = DFlashDraftModel(cfg).init_weights(0)
+    assert "hidden_norm.weight" in init_from_target_layers(draft, target)
+    last = target.model.model.layers[-1]
+    ids = torch.tensor([[3, 9, 4, 11, 7, 8]])
+    _, feats = target.forward(ids, [n_layers - 2])
+    c = draft.hidden_norm(draft.fc(feats))
+    expected = last.self_attn.k_proj(last.input_layernorm(feats))
+    assert torch.allclose(draft.layers[0].self_attn.k_proj(c), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "llama"])
