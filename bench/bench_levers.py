@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 VARIANTS = {
-    "base": [],
+    "base": [],  # the demo recipe as it is now
+    "all-slots": ["loss.max_slot=null"],  # the head over all 15 slots
+    "s4-it28": ["loss.max_slot=4", "draft.init_from_target_layers=true", "draft.target_layer_ids=[28]"],
     "layers5": ["draft.target_layer_ids=[1,8,15,22,29]"],
     "slots4x128": ["loss.max_slot=4", "data.num_anchors=128"],
     "ce": ["loss.name=ce"],

@@ -105,8 +105,8 @@ class TrainSection(_Section):
     max_steps: int | None = Field(None, ge=1)
     """Length of the schedule: min(epochs * steps_per_epoch, max_steps)."""
     time_budget_s: float | None = Field(None, gt=0)
-    """Size the schedule to this much training time: after two steps the step time is measured
-    and the schedule shortened to fit (never lengthened past epochs/max_steps). The decided
+    """Size the schedule to this much training time: the three steps after the first are timed and
+    the schedule becomes budget / step time steps (never more than epochs/max_steps allow). The decided
     length is recorded in run.json and in every checkpoint, so a resumed run keeps it.
     Held-out evaluations at checkpoints come on top."""
     stop_after: int | None = Field(None, ge=1)

@@ -434,7 +434,7 @@ def train(config, data_path, out_dir, target=None, resume: bool = False, max_ste
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     stop_at = tcfg.stop_after
     stopped_early = False
-    loop_start = time.perf_counter()
+    budget_mark = None  # (time, step) where the step timing for train.time_budget_s starts
     while step < total_steps:
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(_mix_seed(tcfg.seed, 17, epoch))).tolist()
         while epoch_step < steps_per_epoch and step < total_steps:
@@ -463,14 +463,13 @@ def train(config, data_path, out_dir, target=None, resume: bool = False, max_ste
             optimizer.zero_grad(set_to_none=True)
             step += 1
             epoch_step += 1
-            if not budget_fixed and step >= 2:
-                # step 1 paid the warm-up costs; step 2 is the measured one
-                # averaged over ranks, so every rank decides the same length
-                world_n = max(info.world_size, 1)
-                timing = D.all_reduce_sum(torch.tensor([time.perf_counter() - loop_start, time.perf_counter() - t0],
-                                                       dtype=torch.float64), info) / world_n
-                remaining = tcfg.time_budget_s - float(timing[0])
-                total_steps = min(total_steps, step + max(0, int(remaining / float(timing[1]))))
+            if not budget_fixed and budget_mark is None:
+                budget_mark = (time.perf_counter(), step)  # the first step pays warm-up costs: not timed
+            elif not budget_fixed and step - budget_mark[1] >= 3:
+                # the next three steps, averaged over ranks so that every rank decides the same length
+                per_step = D.all_reduce_sum(torch.tensor([(time.perf_counter() - budget_mark[0]) / (step - budget_mark[1])],
+                                                         dtype=torch.float64), info) / max(info.world_size, 1)
+                total_steps = min(total_steps, max(step, int(tcfg.time_budget_s / float(per_step[0]))))
                 budget_fixed = True
                 if info.is_main:
                     run_json = json.loads((out_dir / "run.json").read_text())

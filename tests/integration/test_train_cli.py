@@ -179,19 +179,21 @@ def test_feature_cache_is_reused(setup, tmp_path):
 
 
 def test_time_budget_sizes_the_schedule_and_resume_keeps_it(setup, tmp_path):
-    # 1000 epochs would take minutes; a 2-second budget must cut the schedule after step 2
+    # 1000 epochs would take minutes; a 2-second budget must cut the schedule after step 4
     common = ["train.epochs=1000", "train.eval_interval=0", "train.time_budget_s=2", "--save-every", "2"]
     out = tmp_path / "budget"
     _train(setup, out, *common)
     run = json.loads((out / "run.json").read_text())
     total = run["schedule"]["total_steps"]
-    assert run["schedule"]["time_budget_s"] == 2 and 2 < total < 3 * 1000
+    assert run["schedule"]["time_budget_s"] == 2 and 4 <= total < 3 * 1000
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"event"' not in x]
     assert steps[-1] == total
     # interrupted and resumed: the decided length is kept, not measured again
     out2 = tmp_path / "budget-resumed"
-    _train(setup, out2, *common, "--stop-after", "3")
-    decided = json.loads((out2 / "checkpoints" / "step-3" / "trainer_state.json").read_text())["total_steps"]
+    _train(setup, out2, *common, "--stop-after", "6")
+    state = json.loads((out2 / "checkpoints" / "step-6" / "trainer_state.json").read_text())
+    decided = state["total_steps"]
+    assert state["budget_fixed"] and decided < 3 * 1000
     assert main(["train", "--out", str(out2), "--resume", "--no-progress"]) == 0
     steps2 = [json.loads(x)["step"] for x in (out2 / "metrics.jsonl").read_text().splitlines() if '"event"' not in x]
     assert steps2[-1] == decided
