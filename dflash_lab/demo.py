@@ -60,12 +60,12 @@ PRESETS = {
     "test": Preset(n_math=8, n_code=8, n_chat=8, label_max_new_tokens=32, label_batch_size=8, max_length=256,
                    num_anchors=16, stage1_steps=12, stage2_steps=8, micro_batch=4, eval_limit=1,
                    eval_max_new_tokens=24),
-    "quick": Preset(n_math=16, n_code=16, n_chat=12, label_max_new_tokens=48, label_batch_size=16, max_length=256,
+    "quick": Preset(n_math=14, n_code=14, n_chat=10, label_max_new_tokens=40, label_batch_size=16, max_length=256,
                     num_anchors=48, stage1_steps=200, stage2_steps=120, micro_batch=2, eval_limit=1,
-                    eval_max_new_tokens=32, stage1_budget_s=60, stage2_budget_s=35, save_every=1000),
+                    eval_max_new_tokens=32, stage1_budget_s=50, stage2_budget_s=30, save_every=1000),
     "default": Preset(n_math=64, n_code=64, n_chat=48, label_max_new_tokens=96, label_batch_size=16,
                       max_length=384, num_anchors=48, stage1_steps=1000, stage2_steps=600, micro_batch=2,
-                      eval_limit=2, eval_max_new_tokens=64, stage1_budget_s=390, stage2_budget_s=240,
+                      eval_limit=2, eval_max_new_tokens=64, stage1_budget_s=390, stage2_budget_s=390,
                       save_every=50),
 }
 
