@@ -50,9 +50,6 @@ class Preset:
     save_every: int = 0
     """Checkpoint (and held-out evaluation) every N steps; 0 = a quarter of the cap."""
     max_slot: int | None = 4
-    init_from_target: bool = True
-    target_layer_ids: tuple[int, ...] | None = None
-    """None = the SPEC default for one draft layer ([L // 2])."""
 
 
 PRESETS = {
@@ -83,8 +80,7 @@ def demo_recipe(preset: Preset, stage: str, out: Path, init: str = "scratch") ->
         # stage 1 starts from the target's own last layer (fc = identity on its feature): the
         # lever that measured best at equal wall time (BENCHMARKS.md, section 2)
         "draft": {"num_layers": 1, "block_size": 16, "mask_token_id": 16, "init": init,
-                  "init_from_target_layers": init == "scratch" and preset.init_from_target,
-                  "target_layer_ids": list(preset.target_layer_ids) if preset.target_layer_ids else None},
+                  "init_from_target_layers": init == "scratch"},
         "data": {
             "max_length": preset.max_length,
             "num_anchors": preset.num_anchors,

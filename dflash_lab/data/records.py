@@ -62,8 +62,6 @@ def record_text(record: dict) -> str:
     return record["messages"][0]["content"]
 
 
-
-
 class AtomicWriter:
     """Write to a temp file in the target's folder; ``os.replace`` it into place on success."""
 

@@ -27,11 +27,10 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-
-from dflash_lab.fileio import atomic_write_text as atomic_write
 from pathlib import Path
 
 from dflash_lab.errors import DFlashLabError
+from dflash_lab.fileio import atomic_write_text as atomic_write
 from dflash_lab.labels.backends import HFBackend, Job, OpenAIBackend, Outcome, VLLMBackend
 
 FORMAT = "dflash-lab-labels/1"
@@ -51,8 +50,6 @@ def _now() -> str:
 
 def _line(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
-
-
 
 
 def read_jsonl_tolerant(path: Path) -> list[dict]:

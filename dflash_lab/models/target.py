@@ -40,8 +40,6 @@ def select_features(hidden_states, layer_ids: list[int]) -> torch.Tensor:
     return torch.cat([hidden_states[i + 1] for i in layer_ids], dim=-1)
 
 
-
-
 @dataclass
 class TargetModel:
     """A causal LM plus everything dflash-lab needs to know about it.

@@ -89,8 +89,8 @@ def slot_statistics(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.n
 
     `target_hidden` [M, H]: the target's final hidden state at position p+k-1 (so lm_head of it is
     the target's logits for the token at p+k); None skips KL/overlap (zeros). With `target_index`
-    [M], `target_hidden` holds one row per distinct position [U, H] and slot i reads row
-    `target_index[i]`, so the target's logits are computed once per position, not once per slot."""
+    [M], `target_hidden` is any [R, H] table and slot i reads row `target_index[i]`; the target's
+    logits are then computed once per distinct row, not once per slot."""
     weight = lm_head.weight
     bias = getattr(lm_head, "bias", None)
     with_target = target_hidden is not None

@@ -59,8 +59,6 @@ def _mix_seed(*parts: int) -> int:
     return h
 
 
-
-
 # -- draft initialisation --------------------------------------------------------------------------
 def init_from_target_layers(draft, target) -> list[str]:
     """Copy the target's last decoder layers (attention, MLP, norms) and final norm into the draft
@@ -354,7 +352,8 @@ def train(config, data_path, out_dir, target=None, resume: bool = False, max_ste
             "loss": recipe.loss.model_dump(mode="json"),
             "schedule": {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "epochs": tcfg.epochs,
                          "global_batch": global_batch, "micro_batch": micro, "grad_accum": accum, "world_size": info.world_size,
-                         "lr": tcfg.lr, "warmup_ratio": tcfg.warmup_ratio, "min_lr_ratio": tcfg.min_lr_ratio},
+                         "lr": tcfg.lr, "warmup_ratio": tcfg.warmup_ratio, "min_lr_ratio": tcfg.min_lr_ratio,
+                         "time_budget_s": tcfg.time_budget_s},
             "target": target.describe(),
             "draft": dcfg_draft.to_json_dict(),
             "device": str(device), "bf16": use_bf16,
@@ -474,7 +473,6 @@ def train(config, data_path, out_dir, target=None, resume: bool = False, max_ste
                 if info.is_main:
                     run_json = json.loads((out_dir / "run.json").read_text())
                     run_json["schedule"]["total_steps"] = total_steps
-                    run_json["schedule"]["time_budget_s"] = tcfg.time_budget_s
                     atomic_write_text(out_dir / "run.json", json.dumps(run_json, indent=2) + "\n")
                 if bar is not None:
                     bar.total = total_steps
