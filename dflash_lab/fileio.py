@@ -1,4 +1,5 @@
-"""Two file helpers every step of the pipeline uses: atomic text writes and file hashes."""
+"""File helpers every step of the pipeline uses: atomic text writes, file hashes, and reading a
+user's text file with an error that names it."""
 
 from __future__ import annotations
 
@@ -7,15 +8,48 @@ import os
 import tempfile
 from pathlib import Path
 
+from dflash_lab.errors import DFlashLabError
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc), because
+    `os.umask` can only be read by setting it, which races with other threads creating files."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def follow_umask(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file made by `tempfile` (0600, or 0700 for a directory) the mode any other new file
+    gets, so a server or teammate running as another user can read checkpoints and labels."""
+    base = 0o777 if directory else 0o666
+    os.chmod(path, base & ~current_umask())
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """`tempfile.mkdtemp` in `parent`, with the umask's permissions instead of 0700."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    follow_umask(tmp, directory=True)
+    return tmp
+
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write to a temp file beside `path`, fsync, then os.replace: readers see old or new, never half."""
+    """Write to a temp file beside `path`, fsync, then os.replace: readers see old or new, never half.
+    The file gets the umask's permissions, like any other new file (not tempfile's 0600)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
             handle.write(text)
             handle.flush()
+            os.fchmod(handle.fileno(), 0o666 & ~current_umask())
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -24,6 +58,39 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         except OSError:
             pass
         raise
+
+
+def read_user_text(path: str | os.PathLike, what: str) -> str:
+    """The text of a file the user gave (a recipe, a prompts file, a dataset), as UTF-8. Every way
+    it can be unreadable is an error naming `what` and the file: the one place the rule lives, so a
+    new command reading a new kind of file gets the same message."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DFlashLabError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise DFlashLabError(f"{what} {path} is a directory; pass the file") from None
+    except OSError as exc:
+        raise DFlashLabError(f"{what} {path}: cannot read it ({exc.strerror or exc})") from None
+    return decode_user_bytes(data, path, what)
+
+
+def decode_user_bytes(data: bytes, path: str | os.PathLike, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise DFlashLabError(
+            f"{what} {path}: not UTF-8 text (invalid byte 0x{data[exc.start]:02x} on line {line}); "
+            "save it as UTF-8 and run again"
+        ) from None
+
+
+def not_utf8_error(path: str | os.PathLike, what: str, exc: UnicodeDecodeError) -> DFlashLabError:
+    """The same message as `read_user_text` for a file read line by line."""
+    return DFlashLabError(f"{what} {path}: not UTF-8 text (invalid byte at offset {exc.start} of a line); "
+                          "save it as UTF-8 and run again")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

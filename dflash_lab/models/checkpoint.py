@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dflash_lab.errors import DFlashLabError
-from dflash_lab.fileio import sha256_file
+from dflash_lab.fileio import make_temp_dir, read_user_text, sha256_file
 from dflash_lab.models.draft import DFlashDraftModel, DraftConfig, validate_against_target
 
 CONFIG_NAME = "config.json"
@@ -27,12 +26,21 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 def save_draft(model: DFlashDraftModel, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
-               extra_files: dict[str, str] | None = None) -> Path:
+               extra_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
     """Write config.json + model.safetensors atomically (a temp directory renamed into place).
 
-    `extra_files` maps file names to text written beside them (e.g. training metadata).
+    `extra_files` maps file names to text written beside them (e.g. training metadata). An existing
+    non-empty `out_dir` is refused unless `overwrite` (a user's `--force`): this function cannot know what a
+    folder holds, and swapping one away once deleted a whole training run. A file there is always
+    refused. The folder and files get the umask's permissions.
     """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DFlashLabError(f"draft {out} is a file, not a folder; a draft checkpoint is written as a folder: "
+                             "choose another path")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DFlashLabError(f"draft {out} already exists; nothing was changed: choose a new folder "
+                             "(or pass --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     config = model.config.to_json_dict()
     tensors = {}
@@ -42,7 +50,7 @@ def save_draft(model: DFlashDraftModel, out_dir: str | os.PathLike, *, dtype: to
             tensor = tensor.to(dtype)
         tensors[name] = tensor.contiguous().cpu()
     config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = make_temp_dir(out.parent, prefix=f".{out.name}.")
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -63,6 +71,52 @@ def save_draft(model: DFlashDraftModel, out_dir: str | os.PathLike, *, dtype: to
     return out
 
 
+def is_draft_dir(path: str | os.PathLike) -> bool:
+    """A folder holding a DFlash draft checkpoint (config.json naming a DFlash architecture + weights)."""
+    path = Path(path)
+    try:
+        raw = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    archs = raw.get("architectures") if isinstance(raw, dict) else None
+    return (path / WEIGHTS_NAME).is_file() and isinstance(archs, list) and any("DFlash" in str(a) for a in archs)
+
+
+# Fields a draft config must give as positive integers; a string or a zero here used to reach torch
+# (a traceback) or a baffling "draft 576 != target 576" comparison.
+_POSITIVE_INT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "head_dim", "vocab_size", "num_target_layers", "block_size")
+
+
+def _check_config_types(raw: dict, source: Path) -> None:
+    dflash = raw.get("dflash_config")
+    if dflash is not None and not isinstance(dflash, dict):
+        raise DFlashLabError(f"draft {source}: dflash_config must be an object, got {type(dflash).__name__}")
+    merged = {**(dflash or {}), **raw}
+    for key in _POSITIVE_INT_FIELDS:
+        if key not in merged or (key == "head_dim" and merged[key] is None):
+            continue
+        value = merged[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DFlashLabError(f"draft {source}: {key} must be an integer, got {value!r} "
+                                 f"({type(value).__name__}); fix the file or re-export the checkpoint")
+        if value < 1:
+            raise DFlashLabError(f"draft {source}: {key} must be >= 1, got {value}; fix the file or re-export "
+                                 "the checkpoint")
+    heads, kv = merged.get("num_attention_heads"), merged.get("num_key_value_heads")
+    if isinstance(heads, int) and isinstance(kv, int) and heads % kv:
+        raise DFlashLabError(f"draft {source}: num_attention_heads {heads} is not a multiple of "
+                             f"num_key_value_heads {kv}; fix the file or re-export the checkpoint")
+    for key in ("mask_token_id",):
+        value = merged.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise DFlashLabError(f"draft {source}: {key} must be an integer >= 0, got {value!r}")
+    ids = merged.get("target_layer_ids")
+    if ids is not None and (not isinstance(ids, list)
+                            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+        raise DFlashLabError(f"draft {source}: target_layer_ids must be a list of layer numbers >= 0, got {ids!r}")
+
+
 def read_draft_config(path: str | os.PathLike) -> DraftConfig:
     path = Path(path)
     cfg_file = path / CONFIG_NAME
@@ -70,12 +124,18 @@ def read_draft_config(path: str | os.PathLike) -> DraftConfig:
         raise DFlashLabError(f"draft {path}: no {CONFIG_NAME}; a draft checkpoint is a directory with "
                              f"{CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
-        raw = json.loads(cfg_file.read_text())
+        raw = json.loads(read_user_text(cfg_file, "draft"))
     except json.JSONDecodeError as exc:
         raise DFlashLabError(f"draft {cfg_file}: not valid JSON ({exc}); re-export the checkpoint") from exc
+    if not isinstance(raw, dict):
+        raise DFlashLabError(f"draft {cfg_file}: the top level must be a JSON object of config fields, got a "
+                             f"{type(raw).__name__}; re-export the checkpoint")
     archs = raw.get("architectures") or []
-    if archs and not any("DFlash" in a for a in archs):
+    if not isinstance(archs, list):
+        archs = [archs]
+    if archs and not any("DFlash" in str(a) for a in archs):
         raise DFlashLabError(f"draft {cfg_file}: architectures {archs} is not a DFlash draft (expected DFlashDraftModel)")
+    _check_config_types(raw, cfg_file)
     return DraftConfig.from_json_dict(raw, source=str(cfg_file))
 
 

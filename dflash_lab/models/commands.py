@@ -23,6 +23,7 @@ def register(subparsers) -> None:
     init.add_argument("--block-size", type=int, default=16)
     init.add_argument("--mask-token-id", type=int, default=None)
     init.add_argument("--target-layer-ids", default=None, help="comma-separated, e.g. 1,9,17,25,33")
+    init.add_argument("--force", action="store_true", help="replace --out when it already exists (its contents are lost)")
     init.set_defaults(handler=_draft_init)
 
     gen = subparsers.add_parser("generate", help="greedy generation, plain or speculative (lossless)")
@@ -47,17 +48,40 @@ def _fetch(args) -> int:
     return 0
 
 
+def parse_layer_ids(text: str | None, flag: str = "--target-layer-ids") -> list[int] | None:
+    """`1,9,17` -> [1, 9, 17]; anything else is an error naming the flag."""
+    from dflash_lab.errors import DFlashLabError
+
+    if text is None:
+        return None
+    try:
+        ids = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise DFlashLabError(f"{flag} {text!r}: expected comma-separated layer numbers, e.g. 1,9,17,25,33") from None
+    if any(i < 0 for i in ids):
+        raise DFlashLabError(f"{flag} {text!r}: layer numbers must be >= 0")
+    return ids
+
+
 def _draft_init(args) -> int:
+    from dflash_lab.errors import DFlashLabError
     from dflash_lab.models.checkpoint import save_draft
     from dflash_lab.models.draft import DFlashDraftModel, build_draft_config
     from dflash_lab.models.target import load_target
+    from dflash_lab.outputs import check_output_dir
 
+    layer_ids = parse_layer_ids(args.target_layer_ids)
+    if args.num_layers < 1:
+        raise DFlashLabError(f"--num-layers must be >= 1, got {args.num_layers}")
+    if args.block_size < 2:
+        raise DFlashLabError(f"--block-size must be >= 2 (the anchor plus at least one drafted token), "
+                             f"got {args.block_size}")
+    check_output_dir(args.out, command="draft init", force=args.force)
     target = load_target(args.target, dtype="float32")
-    layer_ids = [int(x) for x in args.target_layer_ids.split(",")] if args.target_layer_ids else None
     cfg = build_draft_config(target, num_layers=args.num_layers, block_size=args.block_size,
                              mask_token_id=args.mask_token_id, target_layer_ids=layer_ids)
     draft = DFlashDraftModel(cfg).init_weights(seed=args.seed)
-    out = save_draft(draft, args.out)
+    out = save_draft(draft, args.out, overwrite=args.force)
     print(out)
     return 0
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
+import os
+import sys
 from pathlib import Path
 
 from dflash_lab.errors import DFlashLabError
+
+# What a run directory holds before its first checkpoint: starting again there loses nothing.
+_RUN_LEFTOVERS = {"run.json", "config.yaml", "metrics.jsonl", "tb", "checkpoints"}
 
 
 def register(subparsers) -> None:
@@ -24,6 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--stop-after", type=int, help="stop after N steps with a checkpoint, as an interruption would")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (train.save_every)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--resume-previous", action="store_true",
+                   help="with --resume: when the latest checkpoint is broken, rename it to .broken-NAME and "
+                        "resume from the one before it")
     p.add_argument("--dry-run", action="store_true", help="validate the recipe, print it as JSON, load no model")
     p.add_argument("--db", help="register the finished run in this registry database")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -53,10 +62,125 @@ def _recipe_from_args(args):
     return load_recipe(config, overrides), config
 
 
+def _unstarted_run(out: Path) -> bool:
+    """A run directory that holds no checkpoint yet (a run stopped before its first save)."""
+    entries = list(out.iterdir())
+    if not all(p.name in _RUN_LEFTOVERS for p in entries):
+        return False
+    ckpts = out / "checkpoints"
+    return not ckpts.exists() or (ckpts.is_dir() and not any(ckpts.iterdir()))
+
+
+def check_train_out(out: str, resume: bool) -> None:
+    """The output rule for `train --out`: a new run goes into a new or empty directory (or one whose
+    run never saved a checkpoint); `--resume` needs the run's own directory."""
+    from dflash_lab.outputs import check_output_dir
+
+    if resume:
+        check_output_dir(out, command="train --resume", owned=lambda p: True, force_flag=None)
+        return
+    check_output_dir(out, command="train", owned=_unstarted_run, force_flag=None,
+                     fix="pass --resume to continue the run there, or choose a new directory")
+
+
+def _verify_resume_point(out: Path, resume_previous: bool) -> None:
+    """Name a broken latest checkpoint before any model loads; with --resume-previous set it aside
+    (renamed, never deleted) and check the one before it."""
+    from dflash_lab.train import state as S
+
+    while True:
+        latest = S.latest_checkpoint(out)
+        if latest is None or latest.name == "final":
+            return
+        try:
+            S.verify_checkpoint(latest)
+            return
+        except DFlashLabError:
+            if not resume_previous:
+                raise
+            moved = S.set_aside_broken(latest)
+            print(f"[train] {latest} is broken; renamed it to {moved.name} and resuming from the one before",
+                  file=sys.stderr)
+
+
+def _iter_dataset(data: str):
+    """The records of a labelled dataset, lazily for jsonl (shards are read one line at a time)."""
+    from dflash_lab.train.data import read_records
+
+    path = Path(data)
+    shards = sorted(path.glob("shard-*.jsonl")) if path.is_dir() else []
+    if shards:
+        for shard in shards:
+            yield from _iter_jsonl(shard)
+    elif path.is_file() and path.suffix == ".jsonl":
+        yield from _iter_jsonl(path)
+    else:
+        yield from read_records(path)  # parquet, or a missing path: its own message
+
+
+def _first_assistant_problem(data: str) -> str | None:
+    """None when some record ends with an assistant response; else why none does. Stops at the
+    first good record, so a real dataset costs one line."""
+    count, example = 0, None
+    for row in _iter_dataset(data):
+        count += 1
+        messages = row.get("messages") if isinstance(row, dict) else None
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        role = last.get("role") if isinstance(last, dict) else None
+        if role == "assistant" and len(messages) >= 2:
+            return None
+        if example is None:
+            example = f"the last message is {role!r}" if role else "no `messages` list of {role, content}"
+    return f"none of its {count} records ends with an assistant response (e.g. {example})" if count else None
+
+
+def _iter_jsonl(path: Path):
+    from dflash_lab.fileio import not_utf8_error
+
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            if not raw.strip():
+                continue
+            try:
+                yield json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise not_utf8_error(f"{path}:{lineno}", "data", exc) from None
+            except ValueError:
+                continue  # read_records names bad JSON; here only the roles matter
+
+
+def _check_has_responses(data: str) -> None:
+    problem = _first_assistant_problem(data)
+    if problem:
+        raise DFlashLabError(
+            f"data {data}: {problem}; training needs labelled records. If this is a prompt set, label it "
+            f"first: dflash-lab label --prompts {data} --target TARGET --out LABELS, then train --data LABELS")
+
+
+def _mark_interrupted(out: Path) -> None:
+    """run.json said `running`; after Ctrl-C it says `interrupted` (rank 0 only)."""
+    from dflash_lab.fileio import atomic_write_text
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    run_json = out / "run.json"
+    try:
+        run = json.loads(run_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(run, dict) or run.get("status") != "running":
+        return
+    run["status"] = "interrupted"
+    run["interrupted"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    atomic_write_text(run_json, json.dumps(run, indent=2) + "\n")
+
+
 def run_train(args) -> int:
     from dflash_lab.train.distributed import env_world_size
     from dflash_lab.train.recipe import resolve_batch
 
+    if args.resume_previous and not args.resume:
+        raise DFlashLabError("--resume-previous only applies with --resume")
     recipe, config_path = _recipe_from_args(args)
     micro, accum, global_batch = resolve_batch(recipe, env_world_size())
     if args.dry_run:
@@ -65,13 +189,27 @@ def run_train(args) -> int:
                                 "global_batch": global_batch}
         print(json.dumps(resolved, indent=2))
         return 0
-    if not args.data and args.resume and (Path(args.out) / "run.json").is_file():
-        args.data = json.loads((Path(args.out) / "run.json").read_text())["data"]["path"]  # the run's own data
+    check_train_out(args.out, args.resume)
+    out = Path(args.out).expanduser()
+    if not args.data and args.resume and (out / "run.json").is_file():
+        try:
+            args.data = json.loads((out / "run.json").read_text(encoding="utf-8"))["data"]["path"]  # the run's own data
+        except (ValueError, KeyError, TypeError):
+            raise DFlashLabError(f"--resume: {out / 'run.json'} is not readable run metadata; pass --data") from None
     if not args.data:
         raise DFlashLabError("--data is required: the labelled dataset from `dflash-lab label`")
+    _check_has_responses(args.data)
+    if args.resume:
+        _verify_resume_point(out, args.resume_previous)
     from dflash_lab.train.trainer import train
 
-    path = train(recipe, args.data, args.out, resume=args.resume, stop_after=args.stop_after, db=args.db,
-                 progress=not args.no_progress, recipe_path=str(config_path))
+    try:
+        path = train(recipe, args.data, args.out, resume=args.resume, stop_after=args.stop_after, db=args.db,
+                     progress=not args.no_progress, recipe_path=str(config_path))
+    except KeyboardInterrupt:
+        _mark_interrupted(out.resolve())
+        print(f"[train] interrupted; run.json says so. Continue with: dflash-lab train --out {args.out} --resume",
+              file=sys.stderr)
+        raise
     print(path)
     return 0

@@ -73,14 +73,20 @@ def read_records(path: str | os.PathLike) -> list[dict]:
 
                 records.extend(Dataset.from_parquet(str(file)).to_list())
                 continue
-            records.extend(pq.read_table(file).to_pylist())
+            try:
+                records.extend(pq.read_table(file).to_pylist())
+            except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+                raise DFlashLabError(f"data {file}: not a readable parquet file ({exc}); export it again") from None
             continue
-        with open(file) as handle:
-            for lineno, line in enumerate(handle, 1):
-                if not line.strip():
+        with open(file, "rb") as handle:
+            for lineno, raw in enumerate(handle, 1):
+                if not raw.strip():
                     continue
                 try:
-                    records.append(json.loads(line))
+                    records.append(json.loads(raw.decode("utf-8")))
+                except UnicodeDecodeError as exc:
+                    raise DFlashLabError(f"data {file}:{lineno}: not UTF-8 text (invalid byte at offset {exc.start}); "
+                                         "save it as UTF-8 and run again") from None
                 except json.JSONDecodeError as exc:
                     raise DFlashLabError(f"data {file}:{lineno}: not valid JSON ({exc})") from None
     if not records:
@@ -124,7 +130,7 @@ def tokenize_records(target, records: list[dict], max_length: int, min_supervise
     for i, record in enumerate(records):
         try:
             sample, truncated = tokenize_record(target, record, max_length)
-        except (ValueError, AttributeError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any render/tokenise failure (e.g. jinja2 on a missing role) is this record's
             stats.skipped_bad_record += 1
             stats.reasons.append(f"record {record.get('id', i) if isinstance(record, dict) else i}: {exc}")
             continue

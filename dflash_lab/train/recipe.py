@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +18,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dflash_lab.errors import DFlashLabError
+from dflash_lab.fileio import read_user_text
+
+# What torch.device accepts that the trainer can run on; anything else used to pass --dry-run and
+# crash after the target had loaded.
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 
 
 class _Section(BaseModel):
@@ -114,6 +120,13 @@ class TrainSection(_Section):
     interruption would; `--resume` continues exactly."""
     log_every: int = Field(1, ge=1)
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        if not _DEVICE_RE.match(v):
+            raise ValueError("choose auto, cpu, cuda, cuda:N or mps")
+        return v
+
     @field_validator("betas")
     @classmethod
     def _betas(cls, v):
@@ -139,23 +152,27 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _batch_shape(self):
         t = self.train
-        if t.global_batch is not None and t.grad_accum is not None:
-            if t.global_batch % (t.micro_batch * t.grad_accum):
-                raise ValueError(
-                    f"train.global_batch {t.global_batch} is not divisible by micro_batch x grad_accum "
-                    f"({t.micro_batch} x {t.grad_accum})"
-                )
-        elif t.global_batch is not None and t.global_batch % t.micro_batch:
-            raise ValueError(f"train.global_batch {t.global_batch} is not divisible by train.micro_batch {t.micro_batch}")
+        per_step = t.micro_batch * (t.grad_accum or 1)
+        if t.global_batch is not None and t.global_batch % per_step:
+            what = (f"micro_batch x grad_accum = {t.micro_batch} x {t.grad_accum} = {per_step}"
+                    if t.grad_accum is not None else f"micro_batch {t.micro_batch}")
+            raise ValueError(f"train.global_batch {t.global_batch} is not divisible by {what}; set "
+                             f"train.global_batch to a multiple of {per_step} (e.g. {_multiple_near(t.global_batch, per_step)})")
         return self
+
+
+def _multiple_near(value: int, step: int) -> int:
+    return max(step, round(value / step) * step)
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(recipe)"
+        loc = ".".join(str(x) for x in err["loc"])
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key {loc!r}")
+        elif not loc:  # a check across sections: its message is the fact and the fix; the input is the whole recipe
+            parts.append(str(err["msg"]).removeprefix("Value error, "))
         else:
             parts.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
     return f"recipe {source}: " + "; ".join(parts)
@@ -176,7 +193,12 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise DFlashLabError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise DFlashLabError(f"override {item!r}: the value is not valid YAML ({problem}); write it as YAML, "
+                                 "e.g. train.betas=[0.9,0.95], and quote it for the shell") from None
     return raw
 
 
@@ -196,9 +218,12 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not path.is_file():
             raise DFlashLabError(f"recipe {path}: no such file")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(read_user_text(path, "recipe"))
         except yaml.YAMLError as exc:
             raise DFlashLabError(f"recipe {path}: not valid YAML ({exc})") from None
+        if not raw:  # the defaults are Qwen3-scale settings: an empty file is a mistake, not a choice
+            raise DFlashLabError(f"recipe {path} is empty; write the sections you need (target, draft, data, "
+                                 "loss, train), e.g. start from recipes/smollm2-135m/cpu.yaml")
         if not isinstance(raw, dict):
             raise DFlashLabError(f"recipe {path}: the top level must be a mapping of sections")
         source = str(path)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dflash_lab.errors import DFlashLabError
@@ -47,13 +48,17 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
-    meta = json.loads((ckpt / "optimizer.json").read_text())
-    tensors = load_file(str(ckpt / "optimizer.safetensors")) if (ckpt / "optimizer.safetensors").exists() else {}
-    state = {}
-    for idx, fields in meta["layout"].items():
-        state[int(idx)] = {k: (tensors[f"state.{idx}.{k}"] if v == "tensor" else v) for k, v in fields.items()}
-    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]  # JSON lists
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    ckpt = Path(ckpt)
+    meta = _read_json(ckpt, "optimizer.json")
+    try:
+        tensors = load_file(str(ckpt / "optimizer.safetensors")) if (ckpt / "optimizer.safetensors").exists() else {}
+        state = {}
+        for idx, fields in meta["layout"].items():
+            state[int(idx)] = {k: (tensors[f"state.{idx}.{k}"] if v == "tensor" else v) for k, v in fields.items()}
+        groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]  # JSON lists
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise broken_checkpoint(ckpt, f"optimizer state unreadable ({type(exc).__name__}: {exc})") from None
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -112,11 +117,70 @@ def read_trainer_state(ckpt: Path) -> dict:
     file = Path(ckpt) / STATE_NAME
     if not file.is_file():
         raise DFlashLabError(f"checkpoint {ckpt}: no {STATE_NAME}; not a training checkpoint of dflash-lab")
-    return json.loads(file.read_text())
+    state = _read_json(Path(ckpt), STATE_NAME)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise broken_checkpoint(Path(ckpt), f"{STATE_NAME} holds no step number")
+    return state
 
 
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete `step-N` checkpoint, oldest first (plus final, last)."""
+# -- checking a checkpoint before resuming from it ---------------------------------------------------
+def broken_checkpoint(ckpt: Path, detail: str) -> DFlashLabError:
+    """The message for a checkpoint that cannot be resumed: which one, why, and how to go on from
+    the one before it."""
+    ckpt = Path(ckpt)
+    run_dir = ckpt.parent.parent
+    earlier = [p for _, p in _step_checkpoints(run_dir) if p != ckpt]
+    if earlier:
+        fix = (f"`--resume` can start from the one before it ({earlier[-1].name}): rerun with --resume-previous "
+               f"(it renames {ckpt.name} to .broken-{ckpt.name}), or move {ckpt} aside yourself")
+    else:
+        fix = "there is no earlier checkpoint to resume from: start a new run in another --out directory"
+    return DFlashLabError(f"checkpoint {ckpt} is broken: {detail}; {fix}")
+
+
+def _read_json(ckpt: Path, name: str):
+    try:
+        return json.loads((Path(ckpt) / name).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise broken_checkpoint(ckpt, f"{name} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise broken_checkpoint(ckpt, f"{name} is not valid JSON ({exc})") from None
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Open every file resume reads (headers only for safetensors: a truncated file fails there),
+    so a broken checkpoint is named before the model loads rather than as a traceback after."""
+    ckpt = Path(ckpt)
+    read_trainer_state(ckpt)
+    for name in ("optimizer.json", "rng.json", "config.json"):
+        _read_json(ckpt, name)
+    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        file = ckpt / name
+        if name != "optimizer.safetensors" and not file.is_file():
+            raise broken_checkpoint(ckpt, f"{name} is missing")
+        if not file.is_file():
+            continue
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                list(handle.keys())
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise broken_checkpoint(ckpt, f"{name} is unreadable, probably truncated ({exc})") from None
+
+
+def set_aside_broken(ckpt: Path) -> Path:
+    """Rename a broken checkpoint to `.broken-NAME` beside it (kept, never deleted): list_checkpoints
+    no longer sees it, so resume starts from the one before."""
+    ckpt = Path(ckpt)
+    dest = ckpt.with_name(f".broken-{ckpt.name}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = ckpt.with_name(f".broken-{ckpt.name}.{n}")
+    os.replace(ckpt, dest)
+    return dest
+
+
+def _step_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     root = Path(run_dir) / "checkpoints"
     found = []
     if root.is_dir():
@@ -125,9 +189,21 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
             if m and (child / STATE_NAME).is_file() and (child / "model.safetensors").is_file():
                 found.append((int(m.group(1)), child))
     found.sort()
+    return found
+
+
+def list_checkpoints(run_dir: Path, strict: bool = True) -> list[tuple[int, Path]]:
+    """(step, path) of every complete `step-N` checkpoint, oldest first (plus final, last).
+    `strict=False` leaves out a `final` whose trainer_state.json is unreadable instead of raising."""
+    root = Path(run_dir) / "checkpoints"
+    found = _step_checkpoints(run_dir)
     final = root / "final"
     if (final / STATE_NAME).is_file():
-        found.append((read_trainer_state(final)["step"], final))
+        try:
+            found.append((read_trainer_state(final)["step"], final))
+        except DFlashLabError:
+            if strict:
+                raise
     return found
 
 
