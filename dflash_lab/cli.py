@@ -39,9 +39,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, except that dotted overrides (`section.key=value`) may stand anywhere on the
+    line, also between options: argparse takes the positional list only once."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides"):
+        overrides = [x for x in extra if not x.startswith("-") and "=" in x and "." in x.split("=", 1)[0]]
+        others = [x for x in extra if x not in overrides]
+        args.overrides = list(args.overrides or []) + overrides
+        extra = others
+    if extra:
+        hint = (" (overrides are section.key=value, e.g. train.lr=1e-3)"
+                if hasattr(args, "overrides") else "")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2

@@ -144,6 +144,15 @@ def _log(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
+# What a demo writes into its --out: a folder holding only these is a demo's own, and a rerun resumes it.
+_DEMO_ENTRIES = {"demo_state.json", "prompts", "labels", "runs", "eval", "report", "dflash-lab.db", "summary.json",
+                 "feature-cache"}
+
+
+def _demo_folder(out: Path) -> bool:
+    return all(p.name in _DEMO_ENTRIES or p.name.startswith((".", "dflash-lab.db")) for p in out.iterdir())
+
+
 def run_demo(out: str | os.PathLike = "demo-out", *, preset: str = "default", prompts: str | None = None,
              bench_dir: str | None = None) -> dict:
     from dflash_lab.data.demo_pack import build_demo_pack
@@ -151,6 +160,7 @@ def run_demo(out: str | os.PathLike = "demo-out", *, preset: str = "default", pr
     from dflash_lab.eval.harness import evaluate, lossless_failures, write_results
     from dflash_lab.labels.runner import run_labels
     from dflash_lab.models.target import load_target
+    from dflash_lab.outputs import check_output_dir
     from dflash_lab import registry
     from dflash_lab.report import progression_table, write_report
     from dflash_lab.train.state import best_checkpoint
@@ -160,6 +170,8 @@ def run_demo(out: str | os.PathLike = "demo-out", *, preset: str = "default", pr
         raise DFlashLabError(f"unknown demo preset {preset!r}; choose {', '.join(PRESETS)}")
     sizes = PRESETS[preset]
     out = Path(out).expanduser().resolve()
+    check_output_dir(out, command="demo", owned=_demo_folder, force_flag=None,
+                     fix="choose a new --out folder (a rerun into a demo's own folder resumes it)")
     out.mkdir(parents=True, exist_ok=True)
     state = DemoState(out, preset)
     db = out / "dflash-lab.db"

@@ -10,9 +10,15 @@ from pathlib import Path
 from dflash_lab.errors import DFlashLabError
 
 
+def _is_prompt_set(folder: Path) -> bool:
+    """A folder `prompts build` wrote (its manifest.json): rebuilding replaces that prompt set."""
+    return (folder / "manifest.json").is_file()
+
+
 def _build(args) -> int:
     from dflash_lab.data.mix import build_mix
     from dflash_lab.data.recipe import load_recipe
+    from dflash_lab.outputs import check_output_dir
 
     recipe = load_recipe(args.config)
     if args.dry_run:
@@ -21,6 +27,8 @@ def _build(args) -> int:
         return 0
     if not args.out:
         raise DFlashLabError("prompts build needs --out DIR (the folder for prompts.jsonl and manifest.json)")
+    check_output_dir(args.out, command="prompts build", owned=_is_prompt_set, force=args.force,
+                     fix="choose a new --out folder")
     t0 = time.perf_counter()
     man = build_mix(Path(args.config), Path(args.out), strict=args.strict)
     dt = time.perf_counter() - t0
@@ -59,6 +67,8 @@ def register(subparsers) -> None:
     b.add_argument("--out", help="output folder: prompts.jsonl, manifest.json, ids.txt, rejects.jsonl")
     b.add_argument("--strict", action="store_true", help="stop at the first malformed row (names file and line)")
     b.add_argument("--dry-run", action="store_true", help="only parse and validate the recipe; read no data")
+    b.add_argument("--force", action="store_true",
+                   help="write into an --out folder that holds other files (they stay; the set's own files are replaced)")
     b.set_defaults(handler=_build)
 
     s = sub.add_parser("stats", help="print a prompt set's manifest as a table")

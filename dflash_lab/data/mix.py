@@ -22,13 +22,16 @@ from pathlib import Path
 
 from dflash_lab.data import sources as S
 from dflash_lab.data.decontam import Decontaminator, Hit, load_bench_dir, load_extra_file
-from dflash_lab.data.manifest import MANIFEST_VERSION, load_manifest_ids, write_ids, write_manifest
+from dflash_lab.data.manifest import (
+    IDS_NAME, MANIFEST_NAME, MANIFEST_VERSION, load_manifest_ids, write_ids, write_manifest,
+)
 from dflash_lab.data.recipe import Recipe, load_recipe, parse_recipe, resolve_path
 from dflash_lab.data.records import (
     CATEGORIES, AtomicWriter, canonical_line, prompt_id, sha256_file, write_jsonl,
 )
 from dflash_lab.data.shaping import shape_code
 from dflash_lab.errors import DFlashLabError
+from dflash_lab.outputs import check_not_input
 
 PROMPTS_JSONL = "prompts.jsonl"
 PROMPTS_PARQUET = "prompts.parquet"
@@ -415,6 +418,23 @@ def _bench_fingerprints(dec_cfg, base_dir: Path) -> list[dict]:
     return out
 
 
+def output_files(out_dir: Path) -> list[Path]:
+    """Every file `build_mix` writes into `out_dir`."""
+    return [out_dir / name for name in (PROMPTS_JSONL, PROMPTS_PARQUET, REJECTS_NAME, IDS_NAME, MANIFEST_NAME)]
+
+
+def recipe_inputs(recipe: Recipe, base_dir: Path) -> list[Path]:
+    """Every local file a recipe reads: sources, excluded manifests, decontamination files."""
+    paths = [resolve_path(s.path, base_dir) for s in recipe.sources if s.path]
+    for m in recipe.exclude:
+        mp = resolve_path(m, base_dir)
+        paths += [mp / MANIFEST_NAME, mp / IDS_NAME] if mp.is_dir() else [mp, mp.parent / IDS_NAME]
+    dec = recipe.decontaminate
+    if dec is not None:
+        paths += [resolve_path(f, base_dir) for f in dec.extra_files]
+    return paths
+
+
 def build_mix(
     recipe: Recipe | dict | str | Path,
     out_dir: str | Path,
@@ -447,6 +467,7 @@ def build_mix(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DFlashLabError(f"--out {out_dir} exists and is not a folder; pick another path")
+    check_not_input(output_files(out_dir), recipe_inputs(recipe, base_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     seed = recipe.seed
 

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dflash_lab.errors import DFlashLabError
+from dflash_lab.fileio import read_user_text
 
 Category = Literal["math", "code", "chat"]
 Number = Union[int, float]
@@ -216,7 +217,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if not path.is_file():
         raise DFlashLabError(f"recipe {path} not found; pass the path of a mix YAML with --config")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_user_text(path, "recipe"))
     except yaml.YAMLError as exc:
         raise DFlashLabError(f"recipe {path}: not valid YAML ({exc})") from None
     return parse_recipe(data, path)

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from dflash_lab.fileio import current_umask
 from dflash_lab.fileio import sha256_file  # noqa: F401  (re-exported for data/)
 
 CATEGORIES = ("math", "code", "chat")
@@ -74,6 +75,7 @@ class AtomicWriter:
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.fchmod(fd, 0o666 & ~current_umask())  # like any new file, not tempfile's 0600
         if "b" in self.mode:
             self._fh = os.fdopen(fd, self.mode)
         else:

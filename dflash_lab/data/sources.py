@@ -221,7 +221,11 @@ def iter_parquet(path: Path, on_error, columns=None) -> Iterator[tuple[int, dict
     import datasets
 
     datasets.disable_progress_bars()
-    ds = datasets.Dataset.from_parquet(str(path), columns=columns)
+    try:
+        ds = datasets.Dataset.from_parquet(str(path), columns=columns)
+    except Exception as exc:  # noqa: BLE001 - pyarrow and datasets raise many types for a damaged file
+        raise DFlashLabError(f"{path}: not a readable parquet file ({type(exc).__name__}: {str(exc)[:200]}); "
+                             "export it again, or convert it to jsonl") from None
     for i, row in enumerate(ds, 1):
         yield i, row
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from dflash_lab import registry
 from dflash_lab.errors import DFlashLabError
 from dflash_lab.eval.benchmarks import BENCHMARKS, SELECTIONS, load_selected, parse_benchmark_names
+from dflash_lab.outputs import check_output_dir, check_output_file
 
 ALL_BENCHMARKS = ",".join(BENCHMARKS)
 
@@ -49,6 +50,7 @@ def register(subparsers) -> None:
     p.add_argument("--block-size", type=int, help="prompt-lookup block size (default 16; drafts use their own)")
     p.add_argument("--name", help="register the draft under this run name (e.g. z-lab-m0 for a reference)")
     p.add_argument("--out", required=True, help="results JSON file")
+    p.add_argument("--force", action="store_true", help="replace an --out file that is not an eval results file")
     _add_harness_args(p)
     p.set_defaults(handler=cmd_eval)
 
@@ -93,6 +95,40 @@ def register(subparsers) -> None:
     p.set_defaults(handler=cmd_report)
 
 
+# -- checks before any work ------------------------------------------------------------------------
+def check_harness_args(args) -> None:
+    """Refuse what would otherwise be silently replaced or fail after the whole evaluation."""
+    if args.bench_dir is not None:
+        bench = Path(args.bench_dir).expanduser()
+        if not bench.is_dir():
+            raise DFlashLabError(f"--bench-dir {args.bench_dir}: no such directory; pass the folder holding the "
+                                 "benchmark files, or leave --bench-dir out to use the hub / PyPI")
+    if getattr(args, "block_size", None) is not None and args.block_size < 2:
+        raise DFlashLabError(f"--block-size must be >= 2 (the anchor plus at least one drafted token), "
+                             f"got {args.block_size}")
+    if args.max_new_tokens < 1:
+        raise DFlashLabError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.limit is not None and args.limit < 1:
+        raise DFlashLabError(f"--limit must be >= 1, got {args.limit}")
+
+
+def is_results_file(path: Path) -> bool:
+    """A results JSON an earlier `eval` wrote: a rerun replaces it (the registry keeps the old numbers)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"benchmarks", "target"} <= set(data)
+
+
+def _only_results(folder: Path) -> bool:
+    return all(p.is_file() and p.suffix == ".json" for p in folder.iterdir())
+
+
+def _has_report(folder: Path) -> bool:
+    return (folder / "report.md").is_file()
+
+
 # -- eval -----------------------------------------------------------------------------------------
 def _print_summary(results: dict) -> None:
     name = results["draft"]["path"] if results.get("draft") else results["drafter"]
@@ -123,6 +159,8 @@ def _check_lossless(results: dict) -> int:
 def cmd_eval(args) -> int:
     from dflash_lab.eval.harness import evaluate, load_prompt_target, write_results
 
+    check_harness_args(args)
+    check_output_file(args.out, command="eval", owned=is_results_file, force=args.force)
     names = parse_benchmark_names(args.benchmarks)
     benches = load_selected(names, args.bench_dir, args.limit, args.selection,
                             allow_pypi=not args.no_pypi, allow_hub=not args.no_hub)
@@ -168,6 +206,10 @@ def _target_of_run(run_dir: Path | None) -> str | None:
 def cmd_eval_run(args) -> int:
     from dflash_lab.eval.harness import evaluate, harness_settings, load_prompt_target, settings_key, write_results
 
+    check_harness_args(args)
+    if args.out:
+        check_output_dir(args.out, command="eval-run", owned=_only_results, force_flag=None,
+                         fix="choose a new --out folder (it holds one results JSON per checkpoint)")
     name, run_dir = _resolve_run(args.run, args.db)
     target_spec = args.target or _target_of_run(run_dir)
     if not target_spec:
@@ -294,6 +336,8 @@ def cmd_report(args) -> int:
     from dflash_lab.report import write_report
 
     benches = parse_benchmark_names(args.benchmarks) if args.benchmarks else None
+    check_output_dir(args.out, command="report", owned=_has_report, force_flag=None,
+                     fix="choose a new --out folder (it gets report.md and its charts)")
     if not Path(args.db).exists():
         raise DFlashLabError(f"registry {args.db} does not exist; pass --db with the database the evals wrote")
     path = write_report(args.runs, args.reference, args.out, args.db, baselines=not args.no_baselines,

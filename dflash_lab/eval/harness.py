@@ -17,12 +17,12 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from dflash_lab.errors import DFlashLabError
 from dflash_lab.eval import backends
 from dflash_lab.eval.benchmarks import Benchmark, load_selected, parse_benchmark_names, select_samples
+from dflash_lab.fileio import atomic_write_text
 
 HARNESS_VERSION = 1
 THINKING = False  # SPEC section 6: thinking off, always
@@ -250,16 +250,8 @@ def lossless_failures(results: dict) -> list[str]:
 
 
 def write_results(results: dict, path: str | os.PathLike) -> Path:
-    """Write the results JSON atomically (temp file + os.replace)."""
+    """Write the results JSON atomically (temp file + os.replace), with the umask's permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(results, handle, indent=1)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(results, indent=1) + "\n")
     return path

@@ -51,17 +51,19 @@ def _summary(rows: list[dict]) -> dict:
 
 def audit_labels(out_dir: str | Path, write: bool = True) -> dict:
     """Compute the audit of a labelled dataset directory; write audit.md/audit.json when `write`."""
-    from dflash_lab.labels.runner import atomic_write, iter_records, read_jsonl_tolerant
+    from dflash_lab.labels.runner import atomic_write, iter_records, read_jsonl_tolerant, read_label_meta
 
     out_dir = Path(out_dir).expanduser()
-    if not (out_dir / "meta.json").exists():
+    if not out_dir.is_dir():
+        raise DFlashLabError(f"{out_dir}: not a directory; point at a directory written by `dflash-lab label`")
+    meta = read_label_meta(out_dir)
+    if meta is None:
         raise DFlashLabError(f"{out_dir}: no meta.json; point at a directory written by `dflash-lab label`")
     by_category: dict[str, list[dict]] = {}
     everything = []
     for record in iter_records(out_dir):
         by_category.setdefault(record.get("category", "chat"), []).append(record)
         everything.append(record)
-    meta = json.loads((out_dir / "meta.json").read_text())
     report = {
         "dir": str(out_dir),
         "target": meta.get("target"),

@@ -185,6 +185,10 @@ class OpenAIBackend:
                 except ValueError:
                     raise DFlashLabError(f"server {base}: /v1/models did not return JSON; is it an "
                                          "OpenAI-compatible server?") from None
+                if not isinstance(data, dict) or not isinstance(data.get("data", []), list):
+                    raise DFlashLabError(
+                        f"server {base}: GET /v1/models answered a JSON {type(data).__name__}, not an object with a "
+                        "`data` list of models; is --server an OpenAI-compatible server (SGLang, vLLM)?")
                 names = [str(m.get("id")) for m in (data.get("data") or []) if isinstance(m, dict)]
                 if self.model not in names:
                     raise DFlashLabError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from dflash_lab.errors import DFlashLabError
 from dflash_lab.labels.runner import DEFAULT_MAX_NEW_TOKENS
 
 
@@ -57,17 +58,39 @@ def register(subparsers) -> None:
 def _label(args) -> int:
     from dflash_lab.labels.runner import run_labels
 
-    stats = run_labels(
-        args.prompts, args.target, args.out, backend=args.backend, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, servers=args.server, model=args.model, concurrency=args.concurrency,
-        timeout=args.timeout, retries=args.retries, retry_failed=args.retry_failed, limit=args.limit,
-        shard_size=args.shard_size, flush_seconds=args.flush_seconds, device=args.device, dtype=args.dtype,
-        progress=not args.no_progress,
-    )
+    try:
+        stats = run_labels(
+            args.prompts, args.target, args.out, backend=args.backend, max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size, servers=args.server, model=args.model, concurrency=args.concurrency,
+            timeout=args.timeout, retries=args.retries, retry_failed=args.retry_failed, limit=args.limit,
+            shard_size=args.shard_size, flush_seconds=args.flush_seconds, device=args.device, dtype=args.dtype,
+            progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        print(f"[label] interrupted: the records written to {args.out} are kept; rerun the same command to "
+              "resume where it stopped", file=sys.stderr)
+        raise
     print(f"[label] {args.out}: {stats.summary()}")
+    if stats.failed and not stats.done:
+        raise DFlashLabError(nothing_labelled_message(args.out, stats))
     if stats.failed:
         print(f"[label] {stats.failed} failed (see {args.out}/failed.jsonl); rerun with --retry-failed to retry")
     return 0
+
+
+def nothing_labelled_message(out: str, stats) -> str:
+    """Every prompt of this run failed: how many, why (by reason, with the first detail), what next."""
+    from pathlib import Path
+
+    from dflash_lab.labels.runner import read_jsonl_tolerant
+
+    reasons = [f"{n} {what}" for n, what in ((stats.failed_bad_input, "bad input"),
+                                             (stats.failed_too_long, "prompt too long"),
+                                             (stats.failed_backend, "backend error")) if n]
+    failed = read_jsonl_tolerant(Path(out) / "failed.jsonl")
+    first = f"; first: {failed[0].get('id')}: {str(failed[0].get('detail'))[:200]}" if failed else ""
+    return (f"label --out {out}: nothing was labelled, all {stats.failed} prompts failed ({', '.join(reasons)}"
+            f"{first}); see {out}/failed.jsonl, fix the prompts or the target/server, then rerun with --retry-failed")
 
 
 def _audit(args) -> int:

@@ -31,7 +31,9 @@ from pathlib import Path
 
 from dflash_lab.errors import DFlashLabError
 from dflash_lab.fileio import atomic_write_text as atomic_write
+from dflash_lab.fileio import not_utf8_error, read_user_text
 from dflash_lab.labels.backends import HFBackend, Job, OpenAIBackend, Outcome, VLLMBackend
+from dflash_lab.outputs import check_output_dir
 
 FORMAT = "dflash-lab-labels/1"
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.jsonl$")
@@ -77,10 +79,39 @@ def shard_paths(out_dir: Path) -> list[Path]:
 def iter_records(out_dir: str | os.PathLike):
     """Every labelled record of a dataset directory, shard by shard (what the trainer reads)."""
     for path in shard_paths(Path(out_dir)):
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    yield json.loads(line)
+        with open(path, "rb") as handle:
+            for lineno, raw in enumerate(handle, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    yield json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    raise not_utf8_error(f"{path}:{lineno}", "labels", exc) from None
+                except ValueError as exc:
+                    raise DFlashLabError(f"labels {path}:{lineno}: not valid JSON ({exc}); the shard was edited "
+                                         "or damaged: restore it or label again into a new --out") from None
+
+
+def read_label_meta(out_dir: Path) -> dict | None:
+    """The meta.json of a label directory (None when there is none); a damaged one is an error that
+    names it, never a traceback."""
+    meta_path = Path(out_dir) / "meta.json"
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(read_user_text(meta_path, "labels meta"))
+    except ValueError as exc:
+        meta = exc
+    if not isinstance(meta, dict):
+        raise DFlashLabError(f"labels meta {meta_path} is damaged (not a JSON object: {meta}); it records the "
+                             "settings the labels were made with: restore it from a backup, or label into a new --out")
+    return meta
+
+
+def is_label_dir(out_dir: Path) -> bool:
+    """The output rule's test for `label --out`: a directory this command wrote (its meta.json),
+    which a rerun resumes. A damaged meta.json is reported by read_label_meta."""
+    return (Path(out_dir) / "meta.json").is_file()
 
 
 # -- prompts -----------------------------------------------------------------------------------------
@@ -113,8 +144,12 @@ def read_prompt_rows(path: Path, limit: int | None = None):
     """Yield a PromptRow per non-blank input line; bad rows carry `error` instead of a record."""
     source = path.name
     count = 0
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise not_utf8_error(f"{path}:{number}", "--prompts", exc) from None
             if not line.strip():
                 continue
             if limit is not None and count >= limit:
@@ -433,6 +468,9 @@ def run_labels(
         raise DFlashLabError(f"--limit must be >= 0, got {limit}")
     prompts_path = resolve_prompts_path(prompts)
     out_dir = Path(out_dir).expanduser()
+    check_output_dir(out_dir, command="label", owned=is_label_dir, force_flag=None,
+                     fix="choose a new --out directory (a rerun resumes only in the directory it wrote)")
+    old_meta = read_label_meta(out_dir)
     backend_name = backend if isinstance(backend, str) else getattr(backend, "name", type(backend).__name__)
     if isinstance(target, (str, os.PathLike)):
         if backend_name == "hf":
@@ -444,9 +482,13 @@ def run_labels(
     if target.tokenizer is None:
         raise DFlashLabError(f"target {target.name} has no tokenizer; labels need one to render prompts")
 
+    context = getattr(target.config, "max_position_embeddings", None)
+    if context and max_new_tokens >= context:
+        raise DFlashLabError(f"--max-new-tokens {max_new_tokens} is not below the context of target {target.name} "
+                             f"({context} tokens), so no prompt would fit; pass a smaller --max-new-tokens "
+                             f"(e.g. {max(1, context // 2)})")
     settings = generation_settings(target, max_new_tokens)
     meta_path = out_dir / "meta.json"
-    old_meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
     if old_meta is not None:
         _compare_settings(old_meta.get("settings", {}), settings, out_dir)
     elif out_dir.exists() and shard_paths(out_dir):
@@ -462,7 +504,6 @@ def run_labels(
     started = _now()
     with _DirLock(out_dir):
         done_before, failed_before = recover(out_dir)
-        context = getattr(target.config, "max_position_embeddings", None)
         max_prompt = context - max_new_tokens if context else None
 
         meta = old_meta or {"format": FORMAT, "created": _now(), "runs": []}
