@@ -33,6 +33,14 @@ def follow_umask(path: str | os.PathLike, directory: bool = False) -> None:
     os.chmod(path, base & ~current_umask())
 
 
+def follow_umask_tree(root: str | os.PathLike) -> None:
+    """`follow_umask` for a folder and everything in it (safetensors writes its files 0600 too)."""
+    root = Path(root)
+    follow_umask(root, directory=True)
+    for path in root.rglob("*"):
+        follow_umask(path, directory=path.is_dir())
+
+
 def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
     """`tempfile.mkdtemp` in `parent`, with the umask's permissions instead of 0700."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))

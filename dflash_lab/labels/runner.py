@@ -108,10 +108,15 @@ def read_label_meta(out_dir: Path) -> dict | None:
     return meta
 
 
+# What `label` writes before meta.json exists (its lock, its logs): a folder holding only these is its own.
+_LABEL_SCRATCH = {".lock", "journal.jsonl", "failed.jsonl"}
+
+
 def is_label_dir(out_dir: Path) -> bool:
-    """The output rule's test for `label --out`: a directory this command wrote (its meta.json),
-    which a rerun resumes. A damaged meta.json is reported by read_label_meta."""
-    return (Path(out_dir) / "meta.json").is_file()
+    """The output rule's test for `label --out`: a directory this command wrote (its meta.json,
+    or only its lock and logs), which a rerun resumes. A damaged meta.json is reported by read_label_meta."""
+    out_dir = Path(out_dir)
+    return (out_dir / "meta.json").is_file() or all(p.name in _LABEL_SCRATCH for p in out_dir.iterdir())
 
 
 # -- prompts -----------------------------------------------------------------------------------------

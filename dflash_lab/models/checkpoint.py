@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dflash_lab.errors import DFlashLabError
-from dflash_lab.fileio import make_temp_dir, read_user_text, sha256_file
+from dflash_lab.fileio import follow_umask_tree, make_temp_dir, read_user_text, sha256_file
 from dflash_lab.models.draft import DFlashDraftModel, DraftConfig, validate_against_target
 
 CONFIG_NAME = "config.json"
@@ -56,6 +56,7 @@ def save_draft(model: DFlashDraftModel, out_dir: str | os.PathLike, *, dtype: to
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        follow_umask_tree(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             if old.exists():

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dflash_lab.errors import DFlashLabError
+from dflash_lab.fileio import follow_umask_tree
 from dflash_lab.models.checkpoint import save_draft
 
 STATE_NAME = "trainer_state.json"
@@ -100,6 +101,7 @@ def save_checkpoint(path: Path, draft, optimizer, trainer_state: dict) -> Path:
         (tmp / "rng.json").write_text(json.dumps(rng_meta))
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         (tmp / STATE_NAME).write_text(json.dumps(trainer_state, indent=2) + "\n")
+        follow_umask_tree(tmp)  # safetensors writes 0600: teammates and servers must read checkpoints
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -30,7 +30,7 @@ def test_overrides_and_defaults(tmp_path):
 @pytest.mark.parametrize("text,overrides,needle", [
     ("train: {lr: 1.0e-3, learning_rate: 2}\n", [], "unknown key 'train.learning_rate'"),
     ("train: {lr: -1.0e-3}\n", [], "train.lr"),
-    ("", ["trian.lr=1"], "unknown key 'trian'"),
+    ("train: {lr: 1.0e-3}\n", ["trian.lr=1"], "unknown key 'trian'"),  # (an empty recipe is refused)
     ("loss: {name: mse}\n", [], "loss.name"),
     ("train: {micro_batch: 4, global_batch: 10}\n", [], "global_batch 10 is not divisible"),
 ])
