@@ -69,6 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # The machine said no (permissions, a full disk, a vanished path): name the path, no
+        # traceback. An OSError without a path is not about an input and keeps its traceback.
+        if exc.filename is None:
+            raise
+        print(f"error: {exc.filename}: {exc.strerror or exc}; check the path, its permissions and the free "
+              "disk space", file=sys.stderr)
+        return 2
     return int(status or 0)
 
 

@@ -214,7 +214,7 @@ def parse_recipe(data: dict, path: str | os.PathLike = "<recipe>") -> Recipe:
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and validate a recipe file; reads no data. Raises DFlashLabError naming the problem."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DFlashLabError(f"recipe {path} not found; pass the path of a mix YAML with --config")
     try:
         data = yaml.safe_load(read_user_text(path, "recipe"))

@@ -215,7 +215,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
     source = "<defaults>"
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise DFlashLabError(f"recipe {path}: no such file")
         try:
             raw = yaml.safe_load(read_user_text(path, "recipe"))

@@ -410,6 +410,22 @@ def test_block_size_is_validated(env, tmp_path, capsys, size):
     assert not (tmp_path / "d").exists() and not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.parametrize("command", [["train", "--out", "o", "--dry-run"], ["prompts", "build", "--dry-run"]])
+def test_recipe_that_is_a_directory(tmp_path, capsys, command):
+    err = refused(capsys, tmp_path, *command, "--config", tmp_path)
+    assert "is a directory" in err
+
+
+def test_os_errors_name_the_path(tmp_path, capsys, monkeypatch):
+    import dflash_lab.labels.audit as audit
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "labels" / "audit.json"))
+
+    monkeypatch.setattr(audit, "audit_labels", denied)
+    refused(capsys, tmp_path / "labels" / "audit.json", "labels", "audit", tmp_path / "labels")
+
+
 def test_empty_recipe_is_refused(tmp_path, capsys):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
