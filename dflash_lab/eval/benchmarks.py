@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 
 from dflash_lab.errors import DFlashLabError
+from dflash_lab.fileio import decode_user_bytes
 
 REASONING_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 HUMANEVAL_PREFIX = "Write a solution to the following problem and make sure that it passes the tests:\n```python\n"
@@ -136,12 +137,15 @@ def parse_benchmark_names(text: str | list[str]) -> list[str]:
 def _read_rows(path: Path) -> list[dict]:
     raw = path.read_bytes()
     if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise DFlashLabError(f"benchmark file {path}: not a readable gzip file ({exc}); copy it again") from None
     return _parse_rows(raw, str(path))
 
 
 def _parse_rows(raw: bytes, where: str) -> list[dict]:
-    text = raw.decode("utf-8")
+    text = decode_user_bytes(raw, where, "benchmark file")
     try:
         if text.lstrip().startswith("["):
             return json.loads(text)

@@ -14,6 +14,7 @@ from pathlib import Path
 from dflash_lab import registry
 from dflash_lab.errors import DFlashLabError
 from dflash_lab.eval.benchmarks import BENCHMARKS, SELECTIONS, load_selected, parse_benchmark_names
+from dflash_lab.fileio import read_user_text
 from dflash_lab.outputs import check_output_dir, check_output_file
 
 ALL_BENCHMARKS = ",".join(BENCHMARKS)
@@ -181,8 +182,9 @@ def cmd_eval(args) -> int:
 def _resolve_run(spec: str, db: str) -> tuple[str, Path | None]:
     path = Path(spec).expanduser()
     if (path / "run.json").is_file():
+        run = _read_run_json(path)
         registry.register_run(path, db)
-        return json.loads((path / "run.json").read_text()).get("name") or path.resolve().name, path.resolve()
+        return run.get("name") or path.resolve().name, path.resolve()
     with registry.connect(db) as con:
         run = registry.get_run(con, spec)
         run_dir = Path(run["run_dir"]) if run["run_dir"] else None
@@ -191,10 +193,22 @@ def _resolve_run(spec: str, db: str) -> tuple[str, Path | None]:
     return spec, run_dir
 
 
+def _read_run_json(run_dir: Path) -> dict:
+    file = run_dir / "run.json"
+    try:
+        run = json.loads(read_user_text(file, "run"))
+    except ValueError as exc:
+        run = exc
+    if not isinstance(run, dict):
+        raise DFlashLabError(f"run {file} is damaged (not a JSON object: {run}); restore it, or evaluate the "
+                             "checkpoints one by one with `dflash-lab eval --draft`")
+    return run
+
+
 def _target_of_run(run_dir: Path | None) -> str | None:
     if run_dir is None or not (run_dir / "run.json").is_file():
         return None
-    target = json.loads((run_dir / "run.json").read_text()).get("target") or {}
+    target = _read_run_json(run_dir).get("target") or {}
     if isinstance(target, str):
         return target
     for key in ("spec", "path", "name"):

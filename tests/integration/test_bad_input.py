@@ -515,3 +515,34 @@ def test_file_outputs_and_inputs_share_the_rule(tmp_path):
     with pytest.raises(DFlashLabError, match="is also an input"):
         check_not_input([link], [inp])
     check_not_input([tmp_path / "other.jsonl"], [inp])
+
+
+def test_a_new_reader_gets_the_same_unreadable_file_rule(tmp_path):
+    """Any reader of a user's text file calls read_user_text: not UTF-8, a folder, a missing file
+    all become one message naming what it is and where."""
+    from dflash_lab.fileio import read_user_text
+
+    bad = tmp_path / "glossary.txt"
+    bad.write_bytes(b"ok\nna\xefve\n")
+    with pytest.raises(DFlashLabError, match=r"glossary .*glossary\.txt: not UTF-8 text \(invalid byte 0xef on line 2\)"):
+        read_user_text(bad, "glossary")
+    with pytest.raises(DFlashLabError, match="is a directory"):
+        read_user_text(tmp_path, "glossary")
+    with pytest.raises(DFlashLabError, match="no such file"):
+        read_user_text(tmp_path / "nope.txt", "glossary")
+
+
+def test_eval_run_with_a_damaged_run_json(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text('{"name": "x", ')
+    refused(capsys, run_dir / "run.json", "eval-run", run_dir, "--no-db", "--db", tmp_path / "r.db")
+
+
+def test_benchmark_file_not_utf8(tmp_path, capsys):
+    from dflash_lab.eval.benchmarks import BENCHMARKS, load_benchmark
+
+    name = next(iter(BENCHMARKS))
+    (tmp_path / BENCHMARKS[name].file).write_bytes(b'{"question": "caf\xe9"}\n')
+    with pytest.raises(DFlashLabError, match="not UTF-8 text"):
+        load_benchmark(name, tmp_path, allow_pypi=False, allow_hub=False)
