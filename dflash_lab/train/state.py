@@ -131,7 +131,8 @@ def broken_checkpoint(ckpt: Path, detail: str) -> DFlashLabError:
     the one before it."""
     ckpt = Path(ckpt)
     run_dir = ckpt.parent.parent
-    earlier = [p for _, p in _step_checkpoints(run_dir) if p != ckpt]
+    steps = [p for _, p in _step_checkpoints(run_dir)]
+    earlier = steps[:steps.index(ckpt)] if ckpt in steps else steps  # `final` comes after every step
     if earlier:
         fix = (f"`--resume` can start from the one before it ({earlier[-1].name}): rerun with --resume-previous "
                f"(it renames {ckpt.name} to .broken-{ckpt.name}), or move {ckpt} aside yourself")
@@ -194,18 +195,13 @@ def _step_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return found
 
 
-def list_checkpoints(run_dir: Path, strict: bool = True) -> list[tuple[int, Path]]:
-    """(step, path) of every complete `step-N` checkpoint, oldest first (plus final, last).
-    `strict=False` leaves out a `final` whose trainer_state.json is unreadable instead of raising."""
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete `step-N` checkpoint, oldest first (plus final, last)."""
     root = Path(run_dir) / "checkpoints"
     found = _step_checkpoints(run_dir)
     final = root / "final"
     if (final / STATE_NAME).is_file():
-        try:
-            found.append((read_trainer_state(final)["step"], final))
-        except DFlashLabError:
-            if strict:
-                raise
+        found.append((read_trainer_state(final)["step"], final))
     return found
 
 
