@@ -150,8 +150,12 @@ def test_warm_start_records_parent(setup, full_run, tmp_path):
     assert json.loads((out2 / "run.json").read_text())["parent"] == str(best_checkpoint(full_run).resolve())
 
 
-def test_two_process_gloo_equals_one_process(setup, tmp_path):
-    common = ["train.epochs=1", "train.max_steps=2", "train.eval_interval=0", "data.heldout=0", "train.global_batch=2"]
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "ddp+fsdp-target"])
+def test_two_process_gloo_equals_one_process(setup, tmp_path, fsdp):
+    """DDP over 2 gloo processes; with `target.fsdp` the target's decoder layers are also sharded
+    (FSDP2 on a CPU mesh; embedding, final norm and lm_head whole on each rank)."""
+    common = ["train.epochs=1", "train.max_steps=2", "train.eval_interval=0", "data.heldout=0", "train.global_batch=2",
+              f"target.fsdp={'true' if fsdp else 'false'}"]
     single = tmp_path / "single"
     _train(setup, single, *common, "train.micro_batch=2")
     ddp = tmp_path / "ddp"
@@ -163,9 +167,17 @@ def test_two_process_gloo_equals_one_process(setup, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.loads((ddp / "run.json").read_text())
     assert run["schedule"]["world_size"] == 2 and run["schedule"]["grad_accum"] == 1
+    assert run["recipe"]["target"]["fsdp"] is fsdp
     a, b = _weights(single / "checkpoints" / "final"), _weights(ddp / "checkpoints" / "final")
+    # AdamW divides by sqrt(v): on the few weights whose gradient is near zero, float32 noise of the
+    # summation order moves the update by a visible fraction of lr (1e-2). The gradients themselves
+    # are compared tightly in tests/unit/test_train_layout.py.
     for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=0), (name, float((a[name] - b[name]).abs().max()))
+        diff = (a[name] - b[name]).abs()
+        assert float(diff.max()) < 5e-4 and float((diff > 1e-5).float().mean()) < 0.01, (name, float(diff.max()))
+    losses = [[json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"event"' not in x]
+              for run in (single, ddp)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 def test_feature_cache_is_reused(setup, tmp_path):
