@@ -209,3 +209,15 @@ def test_time_budget_sizes_the_schedule_and_resume_keeps_it(setup, tmp_path):
     assert main(["train", "--out", str(out2), "--resume", "--no-progress"]) == 0
     steps2 = [json.loads(x)["step"] for x in (out2 / "metrics.jsonl").read_text().splitlines() if '"event"' not in x]
     assert steps2[-1] == decided
+
+
+def test_dpace_with_kd_term_and_accumulation(setup, tmp_path):
+    """dpace + its survival-weighted KD term with 2 accumulation micro-steps (the no-grad pre-pass
+    for the draft-dependent denominators) trains and logs a finite loss."""
+    out = tmp_path / "dpace"
+    _train(setup, out, "loss.name=dpace", "loss.kl_weight=0.5", "loss.dpace_alpha=0.5", "train.max_steps=2",
+           "train.eval_interval=0")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"event"' not in x]
+    assert len(rows) == 2 and all(r["loss"] == r["loss"] and r["loss"] > 0 and r["kl"] > 0 for r in rows)
+    run = json.loads((out / "run.json").read_text())
+    assert run["loss"]["name"] == "dpace" and run["loss"]["normalize"] == "anchors" and run["schedule"]["grad_accum"] == 2

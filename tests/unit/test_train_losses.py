@@ -284,3 +284,13 @@ def test_dpace_weights_match_the_definition():
     assert L.needs_model_denominators(L.LossConfig(name="dpace", kl_weight=0.0)) is False
     assert L.needs_model_denominators(L.LossConfig(name="dpace", kl_weight=0.0, normalize="weights"))
     assert L.needs_target_logits("dpace") is False and L.needs_target_logits("dpace", kl_weight=0.5)
+
+
+def test_recipe_keys_reach_the_loss_config():
+    from dflash_lab.train.recipe import load_recipe
+    from dflash_lab.train.trainer import _loss_config
+
+    cfg = _loss_config(load_recipe(None, ["loss.name=dpace", "loss.dpace_alpha=0.25", "loss.normalize=weights"]).loss)
+    assert (cfg.name, cfg.dpace_alpha, cfg.normalize, cfg.kl_term) == ("dpace", 0.25, "weights", 0.0)
+    assert _loss_config(load_recipe(None, ["loss.name=survival-eal"]).loss).kl_term == 1.0
+    assert _loss_config(load_recipe(None, ["loss.name=dpace", "loss.kl_weight=0.5"]).loss).kl_term == 0.5
