@@ -258,7 +258,8 @@ def accumulate_gradients(model, draft, draft_cfg, target, features, micro_batche
     and all-reduced first. When the loss also divides by a draft-dependent sum (survival-eal,
     dpace: `losses.needs_model_denominators`), that sum is exact as well: with one micro-batch per
     rank it is all-reduced inside the forward, before backward; with accumulation a no-grad
-    pre-pass over the micro-batches computes it first (about one extra draft forward).
+    pre-pass over the micro-batches computes it first (about one extra draft forward; the target
+    features it fetched are kept for the main pass, so the target runs once).
     Returns (this rank's share of the loss, statistics), device tensors."""
     loss_cfg = fwd["loss_cfg"]
     blocks = [build_micro_blocks(mb.samples, mb.anchor_seeds, num_anchors=fwd["num_anchors"],
@@ -267,20 +268,23 @@ def accumulate_gradients(model, draft, draft_cfg, target, features, micro_batche
     static = sum(L.static_denominators(loss_cfg, b["valid"].flatten(0, 1)) for b in blocks)
     static = D.all_reduce_sum(static, info)
     model_dens, reduce = None, None
+    kept = [None] * len(micro_batches)  # the pre-pass's target features, reused by the main pass
     if L.needs_model_denominators(loss_cfg):
         if len(micro_batches) == 1:
             reduce = lambda t: D.all_reduce_sum(t, info)  # noqa: E731
         else:
             with torch.no_grad():
                 local = None
-                for mb, blk in zip(micro_batches, blocks):
-                    _, st = forward_batch(draft, draft_cfg, target, features.get(mb.samples), mb.samples, mb.anchor_seeds,
+                for i, (mb, blk) in enumerate(zip(micro_batches, blocks)):
+                    kept[i] = features.get(mb.samples)
+                    _, st = forward_batch(draft, draft_cfg, target, kept[i], mb.samples, mb.anchor_seeds,
                                           blocks=blk, denominators=static, model_denominators=static * 0, **fwd)
                     local = st["model_denominators"] if local is None else local + st["model_denominators"]
                 model_dens = D.all_reduce_sum(local, info)
     loss_total, agg = None, None
     for i, (mb, blk) in enumerate(zip(micro_batches, blocks)):
-        feats = features.get(mb.samples)
+        feats = kept[i] if kept[i] is not None else features.get(mb.samples)
+        kept[i] = None
         sync = contextlib.nullcontext() if (i == len(micro_batches) - 1 or not info.enabled) else model.no_sync()
         with sync:
             loss, st = forward_batch(model, draft_cfg, target, feats, mb.samples, mb.anchor_seeds, blocks=blk,
