@@ -221,3 +221,22 @@ def test_dpace_with_kd_term_and_accumulation(setup, tmp_path):
     assert len(rows) == 2 and all(r["loss"] == r["loss"] and r["loss"] > 0 and r["kl"] > 0 for r in rows)
     run = json.loads((out / "run.json").read_text())
     assert run["loss"]["name"] == "dpace" and run["loss"]["normalize"] == "anchors" and run["schedule"]["grad_accum"] == 2
+
+
+def test_bf16_target_checkpoints_resume_from_fp32_master(setup, tmp_path):
+    """With a bf16 target the served weights are bf16 (config says so) and training state stays
+    fp32: a run interrupted after step 2 and resumed ends bit-identical to an uninterrupted one,
+    which it would not if it resumed from the rounded bf16 weights."""
+    common = ["target.dtype=bfloat16", "train.bf16=true", "train.max_steps=3", "train.eval_interval=0",
+              "data.heldout=0", "loss.name=ce"]
+    full = tmp_path / "full"
+    _train(setup, full, *common)
+    cut = tmp_path / "cut"
+    _train(setup, cut, *common, "--stop-after", "2")
+    assert main(["train", "--out", str(cut), "--resume", "--no-progress"]) == 0
+    final = cut / "checkpoints" / "final"
+    assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
+    assert all(t.dtype == torch.bfloat16 for t in _weights(final).values())
+    a, b = load_file(str(full / "checkpoints" / "final" / "master.safetensors")), load_file(str(final / "master.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert all(torch.equal(b[n].to(torch.bfloat16), t) for n, t in _weights(final).items())
