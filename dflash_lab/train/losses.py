@@ -164,7 +164,7 @@ class LossConfig:
     """kd: alpha * CE + (1 - alpha) * KL."""
     gamma: float | None = 7.0
     eal_mode: str = "greedy"
-    kl_weight: float | None = 1.0
+    kl_weight: float | None = None
     """Weight of the KL term of eal / survival-eal / dpace; None = the loss's default (1 for the
     EAL losses, 0 for dpace)."""
     dpace_alpha: float = 0.5
