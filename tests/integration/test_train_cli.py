@@ -191,13 +191,15 @@ def test_feature_cache_is_reused(setup, tmp_path):
 
 
 def test_time_budget_sizes_the_schedule_and_resume_keeps_it(setup, tmp_path):
-    # 1000 epochs would take minutes; a 2-second budget must cut the schedule after step 4
-    common = ["train.epochs=1000", "train.eval_interval=0", "train.time_budget_s=2", "--save-every", "2"]
+    # 1000 epochs would take minutes; a 5-second budget must cut the schedule after step 4 (5 s, not
+    # less: the resumed half below stops at step 6, so the decided length must exceed 6 steps even
+    # when a loaded machine takes 0.5 s a step)
+    common = ["train.epochs=1000", "train.eval_interval=0", "train.time_budget_s=5", "--save-every", "2"]
     out = tmp_path / "budget"
     _train(setup, out, *common)
     run = json.loads((out / "run.json").read_text())
     total = run["schedule"]["total_steps"]
-    assert run["schedule"]["time_budget_s"] == 2 and 4 <= total < 3 * 1000
+    assert run["schedule"]["time_budget_s"] == 5 and 4 <= total < 3 * 1000
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"event"' not in x]
     assert steps[-1] == total
     # interrupted and resumed: the decided length is kept, not measured again
