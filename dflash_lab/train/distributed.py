@@ -19,6 +19,8 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False
+    """True when `init_distributed` created the process group (then `shutdown` destroys it)."""
 
     @property
     def is_main(self) -> bool:
@@ -37,13 +39,15 @@ def init_distributed(device: str) -> DistInfo:
     world = env_world_size()
     if world <= 1:
         return DistInfo()
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         # metrics are reduced as CPU tensors: on GPU, gloo carries those and NCCL the CUDA ones
         backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
         if device.startswith("cuda"):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                    owns_group=created)
 
 
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -67,17 +71,25 @@ def wrap_draft(draft: torch.nn.Module, info: DistInfo, device: str) -> torch.nn.
 
 
 def shard_target(target, info: DistInfo) -> None:
-    """FSDP2 over the frozen target's decoder layers (each rank holds 1/world of the weights)."""
+    """FSDP2 over the frozen target's decoder layers only (each rank holds 1/world of them).
+
+    The embedding, the final norm and the lm_head stay whole, plain tensors on every rank: the
+    trainer uses them outside the target's forward (the block embedding, the teacher's logits in
+    the losses), where a DTensor would not do. Each decoder layer gathers its weights in its own
+    forward and frees them after it (the target has no backward)."""
     if not info.enabled:
         return
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    device = target.device
+    mesh = init_device_mesh(device.type, (info.world_size,))
     body = getattr(target.model, "model", target.model)
     for layer in getattr(body, "layers", []):
-        fully_shard(layer)
-    fully_shard(target.model)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    """Destroy the process group at exit when this process created it."""
+    if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""The losses of the training journey (SPEC section 4): ce, kd, eal, survival-eal.
+"""The losses of the training journey (SPEC section 4): ce, kd, eal, survival-eal, dpace.
 
 Two stages, so that nothing vocabulary-sized is ever materialised for all slots at once:
 
@@ -10,23 +10,29 @@ Two stages, so that nothing vocabulary-sized is ever materialised for all slots 
        correct_k = [argmax q_k == y_k]               (no gradient)
    It runs over chunks of slots; with more than one chunk each chunk is recomputed in backward
    (activation checkpointing), so peak memory is one chunk of [slots, V] logits.
-2. `combine` turns the per-slot scalars [blocks, B] (slot 0 and invalid slots masked) into the
-   loss of ONE sequence; the trainer averages sequences.
+2. `combine` turns the per-slot scalars [blocks, B] (slot 0 and invalid slots masked) into this
+   batch's share of the loss of the optimizer step.
 
-Per sequence, with valid v_k, position weights w_k:
+Token-level over the whole optimizer step (SPEC 3): every sum in a denominator below runs over
+every slot of the step (all sequences, accumulation micro-steps and ranks); the trainer all-reduces
+them (`static_denominators`, `model_denominators`) and passes them to `combine`, so the shares add
+up to the step's loss whatever the layout. With valid v_k, position weights w_k:
     ce            sum(w * ce * v) / sum(w * v),        w_k = exp(-(k-1)/gamma)
     kd            sum(w * (alpha*ce + (1-alpha)*kl) * v) / sum(w * v)
-    eal           -mean_blocks(EAL_b) + kl_weight * sum(kl * v) / sum(v)
-    survival-eal  -mean_blocks(EAL_b) + kl_weight * sum(s * kl * v) / sum(s * v)
+    eal           -sum_blocks(EAL_b) / blocks + kl_weight * sum(kl * v) / sum(v)
+    survival-eal  -sum_blocks(EAL_b) / blocks + kl_weight * sum(s * kl * v) / sum(s * v)
+    dpace         sum(d * ce * v) / blocks  (normalize: anchors; or / sum(d * v): weights)
+                  + kl_weight * sum(s * kl * v) / sum(s * v)
 with EAL_b = sum_{k>=1} prod_{i=1..k} (a_i * v_i): an invalid slot CUTS the product, i.e. the chain
 of acceptances stops at the first slot without a label (labels only end at the end of a sequence
 or response, so invalid slots are always a suffix of the block). a_k = q_k(y_k) (greedy) or
-overlap_k (sampled). EAL_b is E[tau] - 1 of that block; blocks are averaged with equal weight.
-Survival weights s_k = prod_{i<k} (a_i * v_i), detached (s_1 = 1).
+overlap_k (sampled). EAL_b is E[tau] - 1 of that block; `blocks` counts the blocks with a valid
+slot. Survival weights s_k = prod_{i<k} (a_i * v_i), detached (s_1 = 1). D-PACE weights
+d_k = sum_{j>=k} prod_{i<=j} q~_i v_i, q~_i = dpace_alpha + (1 - dpace_alpha) q_i(y_i), detached.
 
 D-PACE equivalence: for greedy EAL, d EAL_b / d log q_k(y_k) = sum_{j>=k} prod_{i<=j} a_i, which is
-D-PACE's position weight w_k = sum_{j>=k} prod_{i<=j} q~_i with alpha = 0 (q~ = q). So -EAL has
-the gradient of a D-PACE-weighted cross-entropy.
+D-PACE's position weight with alpha = 0 (q~ = q). So -EAL has the gradient of a D-PACE-weighted
+cross-entropy, and `dpace` with dpace_alpha 0 and per-anchor normalisation has greedy EAL's gradient.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-LOSS_NAMES = ("ce", "kd", "eal", "survival-eal")
+LOSS_NAMES = ("ce", "kd", "eal", "survival-eal", "dpace")
 
 
 def position_weights(block_size: int, gamma: float | None, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -48,10 +54,20 @@ def position_weights(block_size: int, gamma: float | None, device=None, dtype=to
     return torch.exp(-(k - 1) / gamma).to(dtype)
 
 
-def needs_target_logits(name: str, eal_mode: str = "greedy", alpha: float = 0.0) -> bool:
+def needs_target_logits(name: str, eal_mode: str = "greedy", alpha: float = 0.0, kl_weight: float | None = None) -> bool:
+    """Whether the loss reads the target's distribution p_k (KL or overlap)."""
     if name == "ce":
         return False
+    if name == "dpace":
+        return bool(kl_weight)  # only its KD term does (default weight 0)
     return True  # kd, eal, survival-eal have a KL term (kd with alpha = 1 still logs it)
+
+
+def needs_overlap(cfg: "LossConfig") -> bool:
+    """Whether the loss reads overlap_k = sum_v min(p_k, q_k) (sampled-verify acceptance)."""
+    if cfg.name == "dpace":
+        return cfg.eal_mode == "sampled" and cfg.kl_term > 0  # the KD term's survival weights
+    return cfg.name in ("eal", "survival-eal") and cfg.eal_mode == "sampled"
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -133,39 +149,120 @@ def survival_weights(a: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return shifted
 
 
-def _weighted_mean(values, weights, valid):
-    w = weights * valid
-    return (w * values).sum() / w.sum().clamp_min(1e-12)
+def dpace_weights(q_label: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
+    """D-PACE's position weights w_k = sum_{j>=k} prod_{i<=j} q~_i, q~_i = alpha + (1-alpha) q_i(y_i),
+    detached, [blocks, B]. As in EAL, an invalid slot cuts the product (no acceptance past it)."""
+    q_tilde = alpha + (1.0 - alpha) * q_label.detach()
+    chain = acceptance_chain(q_tilde, valid)  # prod_{i<=j} q~_i v_i, 0 at slot 0
+    return chain.flip(1).cumsum(1).flip(1)  # reverse cumulative sum over j >= k
 
 
 @dataclass
 class LossConfig:
     name: str = "kd"
     alpha: float = 0.0
+    """kd: alpha * CE + (1 - alpha) * KL."""
     gamma: float | None = 7.0
     eal_mode: str = "greedy"
-    kl_weight: float = 1.0
+    kl_weight: float | None = None
+    """Weight of the KL term of eal / survival-eal / dpace; None = the loss's default (1 for the
+    EAL losses, 0 for dpace)."""
+    dpace_alpha: float = 0.5
+    """dpace: q~ = dpace_alpha + (1 - dpace_alpha) q(y)."""
+    normalize: str = "anchors"
+    """dpace: divide by the number of valid anchors (`anchors`) or by sum(w v) (`weights`)."""
+
+    @property
+    def kl_term(self) -> float:
+        if self.kl_weight is not None:
+            return float(self.kl_weight)
+        return 0.0 if self.name == "dpace" else 1.0
 
 
-def combine(cfg: LossConfig, ce, kl, overlap, valid) -> torch.Tensor:
-    """The loss of one sequence from per-slot scalars [blocks, B] (zeros where invalid)."""
-    valid_f = valid.to(ce.dtype)
+# -- the global reduction (SPEC 3) -----------------------------------------------------------------
+# Every loss is a sum of per-slot (or per-block) terms divided by a sum over the WHOLE optimizer
+# step: all sequences, all accumulation micro-steps, all ranks. The denominators travel as one
+# float64 vector so that a single all-reduce carries them. The first three depend only on the
+# batch (anchors, labels): they are summed before any forward. The last two depend on the
+# draft (detached): see `needs_model_denominators`.
+DENOMINATORS = ("weights", "slots", "blocks", "survival", "dpace")
+_W, _SLOTS, _BLOCKS, _SURV, _DPACE = range(5)
+
+
+def _acceptance(cfg: LossConfig, ce, overlap):
+    """a_k: q_k(y_k) = exp(-ce_k) for greedy verify, the overlap for sampled verify."""
+    return torch.exp(-ce) if cfg.eal_mode == "greedy" else overlap
+
+
+def static_denominators(cfg: LossConfig, valid: torch.Tensor) -> torch.Tensor:
+    """[5] float64: sum(w v) with the position decay, sum(v), and the number of blocks with a valid
+    slot (the model-dependent entries are 0)."""
+    out = torch.zeros(len(DENOMINATORS), dtype=torch.float64, device=valid.device)
+    vf = valid.to(torch.float64)
+    w = position_weights(valid.shape[1], cfg.gamma, device=valid.device, dtype=torch.float64)
+    out[_W] = (vf * w).sum()
+    out[_SLOTS] = vf.sum()
+    out[_BLOCKS] = valid.any(dim=1).sum().to(torch.float64)
+    return out
+
+
+def needs_model_denominators(cfg: LossConfig) -> bool:
+    """survival-eal's KL term (sum(s v)), dpace's survival-weighted KD term and dpace with
+    `normalize: weights` (sum(w v)) divide by a detached sum that depends on the draft."""
+    if cfg.name == "survival-eal":
+        return True
+    if cfg.name == "dpace":
+        return cfg.normalize == "weights" or cfg.kl_term > 0
+    return False
+
+
+def model_denominators(cfg: LossConfig, ce, overlap, valid) -> torch.Tensor:
+    """[5] float64, detached: sum(s v) and sum(w_dpace v) of these blocks (static entries 0)."""
+    out = torch.zeros(len(DENOMINATORS), dtype=torch.float64, device=valid.device)
+    if not needs_model_denominators(cfg):
+        return out
+    with torch.no_grad():
+        vf = valid.to(torch.float64)
+        out[_SURV] = (survival_weights(_acceptance(cfg, ce, overlap), valid).to(torch.float64) * vf).sum()
+        if cfg.name == "dpace":
+            out[_DPACE] = (dpace_weights(torch.exp(-ce), valid, cfg.dpace_alpha).to(torch.float64) * vf).sum()
+    return out
+
+
+def _div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    # an empty global batch (no valid slot anywhere) has numerator 0 too: the loss is 0
+    return num / den.clamp_min(1e-12).to(num.dtype)
+
+
+def combine(cfg: LossConfig, ce, kl, overlap, valid, denominators: torch.Tensor | None = None) -> torch.Tensor:
+    """This batch's share of the loss, from per-slot scalars [blocks, B] (zeros where invalid).
+
+    `denominators` [5] (see DENOMINATORS) are the sums over the whole optimizer step; the shares of
+    every micro-batch on every rank then add up to the step's loss. None: the sums of these blocks
+    alone, i.e. the token-level loss of this batch."""
+    if cfg.name not in LOSS_NAMES:
+        raise ValueError(f"unknown loss {cfg.name!r}; choose one of {LOSS_NAMES}")
+    if denominators is None:
+        denominators = static_denominators(cfg, valid) + model_denominators(cfg, ce, overlap, valid)
+    den = denominators.to(ce.device)
+    vf = valid.to(ce.dtype)
     b = valid.shape[1]
     if cfg.name in ("ce", "kd"):
-        w = position_weights(b, cfg.gamma, device=ce.device, dtype=ce.dtype)[None, :].expand_as(ce)
+        w = position_weights(b, cfg.gamma, device=ce.device, dtype=ce.dtype)[None, :]
         per_slot = ce if cfg.name == "ce" else cfg.alpha * ce + (1 - cfg.alpha) * kl
-        return _weighted_mean(per_slot, w, valid_f)
-    if cfg.name in ("eal", "survival-eal"):
-        a = torch.exp(-ce) if cfg.eal_mode == "greedy" else overlap
-        eal = expected_acceptance(a, valid)
-        has_valid = valid.any(dim=1)
-        eal_mean = eal[has_valid].mean() if has_valid.any() else eal.sum() * 0
-        if cfg.name == "eal":
-            w = torch.ones_like(ce)
-        else:
-            w = survival_weights(a, valid)
-        return -eal_mean + cfg.kl_weight * _weighted_mean(kl, w, valid_f)
-    raise ValueError(f"unknown loss {cfg.name!r}; choose one of {LOSS_NAMES}")
+        return _div((w * vf * per_slot).sum(), den[_W])
+    a = _acceptance(cfg, ce, overlap)
+    if cfg.name == "dpace":
+        w = dpace_weights(torch.exp(-ce), valid, cfg.dpace_alpha)
+        main = _div((w * vf * ce).sum(), den[_BLOCKS] if cfg.normalize == "anchors" else den[_DPACE])
+    else:
+        main = -_div(expected_acceptance(a, valid).sum(), den[_BLOCKS])
+    if cfg.kl_term == 0:
+        return main
+    if cfg.name == "eal":
+        return main + cfg.kl_term * _div((kl * vf).sum(), den[_SLOTS])
+    s = survival_weights(a, valid)
+    return main + cfg.kl_term * _div((s * kl * vf).sum(), den[_SURV])
 
 
 def simulated_tau(correct: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -182,5 +279,6 @@ def scatter_slots(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "LOSS_NAMES", "LossConfig", "position_weights", "slot_statistics", "acceptance_chain", "expected_acceptance",
-    "survival_weights", "combine", "simulated_tau", "scatter_slots", "needs_target_logits",
+    "survival_weights", "dpace_weights", "combine", "simulated_tau", "scatter_slots", "needs_target_logits",
+    "needs_overlap", "DENOMINATORS", "static_denominators", "model_denominators", "needs_model_denominators",
 ]

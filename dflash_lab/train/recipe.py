@@ -64,18 +64,33 @@ class DataSection(_Section):
     feature_cache_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     prompt_set: str | None = None
     """Informational: the prompt set the labels came from (e.g. `mix-m2`)."""
+    group_by_length: bool = True
+    """Length-grouped batches: within windows of `group_window` global batches, sequences are
+    sorted by anchor count and length, cut into global batches, and the batches shuffled, so a
+    micro-batch pads little. The order stays a pure function of (seed, epoch). false = plain
+    random order."""
+    group_window: int = Field(8, ge=1)
+    """Global batches per sorting window of `group_by_length`."""
 
 
 class LossSection(_Section):
-    name: Literal["ce", "kd", "eal", "survival-eal"] = "kd"
+    name: Literal["ce", "kd", "eal", "survival-eal", "dpace"] = "kd"
     alpha: float = Field(0.0, ge=0, le=1)
     """kd: alpha * CE + (1 - alpha) * KL."""
     gamma: float | None = Field(7.0, gt=0)
     """Position decay w_k = exp(-(k-1)/gamma) for ce and kd; null = uniform."""
     eal_mode: Literal["greedy", "sampled"] = "greedy"
     """a_k = q_k(y_k) (greedy verify) or sum_v min(p_k(v), q_k(v)) (sampled verify)."""
-    kl_weight: float = Field(1.0, ge=0)
-    """eal / survival-eal: weight of the KL term beside -EAL."""
+    kl_weight: float | None = Field(None, ge=0)
+    """eal / survival-eal / dpace: weight of the KL term (for dpace a survival-weighted KD term);
+    null = the loss's default: 1 for eal and survival-eal, 0 for dpace (pure D-PACE)."""
+    dpace_alpha: float = Field(0.5, ge=0, le=1)
+    """dpace: q~_i = dpace_alpha + (1 - dpace_alpha) q_i(y_i) in the position weights
+    w_k = sum_{j>=k} prod_{i<=j} q~_i (0 = greedy EAL's gradient; 1 = the sum of the remaining
+    slots). Separate from `alpha`, which is kd's CE/KL mix."""
+    normalize: Literal["weights", "anchors"] = "anchors"
+    """dpace: divide the weighted CE by the number of valid anchors of the optimizer step
+    (`anchors`, SpecForge #828) or by sum(w v) (`weights`, which cancels the credit mass)."""
     chunk_slots: int = Field(1024, ge=1)
     """Slots per vocabulary-sized chunk; more than one chunk recomputes logits in backward."""
     max_slot: int | None = Field(None, ge=1)

@@ -1,7 +1,9 @@
 """Checkpoints with training state, written atomically, and exact resume.
 
 A checkpoint directory `RUN_DIR/checkpoints/step-<N>/` (or `final/`) holds:
-    config.json, model.safetensors   the draft, as SGLang/vLLM/z-lab load it (via `save_draft`)
+    config.json, model.safetensors   the draft, as SGLang/vLLM/z-lab load it (via `save_draft`), in
+                                     the target's dtype (config.json `dtype` says which)
+    master.safetensors               the fp32 training weights, when model.safetensors is not fp32
     trainer_state.json               {"step", "epoch", "epoch_step", "epoch_end", "metrics", ...}
     optimizer.safetensors            AdamW moments and step counts (flattened names)
     optimizer.json                   param groups (lr, betas, ...) and the tensor layout
@@ -87,13 +89,21 @@ def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save_checkpoint(path: Path, draft, optimizer, trainer_state: dict) -> Path:
-    """Draft + training state, atomically (temp dir, then rename over any old one)."""
+MASTER_NAME = "master.safetensors"
+
+
+def save_checkpoint(path: Path, draft, optimizer, trainer_state: dict, dtype: torch.dtype | None = None) -> Path:
+    """Draft + training state, atomically (temp dir, then rename over any old one). `dtype`: the
+    served draft's dtype (the target's); the fp32 weights training resumes from are kept beside
+    it in master.safetensors when that dtype is not fp32."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        tmp = save_draft(draft, tmp_root / "ckpt")
+        tmp = save_draft(draft, tmp_root / "ckpt", dtype=dtype)
+        if dtype is not None and dtype != torch.float32:
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in draft.state_dict().items()},
+                      str(tmp / MASTER_NAME))
         opt_tensors, opt_meta = optimizer_tensors(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
@@ -113,6 +123,12 @@ def save_checkpoint(path: Path, draft, optimizer, trainer_state: dict) -> Path:
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     return path
+
+
+def master_weights(ckpt: Path) -> dict[str, torch.Tensor] | None:
+    """The fp32 training weights of a checkpoint (None when model.safetensors is itself fp32)."""
+    file = Path(ckpt) / MASTER_NAME
+    return load_file(str(file)) if file.is_file() else None
 
 
 def read_trainer_state(ckpt: Path) -> dict:
@@ -254,10 +270,12 @@ def resolve_init(init: str) -> Path | None:
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int | None, protect: Path | None = None) -> None:
-    """Keep the `keep_last` newest step checkpoints (never `protect`, e.g. the best so far)."""
+    """Keep the `keep_last` newest step checkpoints (never `protect`, e.g. the best so far, and never
+    an epoch-end checkpoint: a later stage's `init: epoch-E:RUN` may name it)."""
     if not keep_last:
         return
-    steps = [(s, p) for s, p in list_checkpoints(run_dir) if p.name != "final"]
+    steps = [(s, p) for s, p in list_checkpoints(run_dir)
+             if p.name != "final" and not read_trainer_state(p).get("epoch_end")]
     for _, path in steps[:-keep_last]:
         if protect is not None and path.resolve() == Path(protect).resolve():
             continue

@@ -6,8 +6,9 @@
 Each optimizer step takes `global_batch` sequences (micro_batch per rank x world x grad_accum):
 the frozen target gives the features (online, or from the feature cache), every sequence gets
 `num_anchors` fresh anchors, all its blocks go through the draft in one forward with the block
-attention of `blocks.py`, and the loss of `losses.py` is averaged over the sequences of the
-global batch. Everything random is a pure function of (seed, epoch, step, slot in the batch):
+attention of `blocks.py`, and the loss of `losses.py` is a token-level mean over every slot of
+the global batch (its denominators are all-reduced over micro-steps and ranks). The run's parts
+are small components (`loader.py`, `components.py`); `train()` wires them. Everything random is a pure function of (seed, epoch, step, slot in the batch):
 the epoch order, the anchors, the held-out anchors. With the optimizer state restored, a resumed
 run therefore repeats the interrupted one exactly, and the batch layout over ranks does not
 change the result.
@@ -16,12 +17,10 @@ change the result.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -34,29 +33,16 @@ from dflash_lab.train import blocks as B
 from dflash_lab.train import distributed as D
 from dflash_lab.train import losses as L
 from dflash_lab.train import state as S
-from dflash_lab.train.data import FeatureCache, Sample, manifest_sha256, read_records, split_heldout, tokenize_records
+from dflash_lab.train.components import (CheckpointConfig, Checkpointer, DraftParts, Metrics, MetricsConfig, OptimConfig,
+                                         Progress, RunRecord, cosine_lr, now_iso, truncate_metrics, warn)
+from dflash_lab.train.data import FeatureCache, Sample, manifest_sha256, read_records, tokenize_records
+from dflash_lab.train.loader import InMemorySource, LoaderConfig, SubsetSource, TrainLoader, split_indices
 from dflash_lab.train.recipe import Recipe, load_recipe, parse_recipe, recipe_to_yaml, resolve_batch
+from dflash_lab.train.sampler import mix_seed as _mix_seed
 
 
-# -- schedule --------------------------------------------------------------------------------------
-def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_ratio: float, min_lr_ratio: float = 0.0) -> float:
-    """Learning rate for optimizer step `step` (0-based) of `total_steps`."""
-    warmup = math.ceil(total_steps * warmup_ratio)
-    min_lr = base_lr * min_lr_ratio
-    if step < warmup:  # 1) linear warmup from base_lr/warmup up to base_lr
-        return base_lr * (step + 1) / warmup
-    if step >= total_steps:  # 3) past the end: the floor
-        return min_lr
-    # 2) cosine decay from base_lr (first step after warmup) towards min_lr (at total_steps)
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _mix_seed(*parts: int) -> int:
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
-    return h
+__all__ = ["train", "forward_batch", "build_micro_blocks", "accumulate_gradients", "heldout_tau", "FeatureSource",
+           "init_from_target_layers", "cosine_lr"]
 
 
 # -- draft initialisation --------------------------------------------------------------------------
@@ -99,28 +85,62 @@ def init_from_target_layers(draft, target) -> list[str]:
 
 
 # -- target features -------------------------------------------------------------------------------
+class _StopForward(Exception):
+    """Raised by a hook once the last feature layer has run (nothing after it is needed)."""
+
+
 class FeatureSource:
     """Target features [S, n*H] and, when the loss needs p_k, the final hidden states [S, H]
-    (after the target's final norm; lm_head of it = the target's logits), per sample."""
+    (after the target's final norm; lm_head of it = the target's logits), per sample.
 
-    def __init__(self, target, layer_ids, need_final: bool, cache: FeatureCache | None, device):
+    Without `need_final` (ce, held-out scoring) and without a cache (whose entries hold both), the
+    target stops after the last feature layer (`stop_early`): the layers above it never run."""
+
+    def __init__(self, target, layer_ids, need_final: bool, cache: FeatureCache | None, device, stop_early: bool = True):
         self.target, self.layer_ids, self.need_final, self.cache, self.device = target, layer_ids, need_final, cache, device
+        body = getattr(target.model, "model", target.model)
+        layers = list(getattr(body, "layers", []))
+        # hidden_states[L] is after the final norm: a feature of the last layer needs the whole forward
+        self._layers = layers if (stop_early and not need_final and cache is None and layers
+                                  and max(layer_ids) < len(layers) - 1) else None
+
+    def _forward(self, ids):
+        """(features [N, S, n*H], final hidden [N, S, H] or None)."""
+        model = self.target.model
+        if self._layers is None:
+            out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+            return torch.cat([out.hidden_states[i + 1] for i in self.layer_ids], dim=-1), out.hidden_states[-1]
+        captured = {}
+        last = max(self.layer_ids)
+
+        def hook(index):
+            def fn(module, args, output):
+                captured[index] = output[0] if isinstance(output, tuple) else output
+                if index == last:
+                    raise _StopForward
+            return fn
+
+        handles = [self._layers[i].register_forward_hook(hook(i)) for i in sorted(set(self.layer_ids))]
+        try:
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return torch.cat([captured[i] for i in self.layer_ids], dim=-1), None
 
     @torch.no_grad()
     def _run(self, samples: list[Sample]):
-        model = self.target.model
         if self.device.type == "cuda" and len(samples) > 1:  # batched, right-padded (causal: exact)
             ids = B.pad_sequences([torch.tensor(s.input_ids) for s in samples]).to(self.device)
-            out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-            feats = torch.cat([out.hidden_states[i + 1] for i in self.layer_ids], dim=-1)
-            final = out.hidden_states[-1]
-            return [(feats[j, : len(s.input_ids)], final[j, : len(s.input_ids)]) for j, s in enumerate(samples)]
+            feats, final = self._forward(ids)
+            return [(feats[j, : len(s.input_ids)], None if final is None else final[j, : len(s.input_ids)])
+                    for j, s in enumerate(samples)]
         result = []
         for s in samples:
-            ids = torch.tensor([s.input_ids], device=self.device)
-            out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-            feats = torch.cat([out.hidden_states[i + 1] for i in self.layer_ids], dim=-1)
-            result.append((feats[0], out.hidden_states[-1][0]))
+            feats, final = self._forward(torch.tensor([s.input_ids], device=self.device))
+            result.append((feats[0], None if final is None else final[0]))
         return result
 
     def get(self, samples: list[Sample]):
@@ -141,26 +161,48 @@ class FeatureSource:
 
 
 # -- one forward over a micro-batch ----------------------------------------------------------------
-def forward_batch(draft_module, draft_cfg, target, features, samples, anchor_seeds, *, num_anchors, loss_cfg,
-                  attention="auto", anchor_chunk=64, chunk_slots=1024, device=torch.device("cpu"),
-                  autocast_dtype=None, max_slot=None):
-    """Loss summed over the sequences (each sequence's own normalised loss) and metric sums.
-    `max_slot`: score only slots 1..max_slot (the others count as invalid)."""
-    bsz = draft_cfg.block_size
+def build_micro_blocks(samples, anchor_seeds, *, num_anchors: int, block_size: int, mask_token_id: int,
+                       max_slot: int | None = None) -> dict[str, torch.Tensor]:
+    """The blocks of a micro-batch (CPU): anchors [N, A], block_ids, positions, labels, valid [N, A, B].
+    `max_slot`: slots past it count as invalid (they reach neither the head nor the loss). Depends only
+    on the data and the seeds, so the step's denominators can be summed before any forward."""
     items = []
     for s, seed in zip(samples, anchor_seeds):
         ids = torch.tensor(s.input_ids)
         mask = torch.tensor(s.loss_mask)
         gen = torch.Generator().manual_seed(seed)
         anchors = B.sample_anchors(mask, num_anchors, gen)
-        block_ids, positions, labels, valid = B.build_blocks(ids, mask, anchors, bsz, draft_cfg.mask_token_id)
+        block_ids, positions, labels, valid = B.build_blocks(ids, mask, anchors, block_size, mask_token_id)
         items.append({"anchors": anchors, "block_ids": block_ids, "positions": positions, "labels": labels, "valid": valid})
-    batch = {k: v.to(device) for k, v in B.collate_blocks(items, pad_id=draft_cfg.mask_token_id).items()}
+    batch = B.collate_blocks(items, pad_id=mask_token_id)
+    if max_slot is not None:
+        batch["valid"] = batch["valid"] & (torch.arange(block_size) <= max_slot)
+    return batch
+
+
+def forward_batch(draft_module, draft_cfg, target, features, samples, anchor_seeds, *, num_anchors, loss_cfg,
+                  attention="auto", anchor_chunk=64, chunk_slots=1024, device=torch.device("cpu"),
+                  autocast_dtype=None, max_slot=None, blocks=None, denominators=None, model_denominators=None,
+                  reduce=None):
+    """This micro-batch's share of the step's loss, and its statistics (device tensors, no sync).
+
+    `denominators` [5] (`losses.DENOMINATORS`): the step's model-independent sums, all-reduced;
+    None = this micro-batch's own (the loss is then its token-level mean). `model_denominators`:
+    the step's draft-dependent sums (survival-eal, dpace) from a pre-pass; None = computed here
+    and passed through `reduce` (an all-reduce over ranks, or None for this batch alone).
+    `blocks`: `build_micro_blocks` of these samples (built here when None). `max_slot`: score only
+    slots 1..max_slot. `loss_cfg` None: held-out scoring only (no loss, no teacher logits)."""
+    bsz = draft_cfg.block_size
+    if blocks is None:
+        blocks = build_micro_blocks(samples, anchor_seeds, num_anchors=num_anchors, block_size=bsz,
+                                    mask_token_id=draft_cfg.mask_token_id, max_slot=max_slot)
+    batch = {k: v.to(device) for k, v in blocks.items()}
     n, a = batch["anchors"].shape
     ctx = B.pad_sequences([f for f, _ in features])  # [N, S, n*H]
     s_max = ctx.shape[1]
     ctx_pos = torch.arange(s_max, device=device)[None].expand(n, s_max)
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    valid = batch["valid"]
     with autocast:
         with torch.no_grad():
             # fp32 like the draft's master weights: RoPE and norms in fp32, autocast runs the linears in bf16
@@ -168,13 +210,10 @@ def forward_batch(draft_module, draft_cfg, target, features, samples, anchor_see
         attn = B.make_attention(attention, batch["anchors"], bsz, anchor_chunk)
         hidden = draft_module(noise, batch["positions"].view(n, a * bsz), ctx, ctx_pos, attention=attn)
         hidden = hidden.view(n, a, bsz, -1)
-        valid = batch["valid"]
-        if max_slot is not None and max_slot < bsz - 1:
-            valid = valid & (torch.arange(bsz, device=device) <= max_slot)
         h_sel = hidden[valid]  # only valid slots reach the (large) lm_head
         labels = batch["labels"][valid]
         t_rows = t_index = None
-        if L.needs_target_logits(loss_cfg.name):
+        if loss_cfg is not None and L.needs_target_logits(loss_cfg.name, loss_cfg.eal_mode, loss_cfg.alpha, loss_cfg.kl_term):
             final = B.pad_sequences([fin for _, fin in features])  # [N, S, H]
             seq_idx = torch.arange(n, device=device)[:, None, None].expand_as(valid)[valid]
             # flat index of position p+k-1 in [N*S]: slot k's target distribution lives there
@@ -182,22 +221,103 @@ def forward_batch(draft_module, draft_cfg, target, features, samples, anchor_see
             t_rows = final.reshape(-1, final.shape[-1]).to(h_sel.dtype)
         ce, kl, overlap, correct = L.slot_statistics(h_sel, labels, target.lm_head, t_rows, chunk_slots,
                                                      target_index=t_index)
-    ce_b, kl_b, ov_b, cor_b = (L.scatter_slots(x, valid) for x in (ce, kl, overlap, correct))
-    loss_sum = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(n):
-        rows = valid[i].any(dim=1)
-        loss_sum = loss_sum + L.combine(loss_cfg, ce_b[i][rows], kl_b[i][rows], ov_b[i][rows], valid[i][rows])
+    # every sequence's blocks at once: [N*A, B] (the reduction is token-level, not per sequence)
+    ce_b, kl_b, ov_b, cor_b = (L.scatter_slots(x, valid).view(n * a, bsz) for x in (ce, kl, overlap, correct))
+    flat_valid = valid.view(n * a, bsz)
+    loss = None
+    local_model = torch.zeros(len(L.DENOMINATORS), dtype=torch.float64, device=device)
+    if loss_cfg is not None:
+        dens = L.static_denominators(loss_cfg, flat_valid) if denominators is None else denominators.to(device)
+        if L.needs_model_denominators(loss_cfg):
+            local_model = L.model_denominators(loss_cfg, ce_b, ov_b, flat_valid)
+            if model_denominators is None:
+                model_denominators = reduce(local_model.clone()) if reduce is not None else local_model
+            dens = dens + model_denominators.to(device)
+        loss = L.combine(loss_cfg, ce_b, kl_b, ov_b, flat_valid, dens)
     with torch.no_grad():
-        has = valid.any(dim=2)
-        taus = L.simulated_tau(cor_b.view(n * a, bsz), valid.view(n * a, bsz))[has.view(-1)]
+        has = flat_valid.any(dim=1)
+        taus = L.simulated_tau(cor_b, flat_valid)[has]
+        vd = flat_valid.double()
         stats = {
-            "correct_per_slot": (cor_b * valid).sum(dim=(0, 1)).double().cpu(),
-            "valid_per_slot": valid.sum(dim=(0, 1)).double().cpu(),
-            "tau_sum": float(taus.sum()), "blocks": float(taus.numel()),
-            "kl_sum": float((kl_b * valid).sum()), "ce_sum": float((ce_b * valid).sum()),
-            "block_tokens": float(n * a * bsz), "valid_slots": float(valid.sum()),
+            "correct_per_slot": (cor_b.double() * vd).sum(dim=0), "valid_per_slot": vd.sum(dim=0),
+            "tau_sum": taus.double().sum(), "blocks": has.double().sum(),
+            "kl_sum": (kl_b.double() * vd).sum(), "ce_sum": (ce_b.double() * vd).sum(),
+            "block_tokens": torch.tensor(float(n * a * bsz), dtype=torch.float64, device=device),
+            "valid_slots": vd.sum(), "model_denominators": local_model,
         }
-    return loss_sum, stats
+    return loss, stats
+
+
+# -- one optimizer step ---------------------------------------------------------------------------
+def accumulate_gradients(model, draft, draft_cfg, target, features, micro_batches, fwd: dict, info: D.DistInfo,
+                         max_slot=None):
+    """Forward and backward of every micro-batch of this rank for one optimizer step; the draft's
+    .grad then holds the gradient of the step's loss (DDP averages over ranks, hence x world).
+
+    The model-independent denominators of the token-level loss are summed over the micro-batches
+    and all-reduced first. When the loss also divides by a draft-dependent sum (survival-eal,
+    dpace: `losses.needs_model_denominators`), that sum is exact as well: with one micro-batch per
+    rank it is all-reduced inside the forward, before backward; with accumulation a no-grad
+    pre-pass over the micro-batches computes it first (about one extra draft forward; the target
+    features it fetched are kept for the main pass, so the target runs once).
+    Returns (this rank's share of the loss, statistics), device tensors."""
+    loss_cfg = fwd["loss_cfg"]
+    blocks = [build_micro_blocks(mb.samples, mb.anchor_seeds, num_anchors=fwd["num_anchors"],
+                                 block_size=draft_cfg.block_size, mask_token_id=draft_cfg.mask_token_id,
+                                 max_slot=max_slot) for mb in micro_batches]
+    static = sum(L.static_denominators(loss_cfg, b["valid"].flatten(0, 1)) for b in blocks)
+    static = D.all_reduce_sum(static, info)
+    model_dens, reduce = None, None
+    kept = [None] * len(micro_batches)  # the pre-pass's target features, reused by the main pass
+    if L.needs_model_denominators(loss_cfg):
+        if len(micro_batches) == 1:
+            reduce = lambda t: D.all_reduce_sum(t, info)  # noqa: E731
+        else:
+            with torch.no_grad():
+                local = None
+                for i, (mb, blk) in enumerate(zip(micro_batches, blocks)):
+                    kept[i] = features.get(mb.samples)
+                    _, st = forward_batch(draft, draft_cfg, target, kept[i], mb.samples, mb.anchor_seeds,
+                                          blocks=blk, denominators=static, model_denominators=static * 0, **fwd)
+                    local = st["model_denominators"] if local is None else local + st["model_denominators"]
+                model_dens = D.all_reduce_sum(local, info)
+    loss_total, agg = None, None
+    for i, (mb, blk) in enumerate(zip(micro_batches, blocks)):
+        feats = kept[i] if kept[i] is not None else features.get(mb.samples)
+        kept[i] = None
+        sync = contextlib.nullcontext() if (i == len(micro_batches) - 1 or not info.enabled) else model.no_sync()
+        with sync:
+            loss, st = forward_batch(model, draft_cfg, target, feats, mb.samples, mb.anchor_seeds, blocks=blk,
+                                     denominators=static, model_denominators=model_dens, reduce=reduce, **fwd)
+            (loss * info.world_size).backward()
+        loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
+        agg = st if agg is None else {k: agg[k] + st[k] for k in agg}
+    return loss_total, agg
+
+
+@torch.no_grad()
+def heldout_tau(draft, draft_cfg, target, features, heldout, fwd: dict, info: D.DistInfo, seed: int,
+                lockstep: bool = False) -> float | None:
+    """Simulated tau on the held-out split (fixed anchors, every slot scored, no teacher logits),
+    over all ranks. `lockstep`: every rank runs the target equally often (FSDP gathers per layer)."""
+    if len(heldout) == 0:
+        return None
+    draft.eval()
+    rounds = math.ceil(len(heldout) / info.world_size)
+    kw = {**fwd, "loss_cfg": None}
+    sums = torch.zeros(2, dtype=torch.float64)
+    for r in range(rounds):
+        j = r * info.world_size + info.rank
+        if j >= len(heldout):
+            if lockstep:
+                features.get([heldout.sample(0)])
+            continue
+        s = heldout.sample(j)
+        _, st = forward_batch(draft, draft_cfg, target, features.get([s]), [s], [_mix_seed(seed, 424242, j)], **kw)
+        sums += torch.stack([st["tau_sum"], st["blocks"]]).cpu()
+    draft.train()
+    totals = D.all_reduce_sum(sums, info)
+    return float(totals[0] / totals[1]) if totals[1] > 0 else None
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -217,6 +337,41 @@ def _as_recipe(config) -> Recipe:
     return load_recipe(config)
 
 
+def _build_draft(recipe: Recipe, target, seed: int, device):
+    """(draft in fp32 on `device`, parent checkpoint or None)."""
+    from dflash_lab.models.checkpoint import load_draft
+    from dflash_lab.models.draft import DFlashDraftModel, build_draft_config
+
+    parent = S.resolve_init(recipe.draft.init)
+    if parent is not None:
+        draft = load_draft(parent, target, dtype=torch.float32)
+        master = S.master_weights(parent)
+        if master is not None:  # our own checkpoint in bf16: start from its fp32 training weights
+            draft.load_state_dict({k: v.float() for k, v in master.items()})
+    else:
+        cfg = build_draft_config(
+            target, num_layers=recipe.draft.num_layers, block_size=recipe.draft.block_size,
+            mask_token_id=recipe.draft.mask_token_id, target_layer_ids=recipe.draft.target_layer_ids,
+            intermediate_size=recipe.draft.intermediate_size, rope_theta=recipe.draft.rope_theta,
+        )
+        draft = DFlashDraftModel(cfg).init_weights(seed)
+        if recipe.draft.init_from_target_layers:
+            init_from_target_layers(draft, target)
+    return draft.to(device=device, dtype=torch.float32).train(), parent
+
+
+def _loss_config(lcfg) -> L.LossConfig:
+    return L.LossConfig(name=lcfg.name, alpha=lcfg.alpha, gamma=lcfg.gamma, eal_mode=lcfg.eal_mode,
+                        kl_weight=lcfg.kl_weight, dpace_alpha=lcfg.dpace_alpha, normalize=lcfg.normalize)
+
+
+def _load_source(target, data_path, dcfg):
+    """The sample source: records tokenised in memory (the token store plugs in here)."""
+    records = read_records(data_path)
+    samples, tok_stats = tokenize_records(target, records, dcfg.max_length, dcfg.min_supervised)
+    return InMemorySource(samples), len(records), tok_stats
+
+
 def train(config, data_path, out_dir, target=None, resume: bool = False, max_steps: int | None = None,
           progress: bool = True, stop_after: int | None = None, db: str | None = None,
           recipe_path: str | None = None) -> Path:
@@ -229,16 +384,15 @@ def train(config, data_path, out_dir, target=None, resume: bool = False, max_ste
             raise DFlashLabError(f"--resume: {out_dir}/config.yaml not found; pass --config or a run directory")
         config = out_dir / "config.yaml"
     recipe = _as_recipe(config)
-    updates = {}
-    if max_steps is not None:
-        updates["max_steps"] = max_steps
-    if stop_after is not None:
-        updates["stop_after"] = stop_after
+    updates = {k: v for k, v in (("max_steps", max_steps), ("stop_after", stop_after)) if v is not None}
     if updates:
         recipe = parse_recipe({**recipe.model_dump(mode="json"), "train": {**recipe.train.model_dump(mode="json"), **updates}})
-    tcfg, dcfg, lcfg = recipe.train, recipe.data, recipe.loss
+    tcfg = recipe.train
+    if recipe.target.fsdp and recipe.data.feature_cache:
+        raise DFlashLabError("target.fsdp with data.feature_cache: cache hits differ between ranks, which FSDP's "
+                             "per-layer gathers cannot follow; drop one of them")
     world = D.env_world_size()
-    micro, accum, global_batch = resolve_batch(recipe, world)
+    resolve_batch(recipe, world)
 
     if (out_dir / "run.json").exists() and not resume:
         if S.list_checkpoints(out_dir):
@@ -250,12 +404,18 @@ def train(config, data_path, out_dir, target=None, resume: bool = False, max_ste
     if resume_from is not None and resume_from.name == "final":
         return resume_from  # already finished
 
-    info = D.DistInfo()
     device = _pick_device(tcfg.device, D.DistInfo(local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=world))
     info = D.init_distributed(device.type)
-    use_bf16 = tcfg.bf16 if tcfg.bf16 is not None else device.type == "cuda"
-    autocast_dtype = torch.bfloat16 if use_bf16 else None
+    try:
+        return _run(recipe, config, data_path, out_dir, target, resume, resume_from, progress, db, recipe_path, device, info)
+    finally:
+        D.shutdown(info)
 
+
+def _run(recipe, config, data_path, out_dir, target, resume, resume_from, progress, db, recipe_path, device, info) -> Path:
+    tcfg, dcfg, lcfg = recipe.train, recipe.data, recipe.loss
+    micro, accum, global_batch = resolve_batch(recipe, info.world_size)
+    use_bf16 = tcfg.bf16 if tcfg.bf16 is not None else device.type == "cuda"
     if tcfg.cpu_threads and device.type == "cpu":
         torch.set_num_threads(tcfg.cpu_threads)
     random.seed(tcfg.seed)
@@ -269,308 +429,176 @@ def train(config, data_path, out_dir, target=None, resume: bool = False, max_ste
         target = load_target(recipe.target.name, dtype=recipe.target.dtype, device=str(device))
     if recipe.target.fsdp:
         D.shard_target(target, info)
-    records = read_records(data_path)
-    samples, tok_stats = tokenize_records(target, records, dcfg.max_length, dcfg.min_supervised)
-    train_set, heldout = split_heldout(samples, dcfg.heldout, dcfg.heldout_max, tcfg.seed)
+    source, num_records, tok_stats = _load_source(target, data_path, dcfg)
+    train_idx, held_idx = split_indices(len(source), dcfg.heldout, dcfg.heldout_max, tcfg.seed)
+    train_set, heldout = SubsetSource(source, train_idx), SubsetSource(source, held_idx)
     if len(train_set) < global_batch:
         raise DFlashLabError(
-            f"data {data_path}: {len(train_set)} usable training sequences (of {len(records)} records; "
+            f"data {data_path}: {len(train_set)} usable training sequences (of {num_records} records; "
             f"{tok_stats.skipped_few_supervised} skipped with < {dcfg.min_supervised} supervised tokens) is fewer than "
             f"one global batch ({global_batch}); lower train.global_batch/micro_batch or add data"
         )
-    steps_per_epoch = len(train_set) // global_batch
-    total_steps = tcfg.epochs * steps_per_epoch
-    if tcfg.max_steps:
-        total_steps = min(total_steps, tcfg.max_steps)
+    loader = TrainLoader(train_set, LoaderConfig(
+        seed=tcfg.seed, global_batch=global_batch, micro_batch=micro, grad_accum=accum, world_size=info.world_size,
+        rank=info.rank, num_anchors=dcfg.num_anchors, group_by_length=dcfg.group_by_length, group_window=dcfg.group_window))
+    steps_per_epoch = loader.steps_per_epoch
+    progress_state = Progress(total_steps=min(tcfg.epochs * steps_per_epoch, tcfg.max_steps or 1 << 62),
+                              budget_fixed=not tcfg.time_budget_s)
 
-    # draft
-    from dflash_lab.models.checkpoint import load_draft
-    from dflash_lab.models.draft import DFlashDraftModel, build_draft_config
-
-    parent = S.resolve_init(recipe.draft.init)
-    if parent is not None:
-        draft = load_draft(parent, target, dtype=torch.float32)
-    else:
-        cfg = build_draft_config(
-            target, num_layers=recipe.draft.num_layers, block_size=recipe.draft.block_size,
-            mask_token_id=recipe.draft.mask_token_id, target_layer_ids=recipe.draft.target_layer_ids,
-            intermediate_size=recipe.draft.intermediate_size, rope_theta=recipe.draft.rope_theta,
-        )
-        draft = DFlashDraftModel(cfg).init_weights(tcfg.seed)
-        if recipe.draft.init_from_target_layers:
-            init_from_target_layers(draft, target)
-    draft = draft.to(device=device, dtype=torch.float32).train()
+    # draft + optimizer + schedule
+    draft, parent = _build_draft(recipe, target, tcfg.seed, device)
     dcfg_draft = draft.config
-    optimizer = torch.optim.AdamW(draft.parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
-
-    step, epoch, epoch_step = 0, 0, 0
-    best_tau = None
-    budget_fixed = not tcfg.time_budget_s  # True once the schedule's length is decided
+    parts = DraftParts(draft, OptimConfig(lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay,
+                                          warmup_ratio=tcfg.warmup_ratio, min_lr_ratio=tcfg.min_lr_ratio, clip=tcfg.clip))
     if resume_from is not None:
         from safetensors.torch import load_file
 
-        from dflash_lab.models.checkpoint import read_draft_config, read_tensors
-
-        tensors = read_tensors(resume_from, read_draft_config(resume_from))
-        draft.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
-        S.load_optimizer(optimizer, resume_from)
+        parts.load_checkpoint(resume_from)
         st = S.read_trainer_state(resume_from)
-        step, epoch, epoch_step = st["step"], st["data_position"]["epoch"], st["data_position"]["step_in_epoch"]
-        best_tau = st.get("best_heldout_tau")
-        if tcfg.time_budget_s and st.get("budget_fixed"):
-            total_steps, budget_fixed = st["total_steps"], True
+        progress_state.load_state_dict(st, bool(tcfg.time_budget_s))
+        loader.load_state_dict(st["data_position"])
         S.set_rng_state(json.loads((resume_from / "rng.json").read_text()), load_file(str(resume_from / "rng.safetensors")))
-    if epoch_step >= steps_per_epoch:
-        epoch, epoch_step = epoch + 1, 0
 
     model = D.wrap_draft(draft, info, str(device))
-    need_final = L.needs_target_logits(lcfg.name)
+    loss_cfg = _loss_config(lcfg)
+    need_final = L.needs_target_logits(loss_cfg.name, loss_cfg.eal_mode, loss_cfg.alpha, loss_cfg.kl_term)
     cache = None
     if dcfg.feature_cache:
         cache = FeatureCache(dcfg.feature_cache, target.fingerprint, dcfg_draft.target_layer_ids, dcfg.feature_cache_dtype)
-    features = FeatureSource(target, dcfg_draft.target_layer_ids, need_final, cache, device)
-    loss_cfg = L.LossConfig(name=lcfg.name, alpha=lcfg.alpha, gamma=lcfg.gamma, eal_mode=lcfg.eal_mode, kl_weight=lcfg.kl_weight)
+    features = FeatureSource(target, dcfg_draft.target_layer_ids, need_final, cache, device,
+                             stop_early=not recipe.target.fsdp)
     fwd = dict(num_anchors=dcfg.num_anchors, loss_cfg=loss_cfg, attention=tcfg.attention, anchor_chunk=tcfg.anchor_chunk,
-               chunk_slots=lcfg.chunk_slots, device=device, autocast_dtype=autocast_dtype)
+               chunk_slots=lcfg.chunk_slots, device=device, autocast_dtype=torch.bfloat16 if use_bf16 else None)
 
     # run directory
+    record = RunRecord(out_dir / "run.json")
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         # stop_after is run control, not recipe: a resumed run must not stop again at the same step
         saved_recipe = parse_recipe({**recipe.model_dump(mode="json"),
                                      "train": {**recipe.train.model_dump(mode="json"), "stop_after": None}})
         atomic_write_text(out_dir / "config.yaml", recipe_to_yaml(saved_recipe))
-        run = {
+        record.write({
             "name": recipe.name or out_dir.name,
             "run_dir": str(out_dir),
             "recipe": saved_recipe.model_dump(mode="json"),
             "recipe_path": recipe_path or (str(config) if isinstance(config, (str, os.PathLike)) else None),
             "parent": str(parent.resolve()) if parent is not None else None,
             "data": {"path": str(Path(data_path).resolve()), "manifest_sha256": manifest_sha256(data_path),
-                     "records": len(records), "train_sequences": len(train_set), "heldout_sequences": len(heldout),
+                     "records": num_records, "train_sequences": len(train_set), "heldout_sequences": len(heldout),
                      "tokenize": tok_stats.as_dict()},
             "loss": recipe.loss.model_dump(mode="json"),
-            "schedule": {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "epochs": tcfg.epochs,
+            "schedule": {"total_steps": progress_state.total_steps, "steps_per_epoch": steps_per_epoch, "epochs": tcfg.epochs,
                          "global_batch": global_batch, "micro_batch": micro, "grad_accum": accum, "world_size": info.world_size,
                          "lr": tcfg.lr, "warmup_ratio": tcfg.warmup_ratio, "min_lr_ratio": tcfg.min_lr_ratio,
-                         "time_budget_s": tcfg.time_budget_s},
+                         "time_budget_s": tcfg.time_budget_s, "group_by_length": dcfg.group_by_length},
             "target": target.describe(),
             "draft": dcfg_draft.to_json_dict(),
             "device": str(device), "bf16": use_bf16,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": now_iso(),
             "status": "running",
-        }
-        if resume and (out_dir / "run.json").exists():
-            old = json.loads((out_dir / "run.json").read_text())
-            run["created"] = old.get("created", run["created"])
-            run["parent"] = old.get("parent", run["parent"])
-            run["recipe_path"] = old.get("recipe_path", run["recipe_path"])
-            run["resumed_from"] = str(resume_from) if resume_from is not None else None
-        atomic_write_text(out_dir / "run.json", json.dumps(run, indent=2) + "\n")
-        _truncate_metrics(out_dir / "metrics.jsonl", step)
+        }, resume_from, resume)
+        truncate_metrics(out_dir / "metrics.jsonl", progress_state.step)
     D.barrier(info)
     if info.is_main and tok_stats.skipped_few_supervised and progress:
-        print(f"[train] skipped {tok_stats.skipped_few_supervised} of {len(records)} records with fewer than "
-              f"{dcfg.min_supervised} supervised tokens", file=sys.stderr)
+        warn(f"[train] skipped {tok_stats.skipped_few_supervised} of {num_records} records with fewer than "
+             f"{dcfg.min_supervised} supervised tokens")
 
-    writer = None
-    if info.is_main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=step if step else None)
-        except Exception:  # tensorboard missing: metrics.jsonl still has everything
-            writer = None
+    metrics = Metrics(MetricsConfig(out_dir=out_dir, block_size=dcfg_draft.block_size, global_batch=global_batch,
+                                    log_every=tcfg.log_every, progress=progress, total_steps=progress_state.total_steps,
+                                    initial_step=progress_state.step), info)
+    checkpointer = Checkpointer(CheckpointConfig(out_dir=out_dir, keep_last=tcfg.keep_last, dtype=target.dtype), info)
 
     def evaluate() -> float | None:
-        """Simulated tau on the held-out split (fixed anchors), over all ranks."""
-        if not heldout:
-            return None
-        model.eval()
-        tau_sum, blocks = 0.0, 0.0
-        with torch.no_grad():
-            for j in range(info.rank, len(heldout), info.world_size):
-                s = heldout[j]
-                feats = features.get([s])
-                _, st = forward_batch(draft, dcfg_draft, target, feats, [s], [_mix_seed(tcfg.seed, 424242, j)], **fwd)
-                tau_sum += st["tau_sum"]
-                blocks += st["blocks"]
-        model.train()
-        totals = D.all_reduce_sum(torch.tensor([tau_sum, blocks], dtype=torch.float64), info)
-        return float(totals[0] / totals[1]) if totals[1] > 0 else None
+        return heldout_tau(draft, dcfg_draft, target, features, heldout, fwd, info, tcfg.seed, lockstep=recipe.target.fsdp)
 
-    def checkpoint(name: str, metrics: dict, epoch_end: bool) -> Path | None:
-        nonlocal best_tau
-        # `metrics` are the last step's: a held-out tau in them was measured on these very weights
-        tau = metrics["heldout_tau"] if "heldout_tau" in metrics else evaluate()
+    def checkpoint(name: str, last: dict, epoch_end: bool) -> Path:
+        # `last` holds the last step's metrics: a held-out tau in them was measured on these very weights
+        tau = last["heldout_tau"] if "heldout_tau" in last else evaluate()
         if tau is not None:
-            metrics = {**metrics, "heldout_tau": tau}
-            best_tau = tau if best_tau is None else max(best_tau, tau)
-        path = out_dir / "checkpoints" / name
-        if info.is_main:
-            state = {"step": step, "epoch": epoch + 1, "epoch_end": epoch_end,
-                     "total_steps": total_steps, "budget_fixed": budget_fixed, "data_position": {"epoch": epoch, "step_in_epoch": epoch_step},
-                     "best_heldout_tau": best_tau, "metrics": metrics, "seed": tcfg.seed}
-            S.save_checkpoint(path, draft, optimizer, state)
-            if writer is not None and tau is not None:
-                writer.add_scalar("eval/heldout_tau", tau, step)
-            _append_metrics(out_dir / "metrics.jsonl", {"step": step, "event": "checkpoint", "name": name, **metrics})
-            if name != "final":
-                try:
-                    best = S.best_checkpoint(out_dir)
-                except DFlashLabError:
-                    best = None
-                S.prune_checkpoints(out_dir, tcfg.keep_last, protect=best)
-        D.barrier(info)
+            last = {**last, "heldout_tau": tau}
+        progress_state.record_tau(tau)
+        position = loader.state_dict()
+        state = {**progress_state.state_dict(), "epoch": position["epoch"] + 1, "epoch_end": epoch_end,
+                 "data_position": position, "metrics": last, "seed": tcfg.seed}
+        path = checkpointer.save(name, parts, state)
+        metrics.write_event(progress_state.step, {"event": "checkpoint", "name": name, **last})
         return path
 
-    params = [p for p in draft.parameters() if p.requires_grad]
     last_metrics: dict = {}
-    bar = None
-    if info.is_main and progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     stop_at = tcfg.stop_after
     stopped_early = False
     budget_mark = None  # (time, step) where the step timing for train.time_budget_s starts
-    while step < total_steps:
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(_mix_seed(tcfg.seed, 17, epoch))).tolist()
-        while epoch_step < steps_per_epoch and step < total_steps:
+    p = progress_state
+    while p.step < p.total_steps:
+        while not loader.epoch_done and p.step < p.total_steps:
             t0 = time.perf_counter()
-            lr = cosine_lr(step, total_steps, tcfg.lr, tcfg.warmup_ratio, tcfg.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch_idx = order[epoch_step * global_batch:(epoch_step + 1) * global_batch]
-            agg = None
-            loss_total = 0.0
-            for acc_i in range(accum):
-                first = (acc_i * info.world_size + info.rank) * micro
-                slots = list(range(first, first + micro))
-                micro_samples = [train_set[batch_idx[k]] for k in slots]
-                seeds = [_mix_seed(tcfg.seed, step, k) for k in slots]
-                feats = features.get(micro_samples)
-                sync = contextlib.nullcontext() if (acc_i == accum - 1 or not info.enabled) else model.no_sync()
-                with sync:
-                    loss_sum, st = forward_batch(model, dcfg_draft, target, feats, micro_samples, seeds,
-                                                 max_slot=lcfg.max_slot, **fwd)
-                    (loss_sum * (info.world_size / global_batch)).backward()
-                loss_total += float(loss_sum.detach())
-                agg = st if agg is None else {k: agg[k] + st[k] for k in agg}
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.clip if tcfg.clip else float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            epoch_step += 1
-            if not budget_fixed and budget_mark is None:
-                budget_mark = (time.perf_counter(), step)  # the first step pays warm-up costs: not timed
-            elif not budget_fixed and step - budget_mark[1] >= 3:
+            lr = parts.set_lr(p.step, p.total_steps)
+            loss, stats = accumulate_gradients(model, draft, dcfg_draft, target, features, loader.micro_batches(p.step),
+                                               fwd, info, max_slot=lcfg.max_slot)
+            grad_norm = parts.step()
+            p.step += 1
+            loader.advance()
+            if not p.budget_fixed and budget_mark is None:
+                budget_mark = (time.perf_counter(), p.step)  # the first step pays warm-up costs: not timed
+            elif not p.budget_fixed and p.step - budget_mark[1] >= 3:
                 # the next three steps, averaged over ranks so that every rank decides the same length
-                per_step = D.all_reduce_sum(torch.tensor([(time.perf_counter() - budget_mark[0]) / (step - budget_mark[1])],
+                per_step = D.all_reduce_sum(torch.tensor([(time.perf_counter() - budget_mark[0]) / (p.step - budget_mark[1])],
                                                          dtype=torch.float64), info) / max(info.world_size, 1)
-                total_steps = min(total_steps, max(step, int(tcfg.time_budget_s / float(per_step[0]))))
-                budget_fixed = True
+                p.total_steps = min(p.total_steps, max(p.step, int(tcfg.time_budget_s / float(per_step[0]))))
+                p.budget_fixed = True
                 if info.is_main:
-                    run_json = json.loads((out_dir / "run.json").read_text())
-                    run_json["schedule"]["total_steps"] = total_steps
-                    atomic_write_text(out_dir / "run.json", json.dumps(run_json, indent=2) + "\n")
-                if bar is not None:
-                    bar.total = total_steps
-                    bar.refresh()
-            # metrics over all ranks
-            vec = torch.cat([torch.tensor([loss_total, agg["tau_sum"], agg["blocks"], agg["block_tokens"], agg["valid_slots"],
-                                           agg["kl_sum"], agg["ce_sum"]], dtype=torch.float64),
-                             agg["correct_per_slot"], agg["valid_per_slot"]])
-            vec = D.all_reduce_sum(vec, info)
-            bsz = dcfg_draft.block_size
-            correct, counts = vec[7:7 + bsz], vec[7 + bsz:]
-            dt = time.perf_counter() - t0
-            acc = (correct / counts.clamp_min(1)).tolist()
-            last_metrics = {
-                "loss": float(vec[0] / global_batch), "train_tau": float(vec[1] / max(vec[2], 1)),
-                "ce": float(vec[6] / max(vec[4], 1)), "kl": float(vec[5] / max(vec[4], 1)),
-                "lr": lr, "grad_norm": float(grad_norm), "step_s": dt,
-                "sequences_per_s": global_batch / dt, "block_tokens_per_s": float(vec[3]) / dt,
-                "acc_per_slot": [round(x, 5) for x in acc[1:]], "epoch": epoch + epoch_step / steps_per_epoch,
-            }
-            do_eval = tcfg.eval_interval and step % tcfg.eval_interval == 0
-            if do_eval:
-                tau = evaluate()
-                if tau is not None:
-                    last_metrics["heldout_tau"] = tau
-            if info.is_main:
-                if step % tcfg.log_every == 0 or do_eval:
-                    _append_metrics(out_dir / "metrics.jsonl", {"step": step, **last_metrics})
-                    if writer is not None:
-                        for key in ("loss", "train_tau", "ce", "kl", "lr", "grad_norm", "sequences_per_s", "block_tokens_per_s", "heldout_tau"):
-                            if key in last_metrics:
-                                writer.add_scalar(("eval/" if key == "heldout_tau" else "train/") + key, last_metrics[key], step)
-                        for k, a in enumerate(acc[1:], 1):
-                            writer.add_scalar(f"acc/slot_{k:02d}", a, step)
-                if bar is not None:
-                    post = {"loss": f"{last_metrics['loss']:.3f}", "tau": f"{last_metrics['train_tau']:.2f}", "lr": f"{lr:.1e}"}
-                    if "heldout_tau" in last_metrics:
-                        post["eval_tau"] = f"{last_metrics['heldout_tau']:.2f}"
-                    bar.set_postfix(post)
-                    bar.update(1)
+                    record.update(schedule={"total_steps": p.total_steps})
+                metrics.set_total(p.total_steps)
+            metrics.add_step(loss, stats, grad_norm, time.perf_counter() - t0)
+            epoch_pos = loader.epoch + loader.step_in_epoch / steps_per_epoch
+            do_eval = tcfg.eval_interval and p.step % tcfg.eval_interval == 0
+            row = None
+            if metrics.due(p.step) or do_eval:
+                row = last_metrics = metrics.read(lr, epoch_pos)
+                if do_eval:
+                    tau = evaluate()
+                    if tau is not None:
+                        last_metrics["heldout_tau"] = tau
+                metrics.write(p.step, last_metrics)
+            metrics.tick(row)
+            epoch_end = loader.epoch_done
             saved = False
-            if epoch_step == steps_per_epoch or step == total_steps:
-                pass  # the epoch-end checkpoint is written below (after the position moves on)
-            elif tcfg.save_every and step % tcfg.save_every == 0:
-                checkpoint(f"step-{step}", dict(last_metrics), epoch_end=False)
+            if epoch_end and p.step < p.total_steps:
+                checkpoint(f"step-{p.step}", dict(last_metrics), epoch_end=True)
                 saved = True
-            if epoch_step == steps_per_epoch and step < total_steps:
-                checkpoint(f"step-{step}", dict(last_metrics), epoch_end=True)
+            elif not epoch_end and p.step < p.total_steps and tcfg.save_every and p.step % tcfg.save_every == 0:
+                checkpoint(f"step-{p.step}", dict(last_metrics), epoch_end=False)
                 saved = True
-            if stop_at is not None and step >= stop_at and step < total_steps:
+            if stop_at is not None and stop_at <= p.step < p.total_steps:
                 if not saved:
-                    checkpoint(f"step-{step}", dict(last_metrics), epoch_end=epoch_step == steps_per_epoch)
+                    checkpoint(f"step-{p.step}", dict(last_metrics), epoch_end=epoch_end)
                 stopped_early = True
                 break
         if stopped_early:
             break
-        if epoch_step >= steps_per_epoch:
-            epoch, epoch_step = epoch + 1, 0
-    if bar is not None:
-        bar.close()
+        if loader.epoch_done:
+            loader.next_epoch()
+    metrics.close()
 
     if stopped_early:
-        result = S.latest_checkpoint(out_dir)
-    else:
-        epoch_end = epoch_step == 0 or epoch_step == steps_per_epoch
-        if epoch_step == 0 and epoch > 0:
-            epoch, epoch_step = epoch - 1, steps_per_epoch
-        result = checkpoint("final", dict(last_metrics), epoch_end=epoch_end)
-        if info.is_main:
-            run = json.loads((out_dir / "run.json").read_text())
-            run["status"] = "finished"
-            run["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            run["best_checkpoint"] = str(S.best_checkpoint(out_dir))
-            if cache is not None:
-                run["feature_cache"] = {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses}
-            atomic_write_text(out_dir / "run.json", json.dumps(run, indent=2) + "\n")
-            db = db or recipe.registry.db
-            if db:
-                try:
-                    from dflash_lab.registry import register_run
-                except ImportError:
-                    print("[train] dflash_lab.registry is not available; run not registered", file=sys.stderr)
-                else:
-                    register_run(out_dir, db=db)
-    if writer is not None:
-        writer.close()
+        return S.latest_checkpoint(out_dir)
+    epoch_end = loader.step_in_epoch == 0 or loader.epoch_done
+    if loader.step_in_epoch == 0 and loader.epoch > 0:
+        loader.epoch, loader.step_in_epoch = loader.epoch - 1, steps_per_epoch
+    result = checkpoint("final", dict(last_metrics), epoch_end=epoch_end)
+    if info.is_main:
+        changes = {"status": "finished", "finished": now_iso(), "best_checkpoint": str(S.best_checkpoint(out_dir))}
+        if cache is not None:
+            changes["feature_cache"] = {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses}
+        record.update(**changes)
+        db = db or recipe.registry.db
+        if db:
+            try:
+                from dflash_lab.registry import register_run
+            except ImportError:
+                warn("[train] dflash_lab.registry is not available; run not registered")
+            else:
+                register_run(out_dir, db=db)
     D.barrier(info)
     return result
-
-
-def _append_metrics(path: Path, row: dict) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(row) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint (they are about to be recomputed)."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(r + "\n" for r in rows))

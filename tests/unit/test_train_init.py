@@ -83,7 +83,81 @@ def test_max_slot_scores_only_the_first_slots():
     kw = dict(num_anchors=6, loss_cfg=L.LossConfig(name="kd", gamma=4.0))
     full, st_full = forward_batch(draft, draft.config, target, feats, samples, [7], **kw)
     cut, st_cut = forward_batch(draft, draft.config, target, feats, samples, [7], max_slot=2, **kw)
-    same, _ = forward_batch(draft, draft.config, target, feats, samples, [7], max_slot=5, **kw)
+    # max_slot = B-1 goes through the same masking branch as max_slot = 2 (every max_slot does)
+    # and must change nothing
+    same, st_same = forward_batch(draft, draft.config, target, feats, samples, [7], max_slot=5, **kw)
     assert torch.equal(st_cut["valid_per_slot"][1:3], st_full["valid_per_slot"][1:3])
     assert st_full["valid_per_slot"][3:].sum() > 0 and st_cut["valid_per_slot"][3:].sum() == 0
     assert not torch.isclose(full, cut) and torch.equal(full, same)
+    assert torch.equal(st_same["valid_per_slot"], st_full["valid_per_slot"])
+    from dflash_lab.train.trainer import build_micro_blocks
+
+    blocks = build_micro_blocks(samples, [7], num_anchors=6, block_size=6, mask_token_id=draft.config.mask_token_id,
+                                max_slot=2)
+    assert blocks["valid"][..., 3:].sum() == 0 and blocks["valid"][..., 1:3].sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+def test_kd_teacher_offset(kind):
+    """Slot k of the block at anchor p reads the target's logits at position p+k-1 (the distribution
+    of token p+k): the KL the trainer computes equals a per-slot loop over the target's own full
+    forward at exactly that position, and not at p+k or p+k-2."""
+    from dflash_lab.train import blocks as Bk
+    from dflash_lab.train import losses as L
+    from dflash_lab.train.data import Sample
+    from dflash_lab.train.trainer import FeatureSource, build_micro_blocks, forward_batch
+
+    target = wrap_target(tiny_model(kind), mask_token_id=5)
+    with torch.no_grad():  # peaked teacher distributions: a neighbouring position's p_k is far off
+        target.lm_head.weight.mul_(30.0)
+    draft = DFlashDraftModel(build_draft_config(target, num_layers=1, block_size=4)).init_weights(0)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(6, 300, (30,), generator=g).tolist()
+    samples = [Sample(id="a", category="", input_ids=ids, loss_mask=[0] * 6 + [1] * 24)]
+    feats = FeatureSource(target, draft.target_layer_ids, True, None, torch.device("cpu")).get(samples)
+    cfg = L.LossConfig(name="kd", alpha=0.0, gamma=None)
+    _, stats = forward_batch(draft, draft.config, target, feats, samples, [11], num_anchors=5, loss_cfg=cfg)
+
+    blocks = build_micro_blocks(samples, [11], num_anchors=5, block_size=4, mask_token_id=draft.config.mask_token_id)
+    n, a = blocks["anchors"].shape
+    with torch.no_grad():
+        noise = target.embed(blocks["block_ids"].view(n, a * 4)).float()
+        ctx = feats[0][0][None]
+        hidden = draft(noise, blocks["positions"].view(n, a * 4), ctx, torch.arange(ctx.shape[1])[None],
+                       attention=Bk.make_attention("chunked", blocks["anchors"], 4)).view(a, 4, -1)
+        target_logits, _ = target.forward(torch.tensor([ids]))
+    sums = {}
+    for shift in (-1, 0, 1):
+        total = 0.0
+        for i in range(a):
+            p = int(blocks["anchors"][0, i])
+            for k in range(1, 4):
+                if not blocks["valid"][0, i, k]:
+                    continue
+                logq = torch.log_softmax(target.lm_head(hidden[i, k]).double(), -1)
+                logp = torch.log_softmax(target_logits[0, p + k - 1 + shift].double(), -1)
+                total += float((logp.exp() * (logp - logq)).sum())
+        sums[shift] = total
+    assert float(stats["kl_sum"]) == pytest.approx(sums[0], rel=1e-4)
+    # a shift by one moves the sum by far more than the tolerance above
+    assert abs(sums[1] - sums[0]) > 2e-3 * abs(sums[0]) and abs(sums[-1] - sums[0]) > 2e-3 * abs(sums[0]), sums
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+def test_features_stop_after_the_last_feature_layer(kind):
+    """Without the final hidden states (ce), the target stops after the last feature layer: the
+    layers above never run and the features are those of the full forward."""
+    from dflash_lab.train.data import Sample
+    from dflash_lab.train.trainer import FeatureSource
+
+    target = wrap_target(tiny_model(kind), mask_token_id=5)
+    sample = Sample(id="a", category="", input_ids=list(range(3, 20)), loss_mask=[0] * 5 + [1] * 12)
+    ran = []
+    layers = target.model.model.layers
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, layer in enumerate(layers)]
+    (feats, final), = FeatureSource(target, [1, 3], False, None, torch.device("cpu")).get([sample])
+    for h in handles:
+        h.remove()
+    assert final is None and ran == [0, 1, 2, 3]
+    _, ref = target.forward(torch.tensor([sample.input_ids]), [1, 3])
+    assert torch.equal(feats, ref[0])

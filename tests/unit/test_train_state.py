@@ -63,7 +63,28 @@ def test_best_epoch_and_prune(tmp_path):
     assert S.resolve_init("scratch") is None
     with pytest.raises(DFlashLabError, match="end of epoch 7"):
         S.epoch_checkpoint(tmp_path, 7)
-    S.prune_checkpoints(tmp_path, 1, protect=tmp_path / "checkpoints" / "step-20")
+    S.prune_checkpoints(tmp_path, 1, protect=tmp_path / "checkpoints" / "step-30")
     left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert left == ["final", "step-20", "step-40"]
+    # step-10 goes; step-20 and step-40 end an epoch (a later stage's `epoch-E:` may name them)
+    assert left == ["final", "step-20", "step-30", "step-40"]
+    _fake(tmp_path, "step-45", 45, 1.0, epoch=3)
+    S.prune_checkpoints(tmp_path, 1)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["final", "step-20", "step-40", "step-45"]
     assert S.latest_checkpoint(tmp_path).name == "final"
+
+
+def test_checkpoint_in_target_dtype_keeps_fp32_master(tmp_path):
+    """The served weights take the target's dtype (config says so); training resumes from fp32."""
+    from dflash_lab.models.checkpoint import read_draft_config, read_tensors
+
+    draft = _draft()
+    opt = torch.optim.AdamW(draft.parameters(), lr=1e-3)
+    path = S.save_checkpoint(tmp_path / "final", draft, opt, {"step": 1}, dtype=torch.bfloat16)
+    assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+    served = read_tensors(path, read_draft_config(path))
+    master = S.master_weights(path)
+    for name, tensor in draft.state_dict().items():
+        assert served[name].dtype == torch.bfloat16 and torch.equal(served[name], tensor.to(torch.bfloat16))
+        assert master[name].dtype == torch.float32 and torch.equal(master[name], tensor)
+    fp32 = S.save_checkpoint(tmp_path / "fp32", draft, opt, {"step": 1}, dtype=torch.float32)
+    assert S.master_weights(fp32) is None  # no duplicate when the served copy is already fp32

@@ -1,0 +1,299 @@
+"""The stateful parts of a training run, each small, with a typed config (torchtitan's layout).
+
+    DraftParts     the draft, its AdamW optimizer and the schedule (cosine_lr); state: weights +
+                   optimizer + the schedule's decided length
+    Progress       step, best held-out tau, and whether the time budget fixed the schedule
+    Checkpointer   writes/reads checkpoints (state.py), prunes, reads the fp32 master weights
+    Metrics        step statistics accumulated on the device, read once per log interval;
+                   metrics.jsonl, TensorBoard, the progress bar
+    RunRecord      run.json
+The data loader (`loader.TrainLoader`) is the fifth; `trainer.train` wires them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dflash_lab.fileio import atomic_write_text
+from dflash_lab.train import distributed as D
+from dflash_lab.train import state as S
+
+
+# -- schedule --------------------------------------------------------------------------------------
+def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_ratio: float, min_lr_ratio: float = 0.0) -> float:
+    """Learning rate for optimizer step `step` (0-based) of `total_steps`."""
+    warmup = math.ceil(total_steps * warmup_ratio)
+    min_lr = base_lr * min_lr_ratio
+    if step < warmup:  # 1) linear warmup from base_lr/warmup up to base_lr
+        return base_lr * (step + 1) / warmup
+    if step >= total_steps:  # 3) past the end: the floor
+        return min_lr
+    # 2) cosine decay from base_lr (first step after warmup) towards min_lr (at total_steps)
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.04
+    min_lr_ratio: float = 0.0
+    clip: float | None = 1.0
+
+
+class DraftParts:
+    """The draft (fp32 master weights), its optimizer and the learning-rate schedule."""
+
+    def __init__(self, draft: torch.nn.Module, cfg: OptimConfig):
+        self.draft, self.cfg = draft, cfg
+        self.optimizer = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                           weight_decay=cfg.weight_decay)
+        self.params = [p for p in draft.parameters() if p.requires_grad]
+
+    def set_lr(self, step: int, total_steps: int) -> float:
+        lr = cosine_lr(step, total_steps, self.cfg.lr, self.cfg.warmup_ratio, self.cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def step(self) -> torch.Tensor:
+        """Clip, step, zero; returns the gradient norm (a device tensor: no sync)."""
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip if self.cfg.clip else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def load_checkpoint(self, ckpt: Path) -> None:
+        """Weights (the fp32 master copy when there is one) and optimizer state of a checkpoint."""
+        from dflash_lab.models.checkpoint import read_draft_config, read_tensors
+
+        tensors = S.master_weights(ckpt) or read_tensors(ckpt, read_draft_config(ckpt))
+        self.draft.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
+        S.load_optimizer(self.optimizer, ckpt)
+
+
+@dataclass
+class Progress:
+    """Where the run is (the loader holds the data position)."""
+
+    step: int = 0
+    total_steps: int = 0
+    budget_fixed: bool = True
+    best_tau: float | None = None
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "total_steps": self.total_steps, "budget_fixed": self.budget_fixed,
+                "best_heldout_tau": self.best_tau}
+
+    def load_state_dict(self, st: dict, time_budget: bool) -> None:
+        self.step = st["step"]
+        self.best_tau = st.get("best_heldout_tau")
+        if time_budget and st.get("budget_fixed"):
+            self.total_steps, self.budget_fixed = st["total_steps"], True
+
+    def record_tau(self, tau: float | None) -> None:
+        if tau is not None:
+            self.best_tau = tau if self.best_tau is None else max(self.best_tau, tau)
+
+
+@dataclass
+class CheckpointConfig:
+    out_dir: Path
+    keep_last: int | None = None
+    dtype: torch.dtype | None = None
+    """The served draft's dtype (the target's); training state stays fp32 (master.safetensors)."""
+
+
+class Checkpointer:
+    def __init__(self, cfg: CheckpointConfig, info: D.DistInfo):
+        self.cfg, self.info = cfg, info
+
+    def save(self, name: str, parts: DraftParts, trainer_state: dict) -> Path:
+        path = self.cfg.out_dir / "checkpoints" / name
+        if self.info.is_main:
+            S.save_checkpoint(path, parts.draft, parts.optimizer, trainer_state, dtype=self.cfg.dtype)
+            if name != "final":
+                try:
+                    best = S.best_checkpoint(self.cfg.out_dir)
+                except Exception:
+                    best = None
+                S.prune_checkpoints(self.cfg.out_dir, self.cfg.keep_last, protect=best)
+        D.barrier(self.info)
+        return path
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+STAT_KEYS = ("loss", "tau_sum", "blocks", "block_tokens", "valid_slots", "kl_sum", "ce_sum")
+
+
+@dataclass
+class MetricsConfig:
+    out_dir: Path
+    block_size: int
+    global_batch: int
+    log_every: int = 1
+    progress: bool = True
+    total_steps: int = 0
+    initial_step: int = 0
+
+
+@dataclass
+class _Window:
+    """Sums over the steps since the last read, on the device."""
+
+    vec: torch.Tensor | None = None
+    steps: int = 0
+    seconds: float = 0.0
+    grad_norm: torch.Tensor | None = None
+
+
+class Metrics:
+    """Statistics of each step stay on the device; `read` all-reduces and syncs once per log
+    interval and reports the interval's means (with log_every 1: the step's own)."""
+
+    def __init__(self, cfg: MetricsConfig, info: D.DistInfo):
+        self.cfg, self.info = cfg, info
+        self.window = _Window()
+        self.writer = None
+        self.bar = None
+        if info.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=str(cfg.out_dir / "tb"), purge_step=cfg.initial_step or None)
+            except Exception:  # tensorboard missing: metrics.jsonl still has everything
+                self.writer = None
+            if cfg.progress:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=cfg.total_steps, initial=cfg.initial_step, desc="train", unit="step",
+                                dynamic_ncols=True)
+
+    def add_step(self, loss: torch.Tensor, stats: dict, grad_norm: torch.Tensor, seconds: float) -> None:
+        vec = torch.cat([torch.stack([loss.detach().double().reshape(()).to(stats["tau_sum"].device)]
+                                     + [stats[k] for k in STAT_KEYS[1:]]),
+                         stats["correct_per_slot"], stats["valid_per_slot"]])
+        w = self.window
+        w.vec = vec if w.vec is None else w.vec + vec
+        w.steps += 1
+        w.seconds += seconds
+        w.grad_norm = grad_norm.detach()
+
+    def read(self, lr: float, epoch: float) -> dict:
+        """The interval's metrics over all ranks (one all-reduce, one sync)."""
+        w, bsz = self.window, self.cfg.block_size
+        vec = D.all_reduce_sum(w.vec.detach().cpu(), self.info)
+        steps = max(w.steps, 1)
+        correct, counts = vec[7:7 + bsz], vec[7 + bsz:]
+        acc = (correct / counts.clamp_min(1)).tolist()
+        dt = w.seconds / steps
+        out = {
+            "loss": float(vec[0] / steps), "train_tau": float(vec[1] / max(vec[2], 1)),
+            "ce": float(vec[6] / max(vec[4], 1)), "kl": float(vec[5] / max(vec[4], 1)),
+            "lr": lr, "grad_norm": float(w.grad_norm), "step_s": dt,
+            "sequences_per_s": self.cfg.global_batch / dt, "block_tokens_per_s": float(vec[3]) / steps / dt,
+            "acc_per_slot": [round(x, 5) for x in acc[1:]], "epoch": epoch,
+        }
+        self.window = _Window()
+        return out
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.log_every == 0
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.info.is_main:
+            return
+        append_metrics(self.cfg.out_dir / "metrics.jsonl", {"step": step, **metrics})
+        if self.writer is not None:
+            for key in ("loss", "train_tau", "ce", "kl", "lr", "grad_norm", "sequences_per_s", "block_tokens_per_s", "heldout_tau"):
+                if key in metrics:
+                    self.writer.add_scalar(("eval/" if key == "heldout_tau" else "train/") + key, metrics[key], step)
+            for k, a in enumerate(metrics.get("acc_per_slot", []), 1):
+                self.writer.add_scalar(f"acc/slot_{k:02d}", a, step)
+
+    def write_event(self, step: int, row: dict) -> None:
+        if not self.info.is_main:
+            return
+        if self.writer is not None and row.get("heldout_tau") is not None:
+            self.writer.add_scalar("eval/heldout_tau", row["heldout_tau"], step)
+        append_metrics(self.cfg.out_dir / "metrics.jsonl", {"step": step, **row})
+
+    def tick(self, metrics: dict | None) -> None:
+        if self.bar is None:
+            return
+        if metrics:
+            post = {"loss": f"{metrics['loss']:.3f}", "tau": f"{metrics['train_tau']:.2f}", "lr": f"{metrics['lr']:.1e}"}
+            if "heldout_tau" in metrics:
+                post["eval_tau"] = f"{metrics['heldout_tau']:.2f}"
+            self.bar.set_postfix(post)
+        self.bar.update(1)
+
+    def set_total(self, total: int) -> None:
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop rows logged after the checkpoint (they are about to be recomputed)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+
+# -- run.json --------------------------------------------------------------------------------------
+@dataclass
+class RunRecord:
+    path: Path
+    data: dict = field(default_factory=dict)
+
+    def write(self, run: dict, resume_from: Path | None, resume: bool) -> None:
+        if resume and self.path.exists():
+            old = json.loads(self.path.read_text())
+            run["created"] = old.get("created", run["created"])
+            run["parent"] = old.get("parent", run["parent"])
+            run["recipe_path"] = old.get("recipe_path", run["recipe_path"])
+            run["resumed_from"] = str(resume_from) if resume_from is not None else None
+        self.save(run)
+
+    def update(self, **changes) -> dict:
+        run = json.loads(self.path.read_text())
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(run.get(key), dict):
+                run[key].update(value)
+            else:
+                run[key] = value
+        self.save(run)
+        return run
+
+    def save(self, run: dict) -> None:
+        atomic_write_text(self.path, json.dumps(run, indent=2) + "\n")
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr)
