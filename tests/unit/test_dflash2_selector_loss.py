@@ -1,0 +1,156 @@
+"""The DFlash2 selector loss and its gradients against a plain loop; both gold policies; the metrics
+(selector tau == the selector's own greedy walk)."""
+
+import pytest
+import torch
+
+from dflash_lab.models.dflash2 import DFlash2DraftModel, build_dflash2_config
+from dflash_lab.models.target import wrap_target
+from dflash_lab.testing import tiny_model
+from dflash_lab.train.losses import position_weights
+from dflash_lab.train.selector_loss import (
+    selector_loss,
+    selector_stats,
+    slot_weights,
+    summarise_stats,
+    teacher_forced_predecessors,
+)
+
+VOCAB, TOPK, RANK = 40, 5, 6
+
+
+def setup(seed=0):
+    target = wrap_target(tiny_model("qwen3", seed=1, vocab_size=VOCAB), mask_token_id=3)
+    cfg = build_dflash2_config(target, num_layers=1, selector_rank=RANK, selector_top_k=TOPK)
+    draft = DFlash2DraftModel(cfg).init_weights(seed=2).double()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.candidate_selector.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    lm_head = target.lm_head.double()
+    return target, draft, lm_head
+
+
+def loop_selector_loss(draft, hidden, lm_head, gold, pred, weights, policy):
+    """One slot at a time, every score a sum of Python-visible terms."""
+    sel = draft.candidate_selector
+    total, norm = 0.0, 0.0
+    for m in range(hidden.shape[0]):
+        u_full = lm_head(hidden[m])
+        order = sorted(range(VOCAB), key=lambda v: -float(u_full[v].detach()))[:TOPK]
+        y = int(gold[m])
+        if y not in order:
+            if policy == "exclude":
+                continue
+            order[-1] = y
+        gate = sel.hidden_projection.weight @ hidden[m]
+        a = int(pred[m])
+        scores = torch.stack([u_full[b] + (sel.predecessor_codebook[a] * gate * sel.successor_codebook[b]).sum()
+                              for b in order])
+        ce = torch.logsumexp(scores, 0) - scores[order.index(y)]
+        total = total + weights[m] * ce
+        norm = norm + weights[m]
+    return total / norm
+
+
+@pytest.mark.parametrize("policy", ["replace", "exclude"])
+@pytest.mark.parametrize("chunk", [1024, 3])
+def test_selector_loss_and_gradients_match_the_loop(policy, chunk):
+    target, draft, lm_head = setup()
+    torch.manual_seed(3)
+    m = 11
+    hidden0 = torch.randn(m, 64, dtype=torch.float64)
+    unary = lm_head(hidden0).detach()
+    top = unary.topk(TOPK, -1).indices
+    # gold: inside the top-k for some slots, outside for others
+    gold = torch.where(torch.arange(m) % 3 == 0, unary.argmin(-1), top[torch.arange(m), torch.arange(m) % TOPK])
+    pred = torch.randint(0, VOCAB, (m,))
+    weights = torch.rand(m, dtype=torch.float64) + 0.1
+
+    def grads(fn):
+        draft.zero_grad()
+        hidden = hidden0.clone().requires_grad_(True)
+        loss = fn(hidden)
+        loss.backward()
+        sel = draft.candidate_selector
+        return loss.detach(), [hidden.grad.clone(), sel.predecessor_codebook.grad.clone(),
+                               sel.successor_codebook.grad.clone(), sel.hidden_projection.weight.grad.clone()]
+
+    loss, g = grads(lambda h: selector_loss(draft, h, lm_head, gold, pred, weights, policy, chunk_slots=chunk).loss)
+    ref_loss, ref_g = grads(lambda h: loop_selector_loss(draft, h, lm_head, gold, pred, weights, policy))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-10)
+    for a, b in zip(g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    out = selector_loss(draft, hidden0, lm_head, gold, pred, weights, policy)
+    in_top = torch.tensor([int(gold[i]) in top[i].tolist() for i in range(m)])
+    assert torch.equal(out.in_top_k, in_top) and 0 < int(in_top.sum()) < m
+    assert torch.equal(out.included, in_top if policy == "exclude" else torch.ones(m, dtype=torch.bool))
+
+
+def test_teacher_forced_predecessors_and_slot_weights():
+    block_ids = torch.tensor([[7, 3, 3, 3], [9, 3, 3, 3]])
+    labels = torch.tensor([[0, 11, 12, 13], [0, 21, 22, 23]])
+    pred = teacher_forced_predecessors(block_ids, labels)
+    assert pred[:, 1:].tolist() == [[7, 11, 12], [9, 21, 22]]  # anchor, then the gold token at p + k - 1
+    valid = torch.tensor([[False, True, True, False], [False, True, True, True]])
+    w = position_weights(4, 4.0)
+    assert torch.equal(slot_weights(valid, 4.0), torch.stack([w[1], w[2], w[1], w[2], w[3]]))
+
+
+def test_selector_tau_is_the_tau_of_the_selectors_own_greedy_walk():
+    target, draft, lm_head = setup(seed=5)
+    torch.manual_seed(6)
+    nb, bsz = 12, 8
+    hidden = torch.randn(nb, bsz, 64, dtype=torch.float64)
+    anchors = torch.randint(0, VOCAB, (nb,))
+    walk, _, _ = draft.greedy_walk(hidden[:, 1:], anchors, lm_head)
+    # gold = the walk with one corruption at a varying slot (some blocks fully accepted)
+    labels = torch.zeros(nb, bsz, dtype=torch.long)
+    labels[:, 1:] = walk
+    for b in range(nb):
+        k = b % 9
+        if 1 <= k < bsz:
+            labels[b, k] = (labels[b, k] + 1) % VOCAB
+    valid = torch.ones(nb, bsz, dtype=torch.bool)
+    valid[:, 0] = False
+    valid[0, 5:] = False  # a block cut by the end of the response
+    block_ids = torch.full((nb, bsz), 3)
+    block_ids[:, 0] = anchors
+    pred = teacher_forced_predecessors(block_ids, labels)[valid]
+    out = selector_loss(draft, hidden[valid], lm_head, labels[valid], pred, slot_weights(valid, 4.0))
+    stats = summarise_stats(selector_stats(out, valid))
+    # brute force: walk each block, count the leading accepted slots
+    expected = []
+    for b in range(nb):
+        accepted = 0
+        for k in range(1, bsz):
+            if not valid[b, k] or int(walk[b, k - 1]) != int(labels[b, k]):
+                break
+            accepted += 1
+        expected.append(1 + accepted)
+    assert stats["selector_tau"] == pytest.approx(sum(expected) / nb)
+    unary_argmax = lm_head(hidden).argmax(-1)
+    unary_expected = []
+    for b in range(nb):
+        accepted = 0
+        for k in range(1, bsz):
+            if not valid[b, k] or int(unary_argmax[b, k]) != int(labels[b, k]):
+                break
+            accepted += 1
+        unary_expected.append(1 + accepted)
+    assert stats["unary_tau"] == pytest.approx(sum(unary_expected) / nb)
+    assert stats["selector_tau"] != stats["unary_tau"]  # the random selector really departs from the argmax
+    assert 0 < stats["selector_recall"] <= 1 and 0 < stats["selector_unary_mass"] <= 1
+
+
+def test_target_mass_metric():
+    target, draft, lm_head = setup()
+    hidden = torch.randn(4, 64, dtype=torch.float64)
+    t_rows = torch.randn(3, 64, dtype=torch.float64)
+    t_index = torch.tensor([2, 0, 0, 1])
+    gold = torch.tensor([1, 2, 3, 4])
+    out = selector_loss(draft, hidden, lm_head, gold, gold, torch.ones(4, dtype=torch.float64),
+                        target_hidden=t_rows, target_index=t_index)
+    top = lm_head(hidden).topk(TOPK, -1).indices
+    p = torch.softmax(lm_head(t_rows[t_index]), -1)
+    torch.testing.assert_close(out.target_mass, torch.stack([p[i, top[i]].sum() for i in range(4)]).detach())
