@@ -408,11 +408,46 @@ def build_dflash2_config(target, *, num_layers: int, block_size: int = 8, **kwar
     return DFlash2Config.from_v1(v1, **dflash2)
 
 
+def gguf_dflash2_extras(model: DFlash2DraftModel) -> tuple[dict, dict]:
+    """The GGUF keys (without the `dflash.` prefix) and tensors that a DFlash2 draft adds to a v1
+    DFlash GGUF (SPEC 2b), as llama.cpp's loader (src/models/dflash.cpp) reads them. Torch arrays
+    are written as they are: ggml lists dims fastest-first, so torch [2, K, H] is ggml {H, K, 2}.
+
+    keys: block_size, conv_kernel_size, conv_group_size, selector_rank, selector_top_k (u32),
+    attention.causal (false), attention.sliding_window (u32) + attention.sliding_window_pattern
+    (bool per layer) when the window is on, logit_scale / final_logit_softcapping when set.
+    tensors: name -> fp32 CPU tensor."""
+    cfg = model.config
+    keys: dict = {
+        "block_size": cfg.block_size, "conv_kernel_size": cfg.conv_kernel_size,
+        "conv_group_size": cfg.conv_group_size, "selector_rank": cfg.selector_rank,
+        "selector_top_k": cfg.selector_top_k, "attention.causal": False,
+    }
+    if cfg.use_sliding_window:
+        keys["attention.sliding_window"] = cfg.sliding_window
+        keys["attention.sliding_window_pattern"] = [True] * cfg.num_hidden_layers
+    if cfg.output_multiplier is not None:
+        keys["logit_scale"] = cfg.output_multiplier
+    if cfg.final_logit_softcapping:
+        keys["final_logit_softcapping"] = cfg.final_logit_softcapping
+    tensors = {}
+    for i, layer in enumerate(model.layers):
+        for ours, theirs in (("attention_conv", "attn_conv"), ("mlp_conv", "ffn_conv")):
+            conv = getattr(layer, ours)
+            tensors[f"blk.{i}.{theirs}_base"] = conv.base_kernel  # ggml {H, K, 2}: side outermost
+            tensors[f"blk.{i}.{theirs}_proj.weight"] = conv.kernel_projection.weight  # ggml {H, 2*K*G}
+    sel = model.candidate_selector
+    tensors["selector_hidden.weight"] = sel.hidden_projection.weight  # ggml {H, r}
+    tensors["selector_predecessor.weight"] = sel.predecessor_codebook  # ggml {r, V}
+    tensors["selector_successor.weight"] = sel.successor_codebook  # ggml {r, V}
+    return keys, {name: t.detach().float().contiguous().cpu() for name, t in tensors.items()}
+
+
 def is_dflash2_config_dict(raw: dict) -> bool:
     return ARCHITECTURE in (raw.get("architectures") or [])
 
 
 __all__ = [
     "ARCHITECTURE", "DFlash2Config", "DFlash2DraftModel", "DFlash2Layer", "DynamicDepthwiseConv", "CandidateSelector",
-    "shift_within_blocks", "build_dflash2_config", "is_dflash2_config_dict",
+    "shift_within_blocks", "build_dflash2_config", "is_dflash2_config_dict", "gguf_dflash2_extras",
 ]

@@ -12,6 +12,7 @@ from dflash_lab.errors import DFlashLabError
 from dflash_lab.models.checkpoint import load_draft, read_draft_config, save_draft
 from dflash_lab.models.dflash2 import (
     DFlash2Config,
+    gguf_dflash2_extras,
     DFlash2DraftModel,
     DynamicDepthwiseConv,
     build_dflash2_config,
@@ -298,3 +299,25 @@ def test_malformed_dflash2_checkpoints_are_refused_with_a_clear_message(tmp_path
     # a v1 checkpoint is still read as v1
     v1 = save_draft(DFlashDraftModel(build_draft_config(target, num_layers=1)).init_weights(0), tmp_path / "v1")
     assert type(load_draft(v1, target)) is DFlashDraftModel
+
+
+def test_gguf_extras_have_the_llama_cpp_loader_shapes():
+    """Shapes as llama.cpp's src/models/dflash.cpp `create_tensor` lists them (ggml dims, fastest first)."""
+    target = tiny_target(vocab=64)
+    cfg = build_dflash2_config(target, num_layers=2, selector_rank=32)
+    model = DFlash2DraftModel(cfg).init_weights(seed=0)
+    keys, tensors = gguf_dflash2_extras(model)
+    n_embd, kernel, groups, rank, n_vocab = 64, 2, 64 // 16, 32, 64
+    loader = {"selector_predecessor.weight": (rank, n_vocab), "selector_successor.weight": (rank, n_vocab),
+              "selector_hidden.weight": (n_embd, rank)}
+    for i in range(2):
+        for kind in ("attn", "ffn"):
+            loader[f"blk.{i}.{kind}_conv_base"] = (n_embd, kernel, 2)
+            loader[f"blk.{i}.{kind}_conv_proj.weight"] = (n_embd, 2 * kernel * groups)
+    assert {name: tuple(reversed(t.shape)) for name, t in tensors.items()} == loader
+    assert keys["selector_top_k"] == 16 and keys["attention.causal"] is False
+    assert keys["attention.sliding_window"] == 2048 and keys["attention.sliding_window_pattern"] == [True, True]
+    assert n_embd % keys["conv_group_size"] == 0
+    # side 0 / tap 0 of the identity init sits at the start of the flat (ggml) buffer
+    flat = tensors["blk.0.attn_conv_base"].flatten()
+    assert torch.equal(flat[:n_embd], torch.ones(n_embd)) and torch.equal(flat[n_embd:2 * n_embd], torch.zeros(n_embd))
