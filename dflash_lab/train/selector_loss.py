@@ -137,6 +137,17 @@ def selector_loss(draft, hidden: torch.Tensor, lm_head: torch.nn.Module, gold: t
     return SelectorLoss(loss, ce, included, in_top, correct, unary_correct, unary_mass, target_mass)
 
 
+def per_sequence_loss(out: SelectorLoss, weights: torch.Tensor, sequence_index: torch.Tensor,
+                      num_sequences: int) -> torch.Tensor:
+    """Each sequence's own normalised selector loss, [num_sequences] (0 for a sequence with no
+    included slot): sum_seq(w * ce * inc) / sum_seq(w * inc), like `losses.combine` for the base loss.
+    `sequence_index` [M]: the sequence of every slot (`arange(N)[:, None, None].expand_as(valid)[valid]`)."""
+    w = weights.to(out.ce.dtype) * out.included.to(out.ce.dtype)
+    num = out.ce.new_zeros(num_sequences).index_add(0, sequence_index, w * out.ce)
+    den = out.ce.new_zeros(num_sequences).index_add(0, sequence_index, w)
+    return num / den.clamp_min(1e-12)
+
+
 @torch.no_grad()
 def selector_stats(out: SelectorLoss, valid: torch.Tensor) -> dict[str, float]:
     """Metric SUMS (add them over micro-batches and ranks, then divide by `slots` / `blocks`).
@@ -173,5 +184,5 @@ def summarise_stats(stats: dict[str, float]) -> dict[str, float]:
     return out
 
 
-__all__ = ["GOLD_POLICIES", "SelectorLoss", "selector_loss", "selector_stats", "summarise_stats",
+__all__ = ["GOLD_POLICIES", "SelectorLoss", "selector_loss", "per_sequence_loss", "selector_stats", "summarise_stats",
            "teacher_forced_predecessors", "slot_weights"]

@@ -9,6 +9,7 @@ from dflash_lab.models.target import wrap_target
 from dflash_lab.testing import tiny_model
 from dflash_lab.train.losses import position_weights
 from dflash_lab.train.selector_loss import (
+    per_sequence_loss,
     selector_loss,
     selector_stats,
     slot_weights,
@@ -154,3 +155,22 @@ def test_target_mass_metric():
     top = lm_head(hidden).topk(TOPK, -1).indices
     p = torch.softmax(lm_head(t_rows[t_index]), -1)
     torch.testing.assert_close(out.target_mass, torch.stack([p[i, top[i]].sum() for i in range(4)]).detach())
+
+
+@pytest.mark.parametrize("policy", ["replace", "exclude"])
+def test_per_sequence_loss_is_each_sequences_own_selector_loss(policy):
+    target, draft, lm_head = setup()
+    torch.manual_seed(8)
+    hidden = torch.randn(9, 64, dtype=torch.float64)
+    gold = torch.randint(0, VOCAB, (9,))
+    pred = torch.randint(0, VOCAB, (9,))
+    weights = torch.rand(9, dtype=torch.float64) + 0.1
+    seq = torch.tensor([0, 0, 0, 2, 2, 2, 2, 2, 2])  # sequence 1 has no slot
+    out = selector_loss(draft, hidden, lm_head, gold, pred, weights, policy)
+    got = per_sequence_loss(out, weights, seq, 3)
+    for s in (0, 2):
+        rows = seq == s
+        alone = selector_loss(draft, hidden[rows], lm_head, gold[rows], pred[rows], weights[rows], policy)
+        if alone.included.any():
+            torch.testing.assert_close(got[s], alone.loss)
+    assert float(got[1]) == 0.0
