@@ -58,12 +58,18 @@ def _unary(draft, hidden, head_weight, head_bias):
 
 
 def _selector_chunk(draft, hidden, head_weight, head_bias, gold, predecessor, replace: bool,
-                    target_hidden=None):
+                    target_hidden=None, given_ids=None):
     k = draft.top_k
     with torch.no_grad():  # the candidate set and the metrics: no gradient
-        full = _unary(draft, hidden.detach(), head_weight, head_bias)  # [m, V]
-        top_values, ids = torch.topk(full, k, dim=-1)
-        unary_mass = torch.softmax(full, dim=-1).gather(-1, ids).sum(-1)
+        if given_ids is None:
+            full = _unary(draft, hidden.detach(), head_weight, head_bias)  # [m, V]
+            top_values, ids = torch.topk(full, k, dim=-1)
+            unary_mass = torch.softmax(full, dim=-1).gather(-1, ids).sum(-1)
+        else:  # the caller's top-k (e.g. from logits it already computed): no [m, V] tensor here
+            ids = given_ids
+            top_values = draft.process_unary(torch.matmul(head_weight[ids], hidden.detach().to(head_weight.dtype)[:, :, None])[..., 0]
+                                             + (head_bias[ids] if head_bias is not None else 0))
+            unary_mass = torch.full_like(top_values[:, 0], float("nan"))
         in_top = (ids == gold[:, None]).any(-1)
         # teacher-forced choice among the ORIGINAL candidates (what decoding sees)
         scores0 = draft.selector_scores(hidden.detach(), top_values, ids, predecessor[:, None])[:, 0]
@@ -105,15 +111,17 @@ class SelectorLoss:
 def selector_loss(draft, hidden: torch.Tensor, lm_head: torch.nn.Module, gold: torch.Tensor,
                   predecessor: torch.Tensor, weights: torch.Tensor, gold_policy: str = "replace", *,
                   chunk_slots: int = 1024, denominator: torch.Tensor | float | None = None,
-                  target_hidden: torch.Tensor | None = None, target_index: torch.Tensor | None = None) -> SelectorLoss:
+                  target_hidden: torch.Tensor | None = None, target_index: torch.Tensor | None = None,
+                  candidate_ids: torch.Tensor | None = None) -> SelectorLoss:
     """The 16-way selector CE of the valid slots. hidden [M, H] (final-normed draft states),
     gold / predecessor [M] token ids, weights [M] (decay weights, 0 for slots to ignore).
 
     `denominator`: divide by this instead of sum(w * included) (e.g. the token-level mean's global
     sum(w * valid), which does not depend on the model). `target_hidden` [R, H] + `target_index` [M]:
     the target's final hidden state predicting each slot, for the target-mass metric only.
-    With more than `chunk_slots` slots, each chunk is recomputed in backward (the top-k needs a
-    [chunk, V] logit tensor)."""
+    `candidate_ids` [M, k]: the unary top-k when the caller already has it (sorted by U descending;
+    the unary-mass metric is then NaN). With more than `chunk_slots` slots, each chunk is recomputed
+    in backward (the top-k needs a [chunk, V] logit tensor)."""
     if gold_policy not in GOLD_POLICIES:
         raise ValueError(f"gold_policy {gold_policy!r}: choose one of {GOLD_POLICIES}")
     replace = gold_policy == "replace"
@@ -123,7 +131,8 @@ def selector_loss(draft, hidden: torch.Tensor, lm_head: torch.nn.Module, gold: t
     for start in range(0, max(m, 1), chunk_slots):
         sl = slice(start, start + chunk_slots)
         th = target_hidden[target_index[sl]] if target_hidden is not None else None
-        args = (draft, hidden[sl], weight, bias, gold[sl], predecessor[sl], replace, th)
+        ci = candidate_ids[sl] if candidate_ids is not None else None
+        args = (draft, hidden[sl], weight, bias, gold[sl], predecessor[sl], replace, th, ci)
         if m > chunk_slots and torch.is_grad_enabled():
             parts.append(checkpoint(_selector_chunk, *args, use_reentrant=False))
         else:
