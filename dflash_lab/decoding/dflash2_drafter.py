@@ -101,4 +101,12 @@ class DFlash2Drafter(DFlashDrafter):
         return Proposal(torch.cat(out), q)
 
 
-__all__ = ["DFlash2Drafter", "Proposal", "windowed_block_attention"]
+def drafter_for(draft, target, temperature: float = 0.0, generator: torch.Generator | None = None):
+    """The drafter a loaded draft needs: DFlash2Drafter for a DFlash2 draft, else v1's DFlashDrafter.
+    (For `make_drafter` and the eval harness, which build `DFlashDrafter` directly today.)"""
+    if isinstance(draft, DFlash2DraftModel):
+        return DFlash2Drafter(draft, target, temperature=temperature, generator=generator)
+    return DFlashDrafter(draft, target)
+
+
+__all__ = ["DFlash2Drafter", "Proposal", "drafter_for", "windowed_block_attention"]

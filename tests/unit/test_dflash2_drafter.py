@@ -4,7 +4,8 @@ proposal's q equal to the softmax of the selector row, and the decoding sliding 
 import pytest
 import torch
 
-from dflash_lab.decoding.dflash2_drafter import DFlash2Drafter, Proposal, windowed_block_attention
+from dflash_lab.decoding.dflash2_drafter import DFlash2Drafter, Proposal, drafter_for, windowed_block_attention
+from dflash_lab.decoding.drafters import DFlashDrafter
 from dflash_lab.decoding.speculative import greedy_generate, speculative_generate
 from dflash_lab.models.checkpoint import load_draft, save_draft
 from dflash_lab.models.dflash2 import DFlash2DraftModel, build_dflash2_config
@@ -37,7 +38,9 @@ def test_greedy_dflash2_decoding_is_lossless(kind, tmp_path):
     multi = 0
     for prompt in prompts(5, 24, seed=1):
         reference = greedy_generate(target, prompt, 30).output_ids
-        result = speculative_generate(target, DFlash2Drafter(draft, target), prompt, 30)
+        drafter = drafter_for(draft, target)
+        assert isinstance(drafter, DFlash2Drafter)
+        result = speculative_generate(target, drafter, prompt, 30)
         assert result.output_ids == reference
         assert sum(result.cycle_acceptance) == 29 and max(result.cycle_acceptance) <= 8
         multi += sum(a > 1 for a in result.cycle_acceptance)
@@ -117,3 +120,11 @@ def test_windowed_decode_attention_matches_a_loop_mask_and_decoding_stays_lossle
     prompt = prompts(1, 24, seed=9)[0] * 3
     reference = greedy_generate(target, prompt, 20).output_ids
     assert speculative_generate(target, DFlash2Drafter(windowed, target), prompt, 20).output_ids == reference
+
+
+def test_drafter_for_a_v1_draft_is_the_v1_drafter():
+    from dflash_lab.models.draft import DFlashDraftModel, build_draft_config
+
+    target = wrap_target(tiny_model("qwen3", seed=3, vocab_size=48), mask_token_id=3)
+    v1 = DFlashDraftModel(build_draft_config(target, num_layers=1)).init_weights(0)
+    assert type(drafter_for(v1, target)) is DFlashDrafter
