@@ -176,3 +176,37 @@ def test_per_sequence_loss_is_each_sequences_own_selector_loss(policy):
         if alone.included.any():
             torch.testing.assert_close(got[s], alone.loss)
     assert float(got[1].detach()) == 0.0
+
+
+def test_the_trainers_forward_batch_runs_a_dflash2_draft_and_the_selector_loss_adds_on():
+    """The trainer's real forward (base loss) takes a DFlash2 draft as it is; the selector loss on the
+    same slots, laid out as the docs tell the trainer, trains the conv and the selector."""
+    from dflash_lab.train import blocks as B
+    from dflash_lab.train.data import Sample
+    from dflash_lab.train.losses import LossConfig
+    from dflash_lab.train.trainer import forward_batch
+
+    target = wrap_target(tiny_model("qwen3", seed=1, vocab_size=VOCAB), mask_token_id=3)
+    draft = DFlash2DraftModel(build_dflash2_config(target, num_layers=1, selector_rank=RANK,
+                                                   selector_top_k=TOPK)).init_weights(seed=2)
+    ids = torch.randint(4, VOCAB, (30,), generator=torch.Generator().manual_seed(0)).tolist()
+    sample = Sample("s", "math", ids, [0] * 6 + [1] * 24)
+    _, feats = target.forward(torch.tensor([ids]), draft.target_layer_ids)
+    features = [(feats[0], torch.zeros(30, 64))]
+    cfg = LossConfig(name="ce", gamma=4.0)
+    loss, stats = forward_batch(draft, draft.config, target, features, [sample], [7], num_anchors=6, loss_cfg=cfg)
+    loss.backward()
+    conv = draft.layers[0].attention_conv
+    assert conv.kernel_projection.weight.grad.abs().sum() > 0 and conv.base_kernel.grad.abs().sum() > 0
+    assert draft.candidate_selector.successor_codebook.grad is None  # the base loss never reads the selector
+    # the selector loss on the same layout (what the docs tell the trainer to add)
+    mask = torch.tensor(sample.loss_mask)
+    anchors = B.sample_anchors(mask, 6, torch.Generator().manual_seed(7))
+    block_ids, positions, labels, valid = B.build_blocks(torch.tensor(ids), mask, anchors, 8, 3)
+    hidden = draft(target.embed(block_ids.view(1, -1)), positions.view(1, -1), feats, torch.arange(30)[None],
+                   attention=B.make_attention("chunked", anchors[None], 8)).view(len(anchors), 8, -1)
+    pred = teacher_forced_predecessors(block_ids, labels)[valid]
+    out = selector_loss(draft, hidden[valid], target.lm_head, labels[valid], pred, slot_weights(valid, 4.0))
+    out.loss.backward()
+    assert draft.candidate_selector.successor_codebook.grad.abs().sum() > 0  # zero init still learns
+    assert stats["valid_slots"] == float(valid.sum())
