@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from dflash_lab.errors import DFlashLabError
 from dflash_lab.fileio import sha256_file
 from dflash_lab.models.draft import DFlashDraftModel, DraftConfig, validate_against_target
-from dflash_lab.models.dflash2 import DFlash2Config, DFlash2DraftModel, is_dflash2_config_dict  # noqa: I001 (after draft: merges cleanly)
+from dflash_lab.models.dflash2 import DFlash2Config, DFlash2DraftModel, is_dflash2_config_dict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
