@@ -106,6 +106,7 @@ class SelectorLoss:
     unary_correct: torch.Tensor  # [M] bool: unary argmax == gold
     unary_mass: torch.Tensor  # [M] the draft's softmax(U) mass on the candidates
     target_mass: torch.Tensor | None  # [M] the target's mass on the candidates
+    included_weight: torch.Tensor | None = None  # scalar sum(w * included), detached: exclude's exact denominator
 
 
 def selector_loss(draft, hidden: torch.Tensor, lm_head: torch.nn.Module, gold: torch.Tensor,
@@ -143,7 +144,8 @@ def selector_loss(draft, hidden: torch.Tensor, lm_head: torch.nn.Module, gold: t
     w = weights.to(ce.dtype) * included.to(ce.dtype)
     denom = w.sum().clamp_min(1e-12) if denominator is None else denominator
     loss = (w * ce).sum() / denom
-    return SelectorLoss(loss, ce, included, in_top, correct, unary_correct, unary_mass, target_mass)
+    return SelectorLoss(loss, ce, included, in_top, correct, unary_correct, unary_mass, target_mass,
+                        w.sum().detach())
 
 
 def per_sequence_loss(out: SelectorLoss, weights: torch.Tensor, sequence_index: torch.Tensor,

@@ -88,6 +88,7 @@ def test_selector_loss_and_gradients_match_the_loop(policy, chunk):
     in_top = torch.tensor([int(gold[i]) in top[i].tolist() for i in range(m)])
     assert torch.equal(out.in_top_k, in_top) and 0 < int(in_top.sum()) < m
     assert torch.equal(out.included, in_top if policy == "exclude" else torch.ones(m, dtype=torch.bool))
+    torch.testing.assert_close(out.included_weight, (weights * out.included).sum())
 
 
 def test_teacher_forced_predecessors_and_slot_weights():
