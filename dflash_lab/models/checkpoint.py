@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from dflash_lab.errors import DFlashLabError
 from dflash_lab.fileio import follow_umask_tree, make_temp_dir, read_user_text, sha256_file
 from dflash_lab.models.draft import DFlashDraftModel, DraftConfig, validate_against_target
+from dflash_lab.models.dflash2 import DFlash2Config, DFlash2DraftModel, is_dflash2_config_dict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -137,14 +138,21 @@ def read_draft_config(path: str | os.PathLike) -> DraftConfig:
     if archs and not any("DFlash" in str(a) for a in archs):
         raise DFlashLabError(f"draft {cfg_file}: architectures {archs} is not a DFlash draft (expected DFlashDraftModel)")
     _check_config_types(raw, cfg_file)
+    if is_dflash2_config_dict(raw):
+        return DFlash2Config.from_json_dict(raw, source=str(cfg_file))
     return DraftConfig.from_json_dict(raw, source=str(cfg_file))
+
+
+def draft_class(cfg: DraftConfig) -> type[DFlashDraftModel]:
+    """The model class a config builds: DFlash2 for a DFlash2Config, else v1."""
+    return DFlash2DraftModel if isinstance(cfg, DFlash2Config) else DFlashDraftModel
 
 
 def expected_shapes(cfg: DraftConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of a draft with this config, by checkpoint name."""
     model = torch.device("meta")
     with model:
-        draft = DFlashDraftModel(cfg)
+        draft = draft_class(cfg)(cfg)
     return {name: tuple(t.shape) for name, t in draft.state_dict().items()}
 
 
@@ -196,7 +204,7 @@ def load_draft(path: str | os.PathLike, target=None, *, dtype: torch.dtype | Non
     if dtype is None:
         dtype = target.dtype if target is not None else next(iter(tensors.values())).dtype
     with torch.device("meta"):
-        model = DFlashDraftModel(cfg)
+        model = draft_class(cfg)(cfg)
     model.load_state_dict({n: t.to(dtype) for n, t in tensors.items()}, assign=True, strict=True)
     return model.to(device).eval()
 

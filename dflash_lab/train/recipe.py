@@ -39,6 +39,8 @@ class TargetSection(_Section):
 
 
 class DraftSection(_Section):
+    arch: Literal["dflash", "dflash2"] = "dflash"
+    """`dflash` (v1) or `dflash2` (conv + candidate selector, SPEC section 10; see docs/dflash2.md)."""
     num_layers: int = Field(1, ge=1)
     block_size: int = Field(16, ge=2)
     mask_token_id: int | None = None

@@ -1,0 +1,199 @@
+"""The DFlash2 selector loss and metrics (SPEC section 10, training; reconstructed, see docs/dflash2.md).
+
+For every valid slot k of a block with anchor p (flattened to M slots, like `losses.slot_statistics`):
+
+    U        = the draft's unary logits (target lm_head of the final-normed state, x multiplier, softcap)
+    C        = top-k(U) (k = 16)                                   no gradient through the choice
+    a        = the TEACHER-FORCED predecessor: tok[p + k - 1] (the anchor for k = 1)
+    S(a, b)  = U(b) + < A[a] * (W_h h), B[b] >      for b in C
+    ce       = logsumexp_b S(a, b) - S(a, y)          y = tok[p + k], the gold token
+    loss     = sum(w * ce * inc) / sum(w * inc)       w: the base loss's decay weights
+
+When y is not in C (`gold_policy`):
+    replace  y takes the place of the last (lowest-U) candidate, so every slot is trained
+             (speculators);
+    exclude  the slot leaves the loss (inc = 0) (SpecForge, NeMo Automodel).
+Gradients reach the selector (codebooks, hidden projection) and, through U(b) and h, the backbone.
+
+Metrics (no gradient), all over the valid slots:
+    recall        y in C
+    unary mass    the draft's softmax(U) mass on C
+    target mass   the target's p_k mass on C (when the target's final hidden states are given)
+    accuracy      argmax_b S(y_{k-1}, b) over the ORIGINAL C == y (teacher-forced)
+    selector tau  1 + sum_k prod_{i<=k} accuracy_i per block. This IS the simulated tau of the
+                  selector's own greedy walk: the walk's predecessor equals the gold token for as long
+                  as every earlier slot was accepted, and after the first miss nothing counts.
+    unary tau     the same chain for the unary argmax (what v1's metric measures; it ignores the selector)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from dflash_lab.train.losses import position_weights, scatter_slots, simulated_tau
+
+GOLD_POLICIES = ("replace", "exclude")
+
+
+def teacher_forced_predecessors(block_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[..., B] -> [..., B]: the anchor for slot 1, the gold token of slot k - 1 for k >= 2 (slot 0:
+    the anchor, never used). `block_ids` slot 0 is the anchor; `labels` slot k is tok[p + k]."""
+    pred = torch.cat([block_ids[..., :1], labels[..., :-1]], dim=-1)
+    pred[..., 1] = block_ids[..., 0]
+    return pred
+
+
+def slot_weights(valid: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """The decay weights w_k of every valid slot, flattened like `hidden[valid]`: [M]."""
+    w = position_weights(valid.shape[-1], gamma, device=valid.device)
+    return w.expand(valid.shape)[valid]
+
+
+def _unary(draft, hidden, head_weight, head_bias):
+    logits = torch.nn.functional.linear(hidden, head_weight, head_bias)
+    return draft.process_unary(logits)
+
+
+def _selector_chunk(draft, hidden, head_weight, head_bias, gold, predecessor, replace: bool,
+                    target_hidden=None, given_ids=None):
+    k = draft.top_k
+    with torch.no_grad():  # the candidate set and the metrics: no gradient
+        if given_ids is None:
+            full = _unary(draft, hidden.detach(), head_weight, head_bias)  # [m, V]
+            top_values, ids = torch.topk(full, k, dim=-1)
+            unary_mass = torch.softmax(full, dim=-1).gather(-1, ids).sum(-1)
+        else:  # the caller's top-k (e.g. from logits it already computed): no [m, V] tensor here
+            ids = given_ids
+            top_values = draft.process_unary(torch.matmul(head_weight[ids], hidden.detach().to(head_weight.dtype)[:, :, None])[..., 0]
+                                             + (head_bias[ids] if head_bias is not None else 0))
+            unary_mass = torch.full_like(top_values[:, 0], float("nan"))
+        in_top = (ids == gold[:, None]).any(-1)
+        # teacher-forced choice among the ORIGINAL candidates (what decoding sees)
+        scores0 = draft.selector_scores(hidden.detach(), top_values, ids, predecessor[:, None])[:, 0]
+        correct = ids.gather(-1, scores0.argmax(-1, keepdim=True))[:, 0] == gold
+        unary_correct = ids[:, 0] == gold
+        target_mass = None
+        if target_hidden is not None:
+            t_logits = torch.nn.functional.linear(target_hidden, head_weight, head_bias)
+            p = torch.softmax(t_logits if t_logits.dtype == torch.float64 else t_logits.float(), dim=-1)
+            target_mass = p.gather(-1, ids).sum(-1)
+        train_ids = ids.clone()
+        if replace:
+            train_ids[~in_top, -1] = gold[~in_top]
+        gold_col = (train_ids == gold[:, None]).float().argmax(-1)  # any column when absent (excluded)
+    # the k unary logits with gradient: rows of the lm_head, not the whole vocabulary
+    rows = head_weight[train_ids]  # [m, k, H]
+    u = torch.matmul(rows, hidden.to(rows.dtype)[:, :, None])[..., 0]
+    if head_bias is not None:
+        u = u + head_bias[train_ids]
+    u = draft.process_unary(u)
+    scores = draft.selector_scores(hidden, u, train_ids, predecessor[:, None])[:, 0]  # [m, k]
+    scores = scores if scores.dtype == torch.float64 else scores.float()
+    ce = torch.logsumexp(scores, -1) - scores.gather(-1, gold_col[:, None])[:, 0]
+    return ce, in_top, correct, unary_correct, unary_mass, target_mass
+
+
+@dataclass
+class SelectorLoss:
+    loss: torch.Tensor  # scalar: sum(w * ce * inc) / (denominator or sum(w * inc))
+    ce: torch.Tensor  # [M] per slot (meaningless where not included)
+    included: torch.Tensor  # [M] bool: the slots in the loss
+    in_top_k: torch.Tensor  # [M] bool: gold among the unary top-k
+    correct: torch.Tensor  # [M] bool: teacher-forced selector choice == gold
+    unary_correct: torch.Tensor  # [M] bool: unary argmax == gold
+    unary_mass: torch.Tensor  # [M] the draft's softmax(U) mass on the candidates
+    target_mass: torch.Tensor | None  # [M] the target's mass on the candidates
+    included_weight: torch.Tensor | None = None  # scalar sum(w * included), detached: exclude's exact denominator
+
+
+def selector_loss(draft, hidden: torch.Tensor, lm_head: torch.nn.Module, gold: torch.Tensor,
+                  predecessor: torch.Tensor, weights: torch.Tensor, gold_policy: str = "replace", *,
+                  chunk_slots: int = 1024, denominator: torch.Tensor | float | None = None,
+                  target_hidden: torch.Tensor | None = None, target_index: torch.Tensor | None = None,
+                  candidate_ids: torch.Tensor | None = None) -> SelectorLoss:
+    """The 16-way selector CE of the valid slots. hidden [M, H] (final-normed draft states),
+    gold / predecessor [M] token ids, weights [M] (decay weights, 0 for slots to ignore).
+
+    `denominator`: divide by this instead of sum(w * included) (e.g. the token-level mean's global
+    sum(w * valid), which does not depend on the model). `target_hidden` [R, H] + `target_index` [M]:
+    the target's final hidden state predicting each slot, for the target-mass metric only.
+    `candidate_ids` [M, k]: the unary top-k when the caller already has it (sorted by U descending;
+    the unary-mass metric is then NaN). With more than `chunk_slots` slots, each chunk is recomputed
+    in backward (the top-k needs a [chunk, V] logit tensor)."""
+    if gold_policy not in GOLD_POLICIES:
+        raise ValueError(f"gold_policy {gold_policy!r}: choose one of {GOLD_POLICIES}")
+    replace = gold_policy == "replace"
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    m = hidden.shape[0]
+    parts = []
+    for start in range(0, max(m, 1), chunk_slots):
+        sl = slice(start, start + chunk_slots)
+        th = target_hidden[target_index[sl]] if target_hidden is not None else None
+        ci = candidate_ids[sl] if candidate_ids is not None else None
+        args = (draft, hidden[sl], weight, bias, gold[sl], predecessor[sl], replace, th, ci)
+        if m > chunk_slots and torch.is_grad_enabled():
+            parts.append(checkpoint(_selector_chunk, *args, use_reentrant=False))
+        else:
+            parts.append(_selector_chunk(*args))
+    ce, in_top, correct, unary_correct, unary_mass = (torch.cat([p[i] for p in parts]) for i in range(5))
+    target_mass = torch.cat([p[5] for p in parts]) if target_hidden is not None else None
+    included = torch.ones_like(in_top) if replace else in_top
+    w = weights.to(ce.dtype) * included.to(ce.dtype)
+    denom = w.sum().clamp_min(1e-12) if denominator is None else denominator
+    loss = (w * ce).sum() / denom
+    return SelectorLoss(loss, ce, included, in_top, correct, unary_correct, unary_mass, target_mass,
+                        w.sum().detach())
+
+
+def per_sequence_loss(out: SelectorLoss, weights: torch.Tensor, sequence_index: torch.Tensor,
+                      num_sequences: int) -> torch.Tensor:
+    """Each sequence's own normalised selector loss, [num_sequences] (0 for a sequence with no
+    included slot): sum_seq(w * ce * inc) / sum_seq(w * inc), like `losses.combine` for the base loss.
+    `sequence_index` [M]: the sequence of every slot (`arange(N)[:, None, None].expand_as(valid)[valid]`)."""
+    w = weights.to(out.ce.dtype) * out.included.to(out.ce.dtype)
+    num = out.ce.new_zeros(num_sequences).index_add(0, sequence_index, w * out.ce)
+    den = out.ce.new_zeros(num_sequences).index_add(0, sequence_index, w)
+    return num / den.clamp_min(1e-12)
+
+
+@torch.no_grad()
+def selector_stats(out: SelectorLoss, valid: torch.Tensor) -> dict[str, float]:
+    """Metric SUMS (add them over micro-batches and ranks, then divide by `slots` / `blocks`).
+    `valid` [..., B] is the layout the M slots came from (`hidden[valid]`)."""
+    blocks_valid = valid.reshape(-1, valid.shape[-1])
+    has = blocks_valid.any(-1)
+    sel_tau = simulated_tau(scatter_slots(out.correct.float(), valid).reshape_as(blocks_valid), blocks_valid)[has]
+    una_tau = simulated_tau(scatter_slots(out.unary_correct.float(), valid).reshape_as(blocks_valid), blocks_valid)[has]
+    stats = {
+        "sel_slots": float(out.ce.numel()), "sel_blocks": float(has.sum()),
+        "sel_recall_sum": float(out.in_top_k.sum()), "sel_unary_mass_sum": float(out.unary_mass.sum()),
+        "sel_accuracy_sum": float(out.correct.sum()), "sel_included_sum": float(out.included.sum()),
+        "sel_ce_sum": float((out.ce * out.included).sum()),
+        "sel_tau_sum": float(sel_tau.sum()), "unary_tau_sum": float(una_tau.sum()),
+    }
+    if out.target_mass is not None:
+        stats["sel_target_mass_sum"] = float(out.target_mass.sum())
+    return stats
+
+
+def summarise_stats(stats: dict[str, float]) -> dict[str, float]:
+    """Sums from `selector_stats` -> the logged means."""
+    slots, blocks = max(stats["sel_slots"], 1.0), max(stats["sel_blocks"], 1.0)
+    out = {
+        "selector_recall": stats["sel_recall_sum"] / slots,
+        "selector_unary_mass": stats["sel_unary_mass_sum"] / slots,
+        "selector_accuracy": stats["sel_accuracy_sum"] / slots,
+        "selector_ce": stats["sel_ce_sum"] / max(stats["sel_included_sum"], 1.0),
+        "selector_tau": stats["sel_tau_sum"] / blocks,
+        "unary_tau": stats["unary_tau_sum"] / blocks,
+    }
+    if "sel_target_mass_sum" in stats:
+        out["selector_target_mass"] = stats["sel_target_mass_sum"] / slots
+    return out
+
+
+__all__ = ["GOLD_POLICIES", "SelectorLoss", "selector_loss", "per_sequence_loss", "selector_stats", "summarise_stats",
+           "teacher_forced_predecessors", "slot_weights"]
