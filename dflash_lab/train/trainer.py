@@ -166,12 +166,12 @@ def forward_batch(draft_module, draft_cfg, target, features, samples, anchor_see
             # fp32 like the draft's master weights: RoPE and norms in fp32, autocast runs the linears in bf16
             noise = target.embed(batch["block_ids"].view(n, a * bsz)).float()
         attn = B.make_attention(attention, batch["anchors"], bsz, anchor_chunk)
-        hidden = draft_module(noise, batch["positions"].view(n, a * bsz), ctx, ctx_pos, attention=attn)
-        hidden = hidden.view(n, a, bsz, -1)
         valid = batch["valid"]
         if max_slot is not None and max_slot < bsz - 1:
             valid = valid & (torch.arange(bsz, device=device) <= max_slot)
-        h_sel = hidden[valid]  # only valid slots reach the (large) lm_head
+        # only the scored slots go through the last layer's query/MLP and the (large) lm_head
+        h_sel = draft_module(noise, batch["positions"].view(n, a * bsz), ctx, ctx_pos, attention=attn,
+                             output_slots=valid.view(n, a * bsz))
         labels = batch["labels"][valid]
         t_rows = t_index = None
         if L.needs_target_logits(loss_cfg.name):
@@ -181,9 +181,9 @@ def forward_batch(draft_module, draft_cfg, target, features, samples, anchor_see
             t_index = seq_idx * final.shape[1] + batch["positions"][valid] - 1
             t_rows = final.reshape(-1, final.shape[-1]).to(h_sel.dtype)
         ce, kl, overlap, correct = L.slot_statistics(h_sel, labels, target.lm_head, t_rows, chunk_slots,
-                                                     target_index=t_index)
+                                                     target_index=t_index, need_overlap=L.needs_overlap(loss_cfg))
     ce_b, kl_b, ov_b, cor_b = (L.scatter_slots(x, valid) for x in (ce, kl, overlap, correct))
-    loss_sum = hidden.new_zeros((), dtype=torch.float32)
+    loss_sum = h_sel.new_zeros((), dtype=torch.float32)
     for i in range(n):
         rows = valid[i].any(dim=1)
         loss_sum = loss_sum + L.combine(loss_cfg, ce_b[i][rows], kl_b[i][rows], ov_b[i][rows], valid[i][rows])
