@@ -9,6 +9,10 @@ For the draft's hidden states h [M, H] of the scored slots, their labels y, and 
               m_v = 1 where q_v < p_v, 1/2 where q_v == p_v, else 0   (torch.minimum's subgradient)
     correct = [argmax z == y]           (no gradient)
 
+The KL value itself needs no [M, V] work either: sum_v p_v log q_v = sum_v p_v z_v - sum(p) lse(z),
+and sum_v p_v z_v = (p @ W) . h + p . b, so per slot it is one [H] dot product with the position's
+p @ W (only overlap, when the loss uses it, reads p and q entry by entry).
+
 The gradient with respect to h is (d/dz) @ W, and each d/dz above is a combination of q, p,
 onehot(y) and g with per-slot scalar coefficients. So the forward computes the [M, H] products
 q @ W, p @ W (once per distinct target position), g @ W (only when overlap is used) and keeps
@@ -36,11 +40,13 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _teacher(rows: torch.Tensor, weight, bias, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The target's log p [R, V], p @ W [R, H] and sum(p) [R] for its final hidden states [R, H]."""
+def _teacher(rows: torch.Tensor, weight, bias, dtype):
+    """Per distinct target position, from its final hidden state [R, H]: log p [R, V], p @ W [R, H],
+    sum(p), sum(p log p) and p . b (each [R])."""
     logp = torch.log_softmax(_at_least_fp32(F.linear(rows, weight, bias)).to(dtype), dim=-1)
     p = logp.exp()
-    return logp, torch.matmul(p, weight), p.sum(-1)
+    p_b = torch.matmul(p, bias.to(dtype)) if bias is not None else p.new_zeros(p.shape[0])
+    return logp, torch.matmul(p, weight), p.sum(-1), (p * logp).sum(-1), p_b
 
 
 class VocabChunk(torch.autograd.Function):
@@ -52,28 +58,41 @@ class VocabChunk(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, labels, weight, bias, rows, row_of_slot, need_overlap: bool):
         logits = _at_least_fp32(F.linear(hidden, weight, bias))  # [m, V]
-        logq = torch.log_softmax(logits, dim=-1)
-        ce = -logq.gather(-1, labels[:, None]).squeeze(-1)
-        correct = (logits.argmax(-1) == labels).to(ce.dtype)
-        del logits
-        q = logq.exp()
-        q_w = torch.matmul(q, weight)  # [m, H]: the q-part of every gradient
+        correct = (logits.argmax(-1) == labels).to(logits.dtype)
+        lse = torch.logsumexp(logits, dim=-1)
+        ce = lse - logits.gather(-1, labels[:, None]).squeeze(-1)  # -log q(y)
         zero = torch.zeros_like(ce)
         kl, overlap = zero, zero.clone()
         p_w = p_sum = g_w = g_sum = None
         if rows is not None:
-            logp_rows, p_w, p_sum = _teacher(rows, weight, bias, logq.dtype)
+            logp_rows, p_w, p_sum, p_logp, p_b = _teacher(rows, weight, bias, logits.dtype)
+        if rows is not None and need_overlap:  # overlap needs p and q side by side: [m, V] work
+            logq = torch.log_softmax(logits, dim=-1)  # as the target's: equal entries round alike (ties)
+            del logits
+            q = logq.exp()
             logp = logp_rows[row_of_slot]  # [m, V], this chunk's slots only
-            del logp_rows
             p = logp.exp()
             kl = (p * (logp - logq)).sum(-1)
             del logp, logq
-            if need_overlap:
-                overlap = torch.minimum(p, q).sum(-1)
-                # torch.minimum's backward for its second argument: 1 where q < p, 1/2 on ties
-                g = q * ((q < p).to(q.dtype) + 0.5 * (q == p).to(q.dtype))
-                g_sum = g.sum(-1)
-                g_w = torch.matmul(g, weight)
+            overlap = torch.minimum(p, q).sum(-1)
+            # torch.minimum's backward for its second argument: 1 where q < p, 1/2 on ties
+            g = q * ((q < p).to(q.dtype) + 0.5 * (q == p).to(q.dtype))
+            del p
+            g_sum = g.sum(-1)
+            g_w = torch.matmul(g, weight)
+            del g
+        else:
+            q = logits.sub_(lse[:, None]).exp_()  # in place: the logits become q
+            if rows is not None:
+                # KL(p || q) = sum p log p - sum p z + sum(p) lse, and sum_v p_v z_v = (p @ W) . h + p . b:
+                # per slot an [H] dot product, nothing vocabulary-sized
+                r = row_of_slot
+                p_z = (p_w[r].to(lse.dtype) * hidden.to(lse.dtype)).sum(-1) + p_b[r]
+                kl = p_logp[r] - p_z + p_sum[r] * lse
+        if rows is not None:
+            del logp_rows
+        q_w = torch.matmul(q, weight)  # [m, H]: the q-part of every gradient
+        del q
         ctx.has_target, ctx.has_overlap = rows is not None, g_w is not None
         ctx.hidden_dtype = hidden.dtype
         saved = [labels, weight, q_w]
