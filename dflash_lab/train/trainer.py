@@ -468,7 +468,7 @@ def train(config, data_path, out_dir, target=None, resume: bool = False, max_ste
                 # the next three steps, averaged over ranks so that every rank decides the same length
                 per_step = D.all_reduce_sum(torch.tensor([(time.perf_counter() - budget_mark[0]) / (step - budget_mark[1])],
                                                          dtype=torch.float64), info) / max(info.world_size, 1)
-                total_steps = min(total_steps, max(step, int(tcfg.time_budget_s / float(per_step[0]))))
+                total_steps = min(total_steps, max(step, tcfg.min_steps or 0, int(tcfg.time_budget_s / float(per_step[0]))))
                 budget_fixed = True
                 if info.is_main:
                     run_json = json.loads((out_dir / "run.json").read_text())
