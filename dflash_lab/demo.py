@@ -64,11 +64,14 @@ PRESETS = {
                    eval_max_new_tokens=24),
     "quick": Preset(n_math=14, n_code=14, n_chat=10, label_max_new_tokens=40, label_batch_size=16, max_length=256,
                     num_anchors=48, stage1_steps=200, stage2_steps=120, micro_batch=2, eval_limit=1,
-                    eval_max_new_tokens=32, stage1_budget_s=50, stage2_budget_s=30, save_every=1000),
+                    eval_max_new_tokens=32, stage1_budget_s=50, stage2_budget_s=30, save_every=1000,
+                    # about the steps the budgets give on an idle machine (BENCHMARKS.md section 2): at
+                    # most ~15 s over the budgets there, so --quick stays under 5 minutes
+                    stage1_min_steps=20, stage2_min_steps=24),
     "default": Preset(n_math=64, n_code=64, n_chat=48, label_max_new_tokens=96, label_batch_size=16,
                       max_length=384, num_anchors=48, stage1_steps=1000, stage2_steps=600, micro_batch=2,
                       eval_limit=2, eval_max_new_tokens=64, stage1_budget_s=390, stage2_budget_s=390,
-                      save_every=50),
+                      save_every=50, stage1_min_steps=100, stage2_min_steps=200),
 }
 
 
