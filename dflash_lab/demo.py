@@ -47,6 +47,11 @@ class Preset:
     """Training time of stage 1: the trainer measures its step time and sizes the schedule to fit
     (`train.time_budget_s`), so the demo keeps its wall time on a slower or busier machine."""
     stage2_budget_s: float | None = None
+    stage1_min_steps: int | None = None
+    """The floor under the time budget (`train.min_steps`): a busy machine trains this many steps
+    anyway (taking longer) instead of a draft that learned nothing. Sized to fit the preset's wall
+    time on an idle machine."""
+    stage2_min_steps: int | None = None
     save_every: int = 0
     """Checkpoint (and held-out evaluation) every N steps; 0 = a quarter of the cap."""
     max_slot: int | None = 4
@@ -59,11 +64,14 @@ PRESETS = {
                    eval_max_new_tokens=24),
     "quick": Preset(n_math=14, n_code=14, n_chat=10, label_max_new_tokens=40, label_batch_size=16, max_length=256,
                     num_anchors=48, stage1_steps=200, stage2_steps=120, micro_batch=2, eval_limit=1,
-                    eval_max_new_tokens=32, stage1_budget_s=50, stage2_budget_s=30, save_every=1000),
+                    eval_max_new_tokens=32, stage1_budget_s=50, stage2_budget_s=30, save_every=1000,
+                    # about the steps the budgets give on an idle machine (BENCHMARKS.md section 2): at
+                    # most ~15 s over the budgets there, so --quick stays under 5 minutes
+                    stage1_min_steps=20, stage2_min_steps=24),
     "default": Preset(n_math=64, n_code=64, n_chat=48, label_max_new_tokens=96, label_batch_size=16,
                       max_length=384, num_anchors=48, stage1_steps=1000, stage2_steps=600, micro_batch=2,
                       eval_limit=2, eval_max_new_tokens=64, stage1_budget_s=390, stage2_budget_s=390,
-                      save_every=50),
+                      save_every=50, stage1_min_steps=100, stage2_min_steps=200),
 }
 
 
@@ -72,6 +80,7 @@ def demo_recipe(preset: Preset, stage: str, out: Path, init: str = "scratch") ->
     kd = stage == STAGES[0]
     steps = preset.stage1_steps if kd else preset.stage2_steps
     budget = preset.stage1_budget_s if kd else preset.stage2_budget_s
+    floor = preset.stage1_min_steps if kd else preset.stage2_min_steps
     save_every = preset.save_every or max(steps // 4, 1)
     return {
         "name": stage,
@@ -89,7 +98,7 @@ def demo_recipe(preset: Preset, stage: str, out: Path, init: str = "scratch") ->
             "heldout_max": 8,
             "feature_cache": str(out / "feature-cache"),
         },
-        # one chunk for all slots of a step: no recomputation of the 49K-row head in backward
+        # one chunk for all slots of a step (a few hundred slots x 49K fits easily)
         "loss": {"name": "kd" if kd else "survival-eal", "alpha": 0.0, "gamma": 7.0, "chunk_slots": 8192,
                  "max_slot": preset.max_slot},
         "train": {
@@ -97,6 +106,7 @@ def demo_recipe(preset: Preset, stage: str, out: Path, init: str = "scratch") ->
             "epochs": 1000,  # the step budget (or the time budget) ends the stage
             "max_steps": steps,
             "time_budget_s": budget,
+            "min_steps": floor,
             "micro_batch": preset.micro_batch,
             "global_batch": preset.micro_batch,
             "warmup_ratio": 0.04,
@@ -218,8 +228,9 @@ def run_demo(out: str | os.PathLike = "demo-out", *, preset: str = "default", pr
         if not state.done(stage):
             recipe = demo_recipe(sizes, stage, out, init=init)
             budget = recipe["train"]["time_budget_s"]
-            length = (f"{budget:.0f} s of training, at most {recipe['train']['max_steps']} steps" if budget
-                      else f"{recipe['train']['max_steps']} steps")
+            floor = recipe["train"]["min_steps"]
+            length = (f"{budget:.0f} s of training{f' (at least {floor} steps)' if floor else ''}, "
+                      f"at most {recipe['train']['max_steps']} steps" if budget else f"{recipe['train']['max_steps']} steps")
             _log(f"training {stage} ({recipe['loss']['name']}, {length}, init {init})")
             resume = (run_dir / "run.json").exists()
             train(recipe, label_dir, run_dir, target=target, resume=resume, db=str(db))

@@ -146,6 +146,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 AttentionFn = Callable[..., torch.Tensor]
 
 
+def select_columns(x: torch.Tensor, columns: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[N, A*B, ...] -> [N, A*K, ...]: slots `columns` (K of them) of every block, block-major."""
+    n, q = x.shape[:2]
+    return x.view(n, q // block_size, block_size, *x.shape[2:])[:, :, columns].reshape(n, -1, *x.shape[2:])
+
+
 def full_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale):
     """Decoding: the block sees the whole (cached) context and all of itself."""
     k = torch.cat([k_ctx, k_blk], dim=2)
@@ -158,6 +164,7 @@ class DraftAttention(nn.Module):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.block_size = cfg.block_size
         self.q_proj = nn.Linear(h, self.num_heads * d, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
@@ -172,11 +179,16 @@ class DraftAttention(nn.Module):
         k = self.k_norm(self._heads(self.k_proj(x), self.num_kv_heads))
         return apply_rope(k, cos, sin), self._heads(self.v_proj(x), self.num_kv_heads)
 
-    def forward(self, h, cos, sin, k_ctx, v_ctx, attention: AttentionFn):
-        q = apply_rope(self.q_norm(self._heads(self.q_proj(h), self.num_heads)), cos, sin)
+    def forward(self, h, cos, sin, k_ctx, v_ctx, attention: AttentionFn, query_columns: torch.Tensor | None = None):
+        """Keys/values from every block slot; queries (and the output) only for the slots
+        `query_columns` of each block when given, else for all."""
+        hq, cq, sq = h, cos, sin
+        if query_columns is not None:
+            hq, cq, sq = (select_columns(t, query_columns, self.block_size) for t in (h, cos, sin))
+        q = apply_rope(self.q_norm(self._heads(self.q_proj(hq), self.num_heads)), cq, sq)
         k_blk, v_blk = self.key_value(h, cos, sin)
         out = attention(q, k_ctx, v_ctx, k_blk, v_blk, self.head_dim**-0.5)
-        return self.o_proj(out.transpose(1, 2).reshape(*h.shape[:2], -1))
+        return self.o_proj(out.transpose(1, 2).reshape(*hq.shape[:2], -1))
 
 
 class DraftMLP(nn.Module):
@@ -198,8 +210,11 @@ class DraftLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = DraftMLP(cfg)
 
-    def forward(self, x, cos, sin, k_ctx, v_ctx, attention):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_ctx, v_ctx, attention)
+    def forward(self, x, cos, sin, k_ctx, v_ctx, attention, query_columns: torch.Tensor | None = None):
+        h = self.input_layernorm(x)
+        if query_columns is not None:  # the residual stream continues only for the queried slots
+            x = select_columns(x, query_columns, self.self_attn.block_size)
+        x = x + self.self_attn(h, cos, sin, k_ctx, v_ctx, attention, query_columns)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -272,9 +287,22 @@ class DFlashDraftModel(nn.Module):
         *,
         cache: DraftCache | None = None,
         attention: AttentionFn = full_attention,
+        output_slots: torch.Tensor | None = None,  # bool [N, Q]: the only slots whose output is needed
     ) -> torch.Tensor:
-        """Hidden states of the block slots after the final norm: [N, Q, H]."""
+        """Hidden states of the block slots after the final norm: [N, Q, H].
+
+        With `output_slots`, [M, H] for its True entries in row-major order (= full[output_slots]):
+        the last layer still takes keys and values from every slot, but computes its query,
+        attention output, o_proj, MLP and the final norm only for the slots (columns of a block)
+        that some block needs; training passes the scored slots (valid, <= loss.max_slot)."""
         cfg = self.config
+        columns = needed = None
+        if output_slots is not None:
+            n, q = output_slots.shape
+            needed = output_slots.view(n, q // cfg.block_size, cfg.block_size)
+            columns = needed.any(dim=1).any(dim=0).nonzero().flatten()  # slots some block scores
+            if columns.numel() == 0:
+                columns = torch.arange(cfg.block_size, device=output_slots.device)
         dtype = noise_embedding.dtype
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype)
         if context_features is not None and context_features.shape[1] > 0:
@@ -291,8 +319,12 @@ class DFlashDraftModel(nn.Module):
                 k_ctx, v_ctx = empty, empty
             if cache is not None:
                 k_ctx, v_ctx = cache.extend(i, k_ctx, v_ctx)
-            x = layer(x, cos, sin, k_ctx, v_ctx, attention)
-        return self.norm(x)
+            last = i == len(self.layers) - 1
+            x = layer(x, cos, sin, k_ctx, v_ctx, attention, query_columns=columns if last else None)
+        x = self.norm(x)
+        if needed is None:
+            return x
+        return x.view(*needed.shape[:2], columns.numel(), x.shape[-1])[needed[:, :, columns]]
 
 
 def build_draft_config(

@@ -63,39 +63,42 @@ def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _chunk_attention(q, k_ctx, v_ctx, k_blk, v_blk, anchor_pos, scale, block_size):
-    """One chunk of anchors. q/k_blk/v_blk [N, h, a*B, d]; k_ctx/v_ctx [N, h, S', d]; anchor_pos [N, a].
+    """One chunk of anchors. q [N, h, a*Kq, d] (Kq query slots per anchor: all B, or fewer);
+    k_blk/v_blk [N, h, a*B, d]; k_ctx/v_ctx [N, h, S', d]; anchor_pos [N, a].
 
-    The context part [N, h, a*B, S'] and the block-diagonal part [N, h, a, B, B] share one softmax
+    The context part [N, h, a*Kq, S'] and the block-diagonal part [N, h, a, Kq, B] share one softmax
     (concatenated along the key axis), which is the exact log-sum-exp merge of the two. The block
     part always has keys, so no row is fully masked."""
     n, h, qlen, d = q.shape
-    a = qlen // block_size
+    a = anchor_pos.shape[1]
+    kq = qlen // a
     s = k_ctx.shape[2]
-    ctx_scores = torch.matmul(q, k_ctx.transpose(-1, -2)) * scale  # [N, h, a*B, S']
+    ctx_scores = torch.matmul(q, k_ctx.transpose(-1, -2)) * scale  # [N, h, a*Kq, S']
     key_pos = torch.arange(s, device=q.device)
     visible = key_pos[None, None, :] < anchor_pos[:, :, None]  # [N, a, S']
-    visible = visible.repeat_interleave(block_size, dim=1)[:, None]  # [N, 1, a*B, S']
+    visible = visible.repeat_interleave(kq, dim=1)[:, None]  # [N, 1, a*Kq, S']
     ctx_scores = ctx_scores.masked_fill(~visible, float("-inf"))
-    qb = q.view(n, h, a, block_size, d)
+    qb = q.view(n, h, a, kq, d)
     kb = k_blk.view(n, h, a, block_size, d)
     vb = v_blk.view(n, h, a, block_size, d)
-    blk_scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale  # [N, h, a, B, B]
+    blk_scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale  # [N, h, a, Kq, B]
     scores = torch.cat([ctx_scores, blk_scores.reshape(n, h, qlen, block_size)], dim=-1)
     probs = torch.softmax(scores if scores.dtype == torch.float64 else scores.float(), dim=-1).to(q.dtype)
     p_ctx, p_blk = probs[..., :s], probs[..., s:]
     out = torch.matmul(p_ctx, v_ctx)
-    out = out + torch.matmul(p_blk.reshape(n, h, a, block_size, block_size), vb).reshape(n, h, qlen, d)
+    out = out + torch.matmul(p_blk.reshape(n, h, a, kq, block_size), vb).reshape(n, h, qlen, d)
     return out
 
 
 def chunked_block_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale, *, anchor_pos: torch.Tensor, block_size: int,
                             anchor_chunk: int = 64, recompute: bool | None = None):
-    """CPU training attention. q [N, h, A*B, d]; k_ctx/v_ctx [N, kv, S, d]; k_blk/v_blk [N, kv, A*B, d];
-    anchor_pos [N, A] sorted per sequence. Memory is bounded by the anchor chunk: a chunk only
-    reads the context keys below its largest anchor, and with several chunks each is recomputed in
-    backward (activation checkpointing)."""
+    """CPU training attention. q [N, h, A*Kq, d] (Kq = B, or fewer query slots per anchor);
+    k_ctx/v_ctx [N, kv, S, d]; k_blk/v_blk [N, kv, A*B, d]; anchor_pos [N, A] sorted per sequence.
+    Memory is bounded by the anchor chunk: a chunk only reads the context keys below its largest
+    anchor, and with several chunks each is recomputed in backward (activation checkpointing)."""
     n, h, qlen, d = q.shape
     a_total = anchor_pos.shape[1]
+    kq = qlen // a_total
     k_ctx, v_ctx = _expand_kv(k_ctx, h), _expand_kv(v_ctx, h)
     k_blk, v_blk = _expand_kv(k_blk, h), _expand_kv(v_blk, h)
     chunks = range(0, a_total, anchor_chunk)
@@ -106,8 +109,8 @@ def chunked_block_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale, *, anchor_pos:
         stop = min(start + anchor_chunk, a_total)
         pos = anchor_pos[:, start:stop]
         s_max = int(pos.max()) if pos.numel() else 0  # keys at >= max anchor are never visible
-        qs = slice(start * block_size, stop * block_size)
-        args = (q[:, :, qs], k_ctx[:, :, :s_max], v_ctx[:, :, :s_max], k_blk[:, :, qs], v_blk[:, :, qs], pos)
+        qs, ks = slice(start * kq, stop * kq), slice(start * block_size, stop * block_size)
+        args = (q[:, :, qs], k_ctx[:, :, :s_max], v_ctx[:, :, :s_max], k_blk[:, :, ks], v_blk[:, :, ks], pos)
         if recompute:
             outs.append(checkpoint(_chunk_attention, *args, scale, block_size, use_reentrant=False))
         else:
@@ -115,48 +118,124 @@ def chunked_block_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale, *, anchor_pos:
     return torch.cat(outs, dim=2)
 
 
-def flex_block_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale, *, anchor_pos: torch.Tensor, block_size: int, compiled: bool = True):
-    """The same rules as a flex_attention BlockMask over keys [context S ; blocks A*B] (GPU path)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+FLEX_BLOCK = 128  # flex_attention's default sparse block size (queries and keys)
 
-    n, h, qlen, d = q.shape
-    s = k_ctx.shape[2]
-    # under autocast q/k (RoPE'd in fp32) and v (a bf16 linear) can differ: use v's dtype for all
-    out_dtype, dt = q.dtype, v_ctx.dtype
-    q = q.to(dt)
-    k = torch.cat([k_ctx, k_blk], dim=2).to(dt)
-    v = torch.cat([v_ctx, v_blk], dim=2).to(dt)
-    anchor_of_query = anchor_pos.repeat_interleave(block_size, dim=1)  # [N, A*B]
 
-    def mask_mod(b, hh, q_idx, kv_idx):
+def _ceil_to(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def flex_block_mask(anchor_pos: torch.Tensor, block_size: int, context_len: int, num_queries: int):
+    """The BlockMask of the three rules over keys [context S ; blocks A*B ; zero padding], built
+    sparsely from the anchors: no [Q, K] mask is ever materialised, only [N, Q/128, K/128] block
+    flags. Queries are A groups of num_queries/A slots (all B slots, or the scored slots of the last
+    layer); query i belongs to anchor i // (num_queries/A). The key length is padded to a multiple of
+    the 128-key block (the padded keys are never visible).
+
+    Block (query block i, key block j) is listed when any of its queries may see any of its keys:
+    context keys below the block's largest anchor, or the own-block keys of its anchors. It is
+    FULL (no mask_mod evaluated) when it is pure context below the block's smallest anchor."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n, a = anchor_pos.shape
+    kq = num_queries // a
+    s, dev = context_len, anchor_pos.device
+    q_pad, kv_len = _ceil_to(num_queries, FLEX_BLOCK), _ceil_to(s + a * block_size, FLEX_BLOCK)
+    n_qb, n_kb = q_pad // FLEX_BLOCK, kv_len // FLEX_BLOCK
+    anchor_of_query = anchor_pos.repeat_interleave(kq, dim=1)  # [N, Q]
+    # padded queries copy the last real one: indices stay in range, min/max per block unchanged
+    anchor_of_query = torch.cat([anchor_of_query, anchor_of_query[:, -1:].expand(n, q_pad - num_queries)], dim=1)
+    per_block = anchor_of_query.view(n, n_qb, FLEX_BLOCK)
+    p_min, p_max = per_block.min(-1).values, per_block.max(-1).values  # [N, nQ]
+    kb_start = torch.arange(n_kb, device=dev) * FLEX_BLOCK  # [nK]
+    kb_end = kb_start + FLEX_BLOCK
+    qb = torch.arange(n_qb, device=dev)
+    first_anchor = qb * FLEX_BLOCK // kq
+    last_anchor = (torch.clamp((qb + 1) * FLEX_BLOCK, max=num_queries) - 1) // kq
+    own_lo, own_hi = s + first_anchor * block_size, s + (last_anchor + 1) * block_size  # [nQ] keys [lo, hi)
+    context = kb_start[None, None, :] < torch.clamp(p_max, max=s)[:, :, None]  # [N, nQ, nK]
+    own = (kb_start[None, :] < own_hi[:, None]) & (kb_end[None, :] > own_lo[:, None])  # [nQ, nK]
+    full = kb_end[None, None, :] <= torch.clamp(p_min, max=s)[:, :, None]
+    partial = (context | own[None]) & ~full
+
+    def as_indices(flags):  # [N, nQ, nK] bool -> counts [N, 1, nQ], listed blocks first [N, 1, nQ, nK]
+        counts = flags.sum(-1, dtype=torch.int32)
+        order = torch.argsort((~flags).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return counts[:, None].contiguous(), order[:, None].contiguous()
+
+    def mask_mod(b, h, q_idx, kv_idx):
         ctx = (kv_idx < s) & (kv_idx < anchor_of_query[b, q_idx])
-        own = (kv_idx >= s) & ((kv_idx - s) // block_size == q_idx // block_size)
-        return ctx | own
+        own_block = (kv_idx >= s) & ((kv_idx - s) // block_size == q_idx // kq)
+        return ctx | own_block
 
-    device = q.device.type
-    block_mask = create_block_mask(mask_mod, n, None, qlen, s + qlen, device=device)
-    fn = _compiled_flex() if (compiled and device == "cuda") else flex_attention
-    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]).to(out_dtype)
-
-
-_FLEX = None
+    kv_num, kv_idx = as_indices(partial)
+    full_num, full_idx = as_indices(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+                                    seq_lengths=(num_queries, kv_len))
 
 
-def _compiled_flex():
-    global _FLEX
-    if _FLEX is None:
+class FlexBlockAttention:
+    """The training attention with flex_attention (GPU path; forward also runs on CPU).
+
+    One object per micro-batch: its BlockMask is built on the first layer's call and reused by
+    every later layer (one mask per query layout: all slots, and the scored slots of the last
+    layer when the draft computes only those). Same signature as the other attention callables."""
+
+    def __init__(self, anchor_pos: torch.Tensor, block_size: int, compiled: bool = True):
+        self.anchor_pos, self.block_size, self.compiled = anchor_pos, block_size, compiled
+        self._masks: dict[tuple[int, int], object] = {}
+        self.masks_built = 0
+
+    def block_mask(self, context_len: int, num_queries: int):
+        key = (context_len, num_queries)
+        if key not in self._masks:
+            self._masks[key] = flex_block_mask(self.anchor_pos, self.block_size, context_len, num_queries)
+            self.masks_built += 1
+        return self._masks[key]
+
+    def __call__(self, q, k_ctx, v_ctx, k_blk, v_blk, scale):
         from torch.nn.attention.flex_attention import flex_attention
 
-        _FLEX = torch.compile(flex_attention, dynamic=True)
-    return _FLEX
+        s, num_queries = k_ctx.shape[2], q.shape[2]
+        mask = self.block_mask(s, num_queries)
+        # under autocast q/k (RoPE'd in fp32) and v (a bf16 linear) can differ: use v's dtype for all
+        out_dtype, dt = q.dtype, v_ctx.dtype
+        pad = mask.seq_lengths[1] - s - k_blk.shape[2]
+        zeros = k_blk.new_zeros(*k_blk.shape[:2], pad, k_blk.shape[3])
+        k = torch.cat([k_ctx, k_blk, zeros], dim=2).to(dt)
+        v = torch.cat([v_ctx, v_blk, zeros.to(v_blk.dtype)], dim=2).to(dt)
+        fn = _compiled_flex(q.device.type) if self.compiled else flex_attention
+        out = fn(q.to(dt), k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return out.to(out_dtype)
+
+
+def flex_block_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale, *, anchor_pos: torch.Tensor, block_size: int,
+                         compiled: bool = True):
+    """One call of the flex path (tests; the trainer keeps one FlexBlockAttention per micro-batch)."""
+    return FlexBlockAttention(anchor_pos, block_size, compiled)(q, k_ctx, v_ctx, k_blk, v_blk, scale)
+
+
+_FLEX: dict[str, object] = {}
+
+
+def _compiled_flex(device_type: str):
+    """torch.compile'd flex_attention. Dynamic shapes on CUDA (context and anchor counts change every
+    micro-batch); static on CPU, where inductor's C++ flex kernel with dynamic shapes does not
+    compile in torch 2.13 (tests run it on CPU, forward only)."""
+    if device_type not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX[device_type] = torch.compile(flex_attention, dynamic=device_type == "cuda")
+    return _FLEX[device_type]
 
 
 def make_attention(kind: str, anchor_pos: torch.Tensor, block_size: int, anchor_chunk: int = 64):
-    """The attention callable the draft's forward takes, bound to this batch's anchors."""
+    """The attention callable the draft's forward takes, bound to this batch's anchors. Queries may
+    be all A*B slots or A groups of fewer slots (the scored slots of the last layer)."""
     if kind == "auto":
         kind = "flex" if anchor_pos.is_cuda else "chunked"
     if kind == "flex":
-        return lambda q, kc, vc, kb, vb, scale: flex_block_attention(q, kc, vc, kb, vb, scale, anchor_pos=anchor_pos, block_size=block_size)
+        return FlexBlockAttention(anchor_pos, block_size, compiled=anchor_pos.is_cuda)
     return lambda q, kc, vc, kb, vb, scale: chunked_block_attention(
         q, kc, vc, kb, vb, scale, anchor_pos=anchor_pos, block_size=block_size, anchor_chunk=anchor_chunk)
 
@@ -215,5 +294,6 @@ def pad_sequences(seqs: list[torch.Tensor], value: float = 0) -> torch.Tensor:
 
 __all__ = [
     "anchor_candidates", "sample_anchors", "build_blocks", "chunked_block_attention", "flex_block_attention",
+    "FlexBlockAttention", "flex_block_mask",
     "make_attention", "reference_mask", "dense_reference_attention", "collate_blocks", "pad_sequences",
 ]

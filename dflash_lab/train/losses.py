@@ -8,8 +8,9 @@ Two stages, so that nothing vocabulary-sized is ever materialised for all slots 
        kl_k      = KL(p_k || q_k) over the full vocabulary
        overlap_k = sum_v min(p_k(v), q_k(v))       (sampled-verify acceptance)
        correct_k = [argmax q_k == y_k]               (no gradient)
-   It runs over chunks of slots; with more than one chunk each chunk is recomputed in backward
-   (activation checkpointing), so peak memory is one chunk of [slots, V] logits.
+   It runs over chunks of slots, one custom autograd function per chunk (`vocab_stage.py`): the
+   forward keeps only [slots, H] partial gradients, so peak memory is one chunk of [slots, V]
+   logits and the backward recomputes nothing.
 2. `combine` turns the per-slot scalars [blocks, B] (slot 0 and invalid slots masked) into this
    batch's share of the loss of the optimizer step.
 
@@ -40,8 +41,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+from dflash_lab.train.vocab_stage import vocab_statistics
 
 LOSS_NAMES = ("ce", "kd", "eal", "survival-eal", "dpace")
 
@@ -70,62 +71,21 @@ def needs_overlap(cfg: "LossConfig") -> bool:
     return cfg.name in ("eal", "survival-eal") and cfg.eal_mode == "sampled"
 
 
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def _stats_chunk(hidden, labels, target_hidden, head_weight, head_bias, with_target: bool, target_index=None):
-    logits = _at_least_fp32(F.linear(hidden, head_weight, head_bias))  # [M, V]
-    logq = torch.log_softmax(logits, dim=-1)
-    ce = -logq.gather(-1, labels[:, None]).squeeze(-1)
-    correct = (logits.detach().argmax(-1) == labels).to(ce.dtype)
-    if not with_target:
-        zero = torch.zeros_like(ce)
-        return ce, zero, zero, correct
-    with torch.no_grad():
-        if target_index is None:
-            rows, inverse = target_hidden, None
-        else:
-            # many slots share a position (overlapping blocks): run the lm_head once per position
-            used, inverse = torch.unique(target_index, return_inverse=True)
-            rows = target_hidden[used]
-        logp = torch.log_softmax(_at_least_fp32(F.linear(rows, head_weight, head_bias)).to(logq.dtype), dim=-1)
-        if inverse is not None:
-            logp = logp[inverse]
-        p = logp.exp()
-    kl = (p * (logp - logq)).sum(-1)
-    overlap = torch.minimum(p, logq.exp()).sum(-1)
-    return ce, kl, overlap, correct
-
-
 def slot_statistics(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module,
                     target_hidden: torch.Tensor | None = None, chunk_slots: int = 1024,
-                    target_index: torch.Tensor | None = None):
+                    target_index: torch.Tensor | None = None, need_overlap: bool = True):
     """Per-slot (ce, kl, overlap, correct), each [M], for hidden [M, H] and labels [M].
 
     `target_hidden` [M, H]: the target's final hidden state at position p+k-1 (so lm_head of it is
     the target's logits for the token at p+k); None skips KL/overlap (zeros). With `target_index`
     [M], `target_hidden` is any [R, H] table and slot i reads row `target_index[i]`; the target's
-    logits are then computed once per distinct row, not once per slot."""
-    weight = lm_head.weight
-    bias = getattr(lm_head, "bias", None)
-    with_target = target_hidden is not None
-    m = hidden.shape[0]
-    if m <= chunk_slots:
-        return _stats_chunk(hidden, labels, target_hidden, weight, bias, with_target, target_index)
-    parts = []
-    for start in range(0, m, chunk_slots):
-        sl = slice(start, start + chunk_slots)
-        if target_index is not None:
-            th, ti = target_hidden, target_index[sl]
-        else:
-            th, ti = (target_hidden[sl] if with_target else None), None
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_stats_chunk, hidden[sl], labels[sl], th, weight, bias, with_target, ti,
-                                    use_reentrant=False))
-        else:
-            parts.append(_stats_chunk(hidden[sl], labels[sl], th, weight, bias, with_target, ti))
-    return tuple(torch.cat(p) for p in zip(*parts))
+    logits are then computed once per distinct row, not once per slot. `need_overlap=False`
+    returns zeros for overlap (see `needs_overlap`). The lm_head must be frozen.
+
+    One custom autograd function per chunk of `chunk_slots` slots (`vocab_stage.py`): nothing
+    vocabulary-sized is kept for backward and nothing is recomputed, whatever the chunk count."""
+    return vocab_statistics(hidden, labels, lm_head.weight, getattr(lm_head, "bias", None), target_hidden,
+                            target_index, chunk_slots=chunk_slots, need_overlap=need_overlap)
 
 
 def acceptance_chain(a: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

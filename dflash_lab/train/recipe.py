@@ -94,7 +94,8 @@ class LossSection(_Section):
     """dpace: divide the weighted CE by the number of valid anchors of the optimizer step
     (`anchors`, SpecForge #828) or by sum(w v) (`weights`, which cancels the credit mass)."""
     chunk_slots: int = Field(1024, ge=1)
-    """Slots per vocabulary-sized chunk; more than one chunk recomputes logits in backward."""
+    """Slots per vocabulary-sized chunk: bounds the transient [slots, V] tensors (nothing is
+    recomputed in backward, whatever the number of chunks)."""
     max_slot: int | None = Field(None, ge=1)
     """Score only block slots 1..max_slot in training (null = all B-1). The frozen output head is
     most of a small draft's step; early in training acceptance rarely reaches deep slots, so the
@@ -132,6 +133,10 @@ class TrainSection(_Section):
     the schedule becomes budget / step time steps (never more than epochs/max_steps allow). The decided
     length is recorded in run.json and in every checkpoint, so a resumed run keeps it.
     Held-out evaluations at checkpoints come on top."""
+    min_steps: int | None = Field(None, ge=1)
+    """With `time_budget_s`: the budget never cuts the schedule below this many steps (epochs and
+    max_steps still cap it), so a busy machine takes longer instead of training a draft that has
+    learned nothing."""
     stop_after: int | None = Field(None, ge=1)
     """Stop (with a checkpoint) after this many steps without shortening the schedule, as an
     interruption would; `--resume` continues exactly."""

@@ -208,9 +208,9 @@ def forward_batch(draft_module, draft_cfg, target, features, samples, anchor_see
             # fp32 like the draft's master weights: RoPE and norms in fp32, autocast runs the linears in bf16
             noise = target.embed(batch["block_ids"].view(n, a * bsz)).float()
         attn = B.make_attention(attention, batch["anchors"], bsz, anchor_chunk)
-        hidden = draft_module(noise, batch["positions"].view(n, a * bsz), ctx, ctx_pos, attention=attn)
-        hidden = hidden.view(n, a, bsz, -1)
-        h_sel = hidden[valid]  # only valid slots reach the (large) lm_head
+        # only the scored slots go through the last layer's query/MLP and the (large) lm_head
+        h_sel = draft_module(noise, batch["positions"].view(n, a * bsz), ctx, ctx_pos, attention=attn,
+                             output_slots=valid.view(n, a * bsz))
         labels = batch["labels"][valid]
         t_rows = t_index = None
         if loss_cfg is not None and L.needs_target_logits(loss_cfg.name, loss_cfg.eal_mode, loss_cfg.alpha, loss_cfg.kl_term):
@@ -220,7 +220,8 @@ def forward_batch(draft_module, draft_cfg, target, features, samples, anchor_see
             t_index = seq_idx * final.shape[1] + batch["positions"][valid] - 1
             t_rows = final.reshape(-1, final.shape[-1]).to(h_sel.dtype)
         ce, kl, overlap, correct = L.slot_statistics(h_sel, labels, target.lm_head, t_rows, chunk_slots,
-                                                     target_index=t_index)
+                                                     target_index=t_index,
+                                                     need_overlap=loss_cfg is not None and L.needs_overlap(loss_cfg))
     # every sequence's blocks at once: [N*A, B] (the reduction is token-level, not per sequence)
     ce_b, kl_b, ov_b, cor_b = (L.scatter_slots(x, valid).view(n * a, bsz) for x in (ce, kl, overlap, correct))
     flat_valid = valid.view(n * a, bsz)
@@ -545,7 +546,8 @@ def _run(recipe, config, data_path, out_dir, target, resume, resume_from, progre
                 # the next three steps, averaged over ranks so that every rank decides the same length
                 per_step = D.all_reduce_sum(torch.tensor([(time.perf_counter() - budget_mark[0]) / (p.step - budget_mark[1])],
                                                          dtype=torch.float64), info) / max(info.world_size, 1)
-                p.total_steps = min(p.total_steps, max(p.step, int(tcfg.time_budget_s / float(per_step[0]))))
+                p.total_steps = min(p.total_steps, max(p.step, tcfg.min_steps or 0,
+                                                       int(tcfg.time_budget_s / float(per_step[0]))))
                 p.budget_fixed = True
                 if info.is_main:
                     record.update(schedule={"total_steps": p.total_steps})

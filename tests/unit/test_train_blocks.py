@@ -90,16 +90,97 @@ def test_attention_ignores_future_context_and_other_blocks():
     assert torch.allclose(out[:, :, :block], base[:, :, :block])
 
 
-def test_flex_attention_matches_chunked_on_cpu():
-    tensors, anchor_pos, block = _random_attention_inputs(block=4)
-    tensors = [t.float() for t in tensors]
-    try:
-        flex = Bk.flex_block_attention(*tensors, 0.3, anchor_pos=anchor_pos, block_size=block, compiled=False)
-    except Exception as exc:  # pragma: no cover - depends on the torch build
-        pytest.skip(f"flex_attention does not run on this CPU torch: {exc}")
-    chunked = Bk.chunked_block_attention(*tensors, 0.3, anchor_pos=anchor_pos, block_size=block)
-    ref = Bk.dense_reference_attention(*tensors, 0.3, anchor_pos=anchor_pos, block_size=block)
-    assert torch.allclose(flex, ref, atol=1e-5)
+def _select_query_slots(x, anchors, block, slots):
+    """[N, h, A*B, d] -> [N, h, A*len(slots), d]: the given slots of every block."""
+    n, h, _, d = x.shape
+    return x.view(n, h, anchors, block, d)[:, :, :, slots].reshape(n, h, -1, d)
+
+
+@pytest.mark.parametrize("anchor_chunk", [1, 64])
+def test_chunked_attention_with_fewer_query_slots_equals_full_rows(anchor_chunk):
+    """Queries for only some slots of each block (the last layer's scored slots) give exactly the
+    rows of the full computation; keys and values still come from every slot."""
+    tensors, anchor_pos, block = _random_attention_inputs()
+    q = tensors[0]
+    full = Bk.chunked_block_attention(*tensors, 0.3, anchor_pos=anchor_pos, block_size=block, anchor_chunk=anchor_chunk)
+    slots = [1, 2]
+    part = Bk.chunked_block_attention(_select_query_slots(q, 5, block, slots), *tensors[1:], 0.3,
+                                      anchor_pos=anchor_pos, block_size=block, anchor_chunk=anchor_chunk)
+    assert torch.allclose(part, _select_query_slots(full, 5, block, slots), atol=1e-12)
+
+
+def _large_layout(slots_per_block=16):
+    """Enough queries and keys for several 128-blocks each way, a padding anchor (p = 0) at the end."""
+    anchors = torch.tensor([[5, 40, 41, 100, 130, 131, 140, 150, 160, 170, 180, 190, 200, 210, 220, 230,
+                             240, 250, 260, 261, 270, 280, 290, 299],
+                            [0, 1, 2, 127, 128, 129, 140, 141, 150, 151, 152, 153, 256, 257, 258, 259,
+                             260, 261, 262, 263, 0, 0, 0, 0]])
+    return anchors, 16, 300, slots_per_block
+
+
+@pytest.mark.parametrize("slots_per_block", [16, 3])
+def test_flex_block_mask_matches_triple_loop(slots_per_block):
+    """The sparse BlockMask: every visible (query, key) pair lies in a listed block, every FULL block
+    is visible throughout, and the mask_mod of the partial blocks is the three rules exactly."""
+    anchors, block, s, kq = _large_layout(slots_per_block)
+    n, a = anchors.shape
+    mask = Bk.flex_block_mask(anchors, block, s, a * kq)
+    kv_len = mask.seq_lengths[1]
+    assert kv_len % Bk.FLEX_BLOCK == 0 and kv_len >= s + a * block
+    q_idx, kv_idx = torch.arange(a * kq)[:, None], torch.arange(kv_len)[None, :]
+    bs = Bk.FLEX_BLOCK
+    for b in range(n):
+        ref = torch.zeros(a * kq, kv_len, dtype=torch.bool)
+        loop = torch.tensor(Bk.reference_mask(anchors[b].tolist(), s, block))  # [A*B, S+A*B]
+        rows = torch.arange(a)[:, None] * block + torch.arange(block)[None, :kq]  # query slots 0..kq-1
+        ref[:, : s + a * block] = loop[rows.flatten()]
+        got = mask.mask_mod(torch.tensor(b), torch.tensor(0), q_idx, kv_idx)
+        assert torch.equal(got, ref)
+        listed = torch.zeros(-(-a * kq // bs), kv_len // bs, dtype=torch.bool)
+        full = torch.zeros_like(listed)
+        for i in range(listed.shape[0]):
+            for j in mask.kv_indices[b, 0, i, : mask.kv_num_blocks[b, 0, i]].tolist():
+                listed[i, j] = True
+            for j in mask.full_kv_indices[b, 0, i, : mask.full_kv_num_blocks[b, 0, i]].tolist():
+                full[i, j] = True
+        assert not torch.any(listed & full)
+        for i in range(listed.shape[0]):
+            for j in range(listed.shape[1]):
+                tile = ref[i * bs:(i + 1) * bs, j * bs:(j + 1) * bs]
+                if tile.any():
+                    assert listed[i, j] or full[i, j], (b, i, j)
+                if full[i, j]:
+                    assert tile.all(), (b, i, j)
+        if kq == block:
+            assert listed.sum() < listed.numel()  # sparse: early query blocks skip later keys
+        if b == 0 and kq == block:
+            assert full.any()  # query blocks whose anchors are all >= 128 see key block 0 whole
+
+
+def _flex_inputs(slots_per_block):
+    anchors, block, s, kq = _large_layout(slots_per_block)
+    tensors, _, _ = _random_attention_inputs(n=2, h=4, kv=2, d=16, s=s, block=block, anchors=anchors.tolist())
+    q, *rest = [t.float() for t in tensors]
+    return [_select_query_slots(q, anchors.shape[1], block, list(range(kq))), *rest], anchors, block
+
+
+@pytest.mark.parametrize("slots_per_block", [16, 3])
+def test_flex_attention_matches_chunked_on_cpu(slots_per_block):
+    """Eager flex (forward) vs the chunked path. No skip: if flex breaks, this fails."""
+    tensors, anchors, block = _flex_inputs(slots_per_block)
+    with torch.no_grad():
+        flex = Bk.flex_block_attention(*tensors, 0.3, anchor_pos=anchors, block_size=block, compiled=False)
+        chunked = Bk.chunked_block_attention(*tensors, 0.3, anchor_pos=anchors, block_size=block)
+    assert torch.allclose(flex, chunked, atol=1e-5)
+
+
+def test_compiled_flex_attention_matches_chunked_on_cpu():
+    """torch.compile'd flex_attention (the GPU path's kernel, built by inductor for CPU) with the
+    sparse BlockMask, forward only (no CPU backward in torch 2.13). No skip."""
+    tensors, anchors, block = _flex_inputs(16)
+    with torch.no_grad():
+        flex = Bk.flex_block_attention(*tensors, 0.3, anchor_pos=anchors, block_size=block, compiled=True)
+        chunked = Bk.chunked_block_attention(*tensors, 0.3, anchor_pos=anchors, block_size=block)
     assert torch.allclose(flex, chunked, atol=1e-5)
 
 
@@ -122,3 +203,25 @@ def test_draft_forward_with_training_attention_matches_per_block_decoding():
         sl = slice(a * 4, a * 4 + 4)
         alone = draft(noise[:, sl], positions[:, sl], features[:, :p], torch.arange(p)[None])
         assert torch.allclose(out[:, sl], alone, atol=1e-10)
+
+
+def test_flex_block_mask_is_built_once_per_micro_batch():
+    """Every layer of a forward shares one BlockMask (eager flex, CPU, forward only)."""
+    from dflash_lab.models.draft import DFlashDraftModel, DraftConfig
+
+    cfg = DraftConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, vocab_size=50, num_target_layers=4, mask_token_id=49,
+                      target_layer_ids=[1, 2], block_size=4)
+    draft = DFlashDraftModel(cfg).init_weights(0)
+    g = torch.Generator().manual_seed(0)
+    s, anchors = 20, torch.tensor([[2, 9, 15], [4, 0, 0]])
+    features = torch.randn(2, s, 64, generator=g)
+    noise = torch.randn(2, 12, 32, generator=g)
+    positions = (anchors[:, :, None] + torch.arange(4)).view(2, -1)
+    flex = Bk.make_attention("flex", anchors, 4)
+    with torch.no_grad():
+        out = draft(noise, positions, features, torch.arange(s)[None].expand(2, s), attention=flex)
+        ref = draft(noise, positions, features, torch.arange(s)[None].expand(2, s),
+                    attention=Bk.make_attention("chunked", anchors, 4))
+    assert flex.masks_built == 1
+    assert torch.allclose(out, ref, atol=1e-5)

@@ -1,0 +1,183 @@
+"""The vocabulary stage of the loss, without recomputation (issue 13 item 1).
+
+For the draft's hidden states h [M, H] of the scored slots, their labels y, and the frozen head
+(W [V, H], bias b), per slot (z = W h + b, log q = log_softmax z, p = the target's distribution):
+
+    ce      = -log q(y)                 d ce / d z      = q - onehot(y)
+    kl      = sum_v p (log p - log q)   d kl / d z      = q * sum(p) - p
+    overlap = sum_v min(p, q)           d overlap / d z = g - q * sum(g),  g = q * m,
+              m_v = 1 where q_v < p_v, 1/2 where q_v == p_v, else 0   (torch.minimum's subgradient)
+    correct = [argmax z == y]           (no gradient)
+
+The KL value itself needs no [M, V] work either: sum_v p_v log q_v = sum_v p_v z_v - sum(p) lse(z),
+and sum_v p_v z_v = (p @ W) . h + p . b, so per slot it is one [H] dot product with the position's
+p @ W (only overlap, when the loss uses it, reads p and q entry by entry).
+
+The gradient with respect to h is (d/dz) @ W, and each d/dz above is a combination of q, p,
+onehot(y) and g with per-slot scalar coefficients. So the forward computes the [M, H] products
+q @ W, p @ W (once per distinct target position), g @ W (only when overlap is used) and keeps
+them; the backward combines them with the upstream gradients of ce, kl and overlap:
+
+    d h = (gce + gkl * sum(p) - gov * sum(g)) * (q @ W) - gce * W[y] - gkl * (p @ W) + gov * (g @ W)
+
+No [M, V] tensor survives the forward and nothing vocabulary-sized runs in backward: the backward
+is O(M * H). The head is frozen (no gradient for W or b; required). The target's log-probs are
+computed once per distinct position per call: slots are grouped by the position they read, and
+chunks hold whole groups of positions, so a position shared by several slots (overlapping
+blocks) is never split across chunks.
+
+Values and gradients equal the autograd of the straightforward code (tests/unit/test_vocab_stage.py
+keeps it as the reference).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _teacher(rows: torch.Tensor, weight, bias, dtype):
+    """Per distinct target position, from its final hidden state [R, H]: log p [R, V], p @ W [R, H],
+    sum(p), sum(p log p) and p . b (each [R])."""
+    logp = torch.log_softmax(_at_least_fp32(F.linear(rows, weight, bias)).to(dtype), dim=-1)
+    p = logp.exp()
+    p_b = torch.matmul(p, bias.to(dtype)) if bias is not None else p.new_zeros(p.shape[0])
+    return logp, torch.matmul(p, weight), p.sum(-1), (p * logp).sum(-1), p_b
+
+
+class VocabChunk(torch.autograd.Function):
+    """One chunk of slots: (ce, kl, overlap, correct), each [m], from hidden [m, H].
+
+    `rows` [r, H]: the target's final hidden states of the chunk's distinct positions (None: no
+    target, kl and overlap are zeros); slot i reads row `row_of_slot[i]`."""
+
+    @staticmethod
+    def forward(ctx, hidden, labels, weight, bias, rows, row_of_slot, need_overlap: bool):
+        logits = _at_least_fp32(F.linear(hidden, weight, bias))  # [m, V]
+        correct = (logits.argmax(-1) == labels).to(logits.dtype)
+        lse = torch.logsumexp(logits, dim=-1)
+        ce = lse - logits.gather(-1, labels[:, None]).squeeze(-1)  # -log q(y)
+        zero = torch.zeros_like(ce)
+        kl, overlap = zero, zero.clone()
+        p_w = p_sum = g_w = g_sum = None
+        if rows is not None:
+            logp_rows, p_w, p_sum, p_logp, p_b = _teacher(rows, weight, bias, logits.dtype)
+        if rows is not None and need_overlap:  # overlap needs p and q side by side: [m, V] work
+            logq = torch.log_softmax(logits, dim=-1)  # as the target's: equal entries round alike (ties)
+            del logits
+            q = logq.exp()
+            logp = logp_rows[row_of_slot]  # [m, V], this chunk's slots only
+            p = logp.exp()
+            kl = (p * (logp - logq)).sum(-1)
+            del logp, logq
+            overlap = torch.minimum(p, q).sum(-1)
+            # torch.minimum's backward for its second argument: 1 where q < p, 1/2 on ties
+            g = q * ((q < p).to(q.dtype) + 0.5 * (q == p).to(q.dtype))
+            del p
+            g_sum = g.sum(-1)
+            g_w = torch.matmul(g, weight)
+            del g
+        else:
+            q = logits.sub_(lse[:, None]).exp_()  # in place: the logits become q
+            if rows is not None:
+                # KL(p || q) = sum p log p - sum p z + sum(p) lse, and sum_v p_v z_v = (p @ W) . h + p . b:
+                # per slot an [H] dot product, nothing vocabulary-sized
+                r = row_of_slot
+                p_z = (p_w[r].to(lse.dtype) * hidden.to(lse.dtype)).sum(-1) + p_b[r]
+                kl = p_logp[r] - p_z + p_sum[r] * lse
+        if rows is not None:
+            del logp_rows
+        q_w = torch.matmul(q, weight)  # [m, H]: the q-part of every gradient
+        del q
+        ctx.has_target, ctx.has_overlap = rows is not None, g_w is not None
+        ctx.hidden_dtype = hidden.dtype
+        saved = [labels, weight, q_w]
+        if ctx.has_target:
+            saved += [row_of_slot, p_w, p_sum]
+        if ctx.has_overlap:
+            saved += [g_w, g_sum]
+        ctx.save_for_backward(*saved)
+        ctx.mark_non_differentiable(correct)
+        if not ctx.has_target:
+            ctx.mark_non_differentiable(kl, overlap)
+        elif not ctx.has_overlap:
+            ctx.mark_non_differentiable(overlap)
+        return ce, kl, overlap, correct
+
+    @staticmethod
+    def backward(ctx, g_ce, g_kl, g_ov, _g_correct):
+        labels, weight, q_w, *rest = ctx.saved_tensors
+        coef_q = g_ce.clone()
+        grad = -g_ce[:, None] * weight[labels].to(q_w.dtype)
+        if ctx.has_target:
+            row_of_slot, p_w, p_sum, *rest = rest
+            coef_q = coef_q + g_kl * p_sum[row_of_slot]
+            grad = grad - g_kl[:, None] * p_w[row_of_slot].to(q_w.dtype)
+        if ctx.has_overlap:
+            g_w, g_sum = rest
+            coef_q = coef_q - g_ov * g_sum
+            grad = grad + g_ov[:, None] * g_w
+        grad = grad + coef_q[:, None] * q_w
+        return grad.to(ctx.hidden_dtype), None, None, None, None, None, None
+
+
+def _position_groups(target_index: torch.Tensor, chunk_slots: int):
+    """Group slots by the target position they read: (used positions [R], slot order [M] with the
+    slots of each position together, the position of each ordered slot as an index into `used`,
+    chunk boundaries [(r0, r1, s0, s1)] over positions and ordered slots, each chunk holding whole
+    positions and at most `chunk_slots` slots unless one position alone has more)."""
+    used, inverse, counts = torch.unique(target_index, return_inverse=True, return_counts=True)
+    order = torch.argsort(inverse, stable=True)
+    bounds = []
+    r0 = s0 = 0
+    size = 0
+    for r, c in enumerate(counts.tolist()):  # the one host sync of the stage
+        if size and size + c > chunk_slots:
+            bounds.append((r0, r, s0, s0 + size))
+            r0, s0, size = r, s0 + size, 0
+        size += c
+    bounds.append((r0, len(counts), s0, s0 + size))
+    return used, order, inverse[order], bounds
+
+
+def vocab_statistics(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     target_hidden: torch.Tensor | None = None, target_index: torch.Tensor | None = None,
+                     *, chunk_slots: int = 1024, need_overlap: bool = True):
+    """Per-slot (ce, kl, overlap, correct), each [M], in the order of `hidden` [M, H].
+
+    `target_hidden`: [M, H] (slot i reads row i), or any [R, H] table with `target_index` [M]; None
+    skips kl/overlap (zeros). `need_overlap=False` returns zeros for overlap (no [M, V] work for it).
+    Chunks of about `chunk_slots` slots bound the transient [slots, V] tensors; the backward
+    recomputes nothing whatever the number of chunks."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("the vocabulary stage needs a frozen lm_head (requires_grad=False): it computes no "
+                         "gradient for the head's weight or bias")
+    m = hidden.shape[0]
+    if m == 0:
+        empty = _at_least_fp32(hidden.sum(-1))
+        return empty, empty, empty, empty.detach()
+    if target_hidden is None:
+        parts = [VocabChunk.apply(hidden[s:s + chunk_slots], labels[s:s + chunk_slots], weight, bias, None, None, False)
+                 for s in range(0, m, chunk_slots)]
+        return tuple(torch.cat(p) for p in zip(*parts))
+    if target_index is None:  # one row per slot: every slot its own position
+        target_index = torch.arange(m, device=hidden.device)
+    if m <= chunk_slots:  # one chunk: no reordering
+        used, inverse = torch.unique(target_index, return_inverse=True)
+        return VocabChunk.apply(hidden, labels, weight, bias, target_hidden[used], inverse, need_overlap)
+    used, order, row_of_ordered, bounds = _position_groups(target_index, chunk_slots)
+    h_ord, y_ord = hidden[order], labels[order]
+    parts = []
+    for r0, r1, s0, s1 in bounds:
+        parts.append(VocabChunk.apply(h_ord[s0:s1], y_ord[s0:s1], weight, bias, target_hidden[used[r0:r1]],
+                                      row_of_ordered[s0:s1] - r0, need_overlap))
+    back = torch.empty_like(order)
+    back[order] = torch.arange(m, device=order.device)
+    return tuple(torch.cat(p)[back] for p in zip(*parts))
+
+
+__all__ = ["VocabChunk", "vocab_statistics"]
