@@ -320,9 +320,12 @@ class DFlash2DraftModel(DFlashDraftModel):
         *,
         cache: DraftCache | None = None,
         attention: AttentionFn = full_attention,
+        output_slots: torch.Tensor | None = None,  # bool [N, Q]: return only these slots, [M, H]
     ) -> torch.Tensor:
         """Hidden states of the block slots after the final norm: [N, Q, H]. Q is a multiple of
-        block_size (training: A blocks laid end to end) or at most one block (decoding)."""
+        block_size (training: A blocks laid end to end) or at most one block (decoding).
+        With `output_slots`, [M, H] for its True entries (row-major). Unlike v1, every slot runs
+        through the last layer: the conv after each sublayer reads the previous slot's output."""
         cfg = self.config
         q_len = noise_embedding.shape[1]
         if q_len > cfg.block_size and q_len % cfg.block_size:
@@ -343,7 +346,8 @@ class DFlash2DraftModel(DFlashDraftModel):
             if cache is not None:
                 k_ctx, v_ctx = cache.extend(i, k_ctx, v_ctx)
             x = layer(x, cos, sin, k_ctx, v_ctx, attention)
-        return self.norm(x)
+        out = self.norm(x)
+        return out if output_slots is None else out[output_slots]
 
     # -- the selector ----------------------------------------------------------------------------
     def process_unary(self, logits: torch.Tensor) -> torch.Tensor:
