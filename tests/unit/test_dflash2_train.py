@@ -139,3 +139,22 @@ def test_train_dflash2_two_steps_checkpoint_decodes_losslessly(tmp_path):
     for prompt in ([3, 17, 40, 41], list(range(20, 50))):
         assert speculative_generate(target, make_drafter("dflash", target=target, draft=draft), prompt, 20).output_ids \
             == greedy_generate(target, prompt, 20).output_ids
+
+
+def test_dflash2_recipes_and_the_demo_variant(tmp_path):
+    from pathlib import Path
+
+    from dflash_lab.demo import PRESETS, STAGES, demo_recipe
+    from dflash_lab.train.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    m2, m2d = load_recipe(root / "qwen3-4b/m2.yaml"), load_recipe(root / "qwen3-4b/m2-dflash2.yaml")
+    assert (m2d.draft.arch, m2d.draft.num_layers, m2d.draft.block_size, m2d.loss.gamma) == ("dflash2", 5, 8, 4.0)
+    assert (m2d.loss.name, m2d.loss.selector_alpha, m2d.data.prompt_set) == (m2.loss.name, 1.0, m2.data.prompt_set)
+    cpu = load_recipe(root / "smollm2-135m/cpu-dflash2.yaml")
+    assert (cpu.draft.arch, cpu.draft.block_size, cpu.draft.init_from_target_layers) == ("dflash2", 8, True)
+    for stage in STAGES:
+        r = parse_recipe(demo_recipe(PRESETS["test"], stage, tmp_path, arch="dflash2"))
+        assert (r.draft.arch, r.draft.block_size, r.loss.gamma, r.loss.selector_alpha) == ("dflash2", 8, 4.0, 1.0)
+        v1 = parse_recipe(demo_recipe(PRESETS["test"], stage, tmp_path))
+        assert (v1.draft.arch, v1.draft.block_size, v1.loss.gamma) == ("dflash", 16, 7.0)
