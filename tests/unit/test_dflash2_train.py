@@ -158,3 +158,74 @@ def test_dflash2_recipes_and_the_demo_variant(tmp_path):
         assert (r.draft.arch, r.draft.block_size, r.loss.gamma, r.loss.selector_alpha) == ("dflash2", 8, 4.0, 1.0)
         v1 = parse_recipe(demo_recipe(PRESETS["test"], stage, tmp_path))
         assert (v1.draft.arch, v1.draft.block_size, v1.loss.gamma) == ("dflash", 16, 7.0)
+
+
+# -- the selector term under the step's global reduction: layout invariance -----------------------
+def _layout_parts():
+    target = wrap_target(tiny_model("qwen3"), mask_token_id=5)
+    v1 = DFlashDraftModel(build_draft_config(target, num_layers=1, block_size=4)).init_weights(0)
+    d2 = DFlash2DraftModel.from_v1(v1, seed=1, conv_group_size=16, selector_rank=8)
+    with torch.no_grad():  # a live conv and selector
+        gen = torch.Generator().manual_seed(2)
+        for name, p in d2.named_parameters():
+            if "_conv.kernel_projection" in name or "successor" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return target, d2
+
+
+def _layout_step(target, draft, model, info, micro, accum, gold):
+    from dflash_lab.train import distributed as D
+    from dflash_lab.train.loader import InMemorySource, LoaderConfig, TrainLoader
+    from dflash_lab.train.trainer import accumulate_gradients
+
+    g = torch.Generator().manual_seed(1)
+    samples = []
+    for i, (prompt, answer) in enumerate([(5, 4), (6, 30), (4, 12), (7, 50)]):
+        ids = torch.randint(3, 300, (prompt + answer,), generator=g).tolist()
+        samples.append(Sample(id=f"s{i}", category="", input_ids=ids, loss_mask=[0] * prompt + [1] * answer))
+    loader = TrainLoader(InMemorySource(samples), LoaderConfig(
+        seed=3, global_batch=4, micro_batch=micro, grad_accum=accum, world_size=info.world_size, rank=info.rank,
+        num_anchors=6, group_by_length=False))
+    features = FeatureSource(target, draft.config.target_layer_ids, True, None, torch.device("cpu"))
+    cfg = L.LossConfig(name="ce", gamma=4.0, selector_gold=gold)
+    fwd = dict(num_anchors=6, loss_cfg=cfg, chunk_slots=7, device=torch.device("cpu"), anchor_chunk=2)
+    draft.zero_grad(set_to_none=True)
+    loss, _ = accumulate_gradients(model, draft, draft.config, target, features, loader.micro_batches(0), fwd, info)
+    return float(D.all_reduce_sum(loss.detach().clone(), info)), {n: p.grad.clone() for n, p in draft.named_parameters()}
+
+
+def _layout_worker(rank, world, init_file, out_file):
+    import torch.distributed as dist
+
+    from dflash_lab.train import distributed as D
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        info = D.DistInfo(rank=rank, world_size=world)
+        target, draft = _layout_parts()
+        model = D.wrap_draft(draft, info, "cpu")  # DDP: the selector's gradients come from outside its forward
+        results = {gold: _layout_step(target, draft, model, info, 1, 2, gold) for gold in ("replace", "exclude")}
+        if rank == 0:
+            torch.save(results, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_selector_loss_does_not_depend_on_the_batch_layout(tmp_path):
+    """micro 4 == micro 2 x accum 2 == 2 DDP ranks x accum 2, loss and every gradient, both policies."""
+    import torch.multiprocessing as mp
+
+    from dflash_lab.train import distributed as D
+
+    mp.spawn(_layout_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "out.pt", weights_only=True)
+    target, draft = _layout_parts()
+    for gold in ("replace", "exclude"):
+        ref_loss, ref = _layout_step(target, draft, draft, D.DistInfo(), 4, 1, gold)
+        for loss, grads in (_layout_step(target, draft, draft, D.DistInfo(), 2, 2, gold), ddp[gold]):
+            assert loss == pytest.approx(ref_loss, rel=1e-5)
+            scale = max(float(g.abs().max()) for g in ref.values())
+            for name, g in ref.items():
+                assert torch.allclose(grads[name], g, rtol=1e-4, atol=1e-6 * scale), (gold, name)
+        assert ref["candidate_selector.successor_codebook"].abs().sum() > 0
