@@ -126,6 +126,14 @@ def test_train_dflash2_two_steps_checkpoint_decodes_losslessly(tmp_path):
                   "device": "cpu", "eval_interval": 2},
     }
     final = train(recipe, data, tmp_path / "run", target=target, progress=False)
+    # interrupted after step 1 and resumed: the same weights (the DFlash2 tensors round-trip)
+    train(recipe, data, tmp_path / "cut", target=target, progress=False, stop_after=1)
+    resumed = train(None, data, tmp_path / "cut", target=target, progress=False, resume=True)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(final / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and "candidate_selector.successor_codebook" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     step2 = [r for r in rows if r.get("step") == 2 and "loss" in r][0]
     for key in ("selector_recall", "selector_accuracy", "selector_target_mass", "selector_tau", "unary_tau",
