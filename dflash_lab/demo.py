@@ -4,6 +4,11 @@
       -> stage 2 (survival-eal, warm-started from stage 1's best checkpoint)
       -> evaluation of both stages and prompt-lookup -> registry -> journey report
 
+`--arch dflash2` trains DFlash2 drafts in both stages (block 8, gamma 4, the selector CE added;
+docs/dflash2.md): stage 1 starts from the target's last layer like v1's (identity conv, zero
+successor codebook), stage 2 from stage 1's DFlash2 checkpoint, and evaluation decodes with the
+selector.
+
 Every stage is resumable: a rerun skips finished stages (recorded in `OUT/demo_state.json`) and
 continues an interrupted one (labels and training resume natively). The sizes of each preset are
 below; `default` is sized for about 30 minutes on a 2-core machine, `quick` for about 5.
@@ -75,9 +80,14 @@ PRESETS = {
 }
 
 
-def demo_recipe(preset: Preset, stage: str, out: Path, init: str = "scratch") -> dict:
-    """The two stages' recipes (the smollm2-135m CPU recipe, resized by the preset)."""
+ARCHES = ("dflash", "dflash2")
+
+
+def demo_recipe(preset: Preset, stage: str, out: Path, init: str = "scratch", arch: str = "dflash") -> dict:
+    """The two stages' recipes (the smollm2-135m CPU recipe, resized by the preset; with arch
+    dflash2 the cpu-dflash2 recipe's draft: block 8, gamma 4, selector_alpha 1)."""
     kd = stage == STAGES[0]
+    dflash2 = arch == "dflash2"
     steps = preset.stage1_steps if kd else preset.stage2_steps
     budget = preset.stage1_budget_s if kd else preset.stage2_budget_s
     floor = preset.stage1_min_steps if kd else preset.stage2_min_steps
@@ -88,8 +98,8 @@ def demo_recipe(preset: Preset, stage: str, out: Path, init: str = "scratch") ->
         "target": {"name": TARGET, "dtype": "float32"},
         # stage 1 starts from the target's own last layer (fc = identity on its feature): the
         # lever that measured best at equal wall time (BENCHMARKS.md, section 2)
-        "draft": {"num_layers": 1, "block_size": 16, "mask_token_id": 16, "init": init,
-                  "init_from_target_layers": init == "scratch"},
+        "draft": {"arch": arch, "num_layers": 1, "block_size": 8 if dflash2 else 16, "mask_token_id": 16,
+                  "init": init, "init_from_target_layers": init == "scratch"},
         "data": {
             "max_length": preset.max_length,
             "num_anchors": preset.num_anchors,
@@ -99,8 +109,9 @@ def demo_recipe(preset: Preset, stage: str, out: Path, init: str = "scratch") ->
             "feature_cache": str(out / "feature-cache"),
         },
         # one chunk for all slots of a step (a few hundred slots x 49K fits easily)
-        "loss": {"name": "kd" if kd else "survival-eal", "alpha": 0.0, "gamma": 7.0, "chunk_slots": 8192,
-                 "max_slot": preset.max_slot},
+        "loss": {"name": "kd" if kd else "survival-eal", "alpha": 0.0, "gamma": 4.0 if dflash2 else 7.0,
+                 "chunk_slots": 8192, "max_slot": preset.max_slot,
+                 **({"selector_alpha": 1.0, "selector_gold": "replace"} if dflash2 else {})},
         "train": {
             "lr": preset.lr1 if kd else preset.lr2,
             "epochs": 1000,  # the step budget (or the time budget) ends the stage
@@ -123,7 +134,7 @@ def demo_recipe(preset: Preset, stage: str, out: Path, init: str = "scratch") ->
 class DemoState:
     """Which stages are finished, kept in OUT/demo_state.json (written atomically)."""
 
-    def __init__(self, out: Path, preset_name: str):
+    def __init__(self, out: Path, preset_name: str, arch: str = "dflash"):
         self.path = out / "demo_state.json"
         self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
         if self.data.get("preset") not in (None, preset_name):
@@ -131,7 +142,11 @@ class DemoState:
                 f"{out} holds a demo run with preset {self.data['preset']!r}; use another --out for "
                 f"preset {preset_name!r} (or delete {out})"
             )
+        if self.data and self.data.get("arch", "dflash") != arch:
+            raise DFlashLabError(f"{out} holds a demo run with --arch {self.data.get('arch', 'dflash')}; use another "
+                                 f"--out for --arch {arch} (or delete {out})")
         self.data["preset"] = preset_name
+        self.data["arch"] = arch
         self.data.setdefault("done", {})
         # wall time adds up across interrupted and resumed runs: saved with every finished stage
         self._wall_before = self.data.get("wall_s", 0.0)
@@ -164,7 +179,7 @@ def _demo_folder(out: Path) -> bool:
 
 
 def run_demo(out: str | os.PathLike = "demo-out", *, preset: str = "default", prompts: str | None = None,
-             bench_dir: str | None = None) -> dict:
+             bench_dir: str | None = None, arch: str = "dflash") -> dict:
     from dflash_lab.data.demo_pack import build_demo_pack
     from dflash_lab.eval.benchmarks import load_benchmark
     from dflash_lab.eval.harness import evaluate, lossless_failures, write_results
@@ -178,12 +193,14 @@ def run_demo(out: str | os.PathLike = "demo-out", *, preset: str = "default", pr
 
     if preset not in PRESETS:
         raise DFlashLabError(f"unknown demo preset {preset!r}; choose {', '.join(PRESETS)}")
+    if arch not in ARCHES:
+        raise DFlashLabError(f"unknown demo --arch {arch!r}; choose {' or '.join(ARCHES)}")
     sizes = PRESETS[preset]
     out = Path(out).expanduser().resolve()
     check_output_dir(out, command="demo", owned=_demo_folder, force_flag=None,
                      fix="choose a new --out folder (a rerun into a demo's own folder resumes it)")
     out.mkdir(parents=True, exist_ok=True)
-    state = DemoState(out, preset)
+    state = DemoState(out, preset, arch)
     db = out / "dflash-lab.db"
 
     _log(f"target {TARGET} (fetched and converted on first use)")
@@ -226,7 +243,7 @@ def run_demo(out: str | os.PathLike = "demo-out", *, preset: str = "default", pr
     for stage in STAGES:
         run_dir = out / "runs" / stage
         if not state.done(stage):
-            recipe = demo_recipe(sizes, stage, out, init=init)
+            recipe = demo_recipe(sizes, stage, out, init=init, arch=arch)
             budget = recipe["train"]["time_budget_s"]
             floor = recipe["train"]["min_steps"]
             length = (f"{budget:.0f} s of training{f' (at least {floor} steps)' if floor else ''}, "
@@ -269,6 +286,7 @@ def run_demo(out: str | os.PathLike = "demo-out", *, preset: str = "default", pr
         "final_draft": str(stage_ckpt[STAGES[-1]]),
         "wall_s": round(wall, 1),
         "preset": preset,
+        "arch": arch,
         "sizes": asdict(sizes),
         "report": str(Path(report_dir) / "report.md" if Path(report_dir).is_dir() else report_dir),
     }
@@ -316,6 +334,8 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default="demo-out")
     parser.add_argument("--prompts", default=None, help="use this prompt set (dir with prompts.jsonl) instead of the pack")
     parser.add_argument("--bench-dir", default=None, help="a folder with the five benchmark files")
+    parser.add_argument("--arch", choices=ARCHES, default="dflash",
+                        help="dflash (v1, block 16) or dflash2 (conv + candidate selector, block 8; docs/dflash2.md)")
     parser.set_defaults(handler=_demo)
 
 
@@ -325,5 +345,5 @@ def argparse_help() -> str:
 
 def _demo(args) -> int:
     preset = args.preset or ("quick" if args.quick else "default")
-    run_demo(args.out, preset=preset, prompts=args.prompts, bench_dir=args.bench_dir)
+    run_demo(args.out, preset=preset, prompts=args.prompts, bench_dir=args.bench_dir, arch=args.arch)
     return 0

@@ -85,7 +85,9 @@ class DFlashDrafter(NoDrafter):
 
 def make_drafter(kind: str, target=None, draft: DFlashDraftModel | None = None, block_size: int = 16):
     if kind == "dflash":
-        return DFlashDrafter(draft, target)
+        from dflash_lab.decoding.dflash2_drafter import drafter_for  # imports this module
+
+        return drafter_for(draft, target)  # a DFlash2 draft decodes with its selector
     if kind == "prompt-lookup":
         return PromptLookupDrafter(block_size=block_size)
     if kind == "none":

@@ -109,11 +109,12 @@ def settings_differences(a: dict, b: dict) -> list[str]:
 def resolve_drafter(target, drafter, block_size: int | None = None, *, load: bool = True) -> tuple[object, dict]:
     """(drafter object or None for server backends, description). `drafter` is "prompt-lookup",
     "none", a draft directory, or a loaded `DFlashDraftModel`."""
-    from dflash_lab.decoding.drafters import DFlashDrafter, NoDrafter, PromptLookupDrafter
+    from dflash_lab.decoding.dflash2_drafter import drafter_for
+    from dflash_lab.decoding.drafters import NoDrafter, PromptLookupDrafter
     from dflash_lab.models.draft import DFlashDraftModel
 
     if isinstance(drafter, DFlashDraftModel):
-        return DFlashDrafter(drafter, target), {"drafter": "dflash", "draft": None, "block_size": drafter.block_size}
+        return drafter_for(drafter, target), {"drafter": "dflash", "draft": None, "block_size": drafter.block_size}
     if isinstance(drafter, NoDrafter):  # an already built drafter object
         return drafter, {"drafter": drafter.name, "draft": None, "block_size": drafter.block_size}
     if drafter in ("prompt-lookup", "none"):
@@ -131,7 +132,7 @@ def resolve_drafter(target, drafter, block_size: int | None = None, *, load: boo
             "block_size": cfg.block_size}
     if not load or target is None or getattr(target, "model", None) is None:
         return None, desc  # a server runs the draft
-    return DFlashDrafter(load_draft(path, target), target), desc
+    return drafter_for(load_draft(path, target), target), desc
 
 
 # -- the whole evaluation -------------------------------------------------------------------------

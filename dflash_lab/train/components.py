@@ -135,6 +135,11 @@ class Checkpointer:
 STAT_KEYS = ("loss", "tau_sum", "blocks", "block_tokens", "valid_slots", "kl_sum", "ce_sum")
 
 
+def selector_keys(stats: dict) -> list[str]:
+    """A DFlash2 draft's selector metric sums (`selector_loss.selector_stats`), in a fixed order."""
+    return sorted(k for k in stats if k.startswith("sel_") or k == "unary_tau_sum")
+
+
 @dataclass
 class MetricsConfig:
     out_dir: Path
@@ -163,6 +168,7 @@ class Metrics:
     def __init__(self, cfg: MetricsConfig, info: D.DistInfo):
         self.cfg, self.info = cfg, info
         self.window = _Window()
+        self.extra_keys: list[str] = []  # DFlash2: selector sums, after the per-slot counts
         self.writer = None
         self.bar = None
         if info.is_main:
@@ -182,6 +188,9 @@ class Metrics:
         vec = torch.cat([torch.stack([loss.detach().double().reshape(()).to(stats["tau_sum"].device)]
                                      + [stats[k] for k in STAT_KEYS[1:]]),
                          stats["correct_per_slot"], stats["valid_per_slot"]])
+        self.extra_keys = selector_keys(stats)
+        if self.extra_keys:
+            vec = torch.cat([vec, torch.stack([stats[k].to(vec) for k in self.extra_keys])])
         w = self.window
         w.vec = vec if w.vec is None else w.vec + vec
         w.steps += 1
@@ -193,7 +202,7 @@ class Metrics:
         w, bsz = self.window, self.cfg.block_size
         vec = D.all_reduce_sum(w.vec.detach().cpu(), self.info)
         steps = max(w.steps, 1)
-        correct, counts = vec[7:7 + bsz], vec[7 + bsz:]
+        correct, counts = vec[7:7 + bsz], vec[7 + bsz:7 + 2 * bsz]
         acc = (correct / counts.clamp_min(1)).tolist()
         dt = w.seconds / steps
         out = {
@@ -203,6 +212,10 @@ class Metrics:
             "sequences_per_s": self.cfg.global_batch / dt, "block_tokens_per_s": float(vec[3]) / steps / dt,
             "acc_per_slot": [round(x, 5) for x in acc[1:]], "epoch": epoch,
         }
+        if self.extra_keys:  # selector recall, masses, accuracy, selector-walk tau beside unary tau
+            from dflash_lab.train.selector_loss import summarise_stats
+
+            out.update(summarise_stats(dict(zip(self.extra_keys, vec[7 + 2 * bsz:].tolist()))))
         self.window = _Window()
         return out
 
@@ -217,6 +230,8 @@ class Metrics:
             for key in ("loss", "train_tau", "ce", "kl", "lr", "grad_norm", "sequences_per_s", "block_tokens_per_s", "heldout_tau"):
                 if key in metrics:
                     self.writer.add_scalar(("eval/" if key == "heldout_tau" else "train/") + key, metrics[key], step)
+            for key in sorted(k for k in metrics if k.startswith("selector_") or k == "unary_tau"):
+                self.writer.add_scalar(f"selector/{key}", metrics[key], step)
             for k, a in enumerate(metrics.get("acc_per_slot", []), 1):
                 self.writer.add_scalar(f"acc/slot_{k:02d}", a, step)
 

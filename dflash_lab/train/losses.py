@@ -131,6 +131,10 @@ class LossConfig:
     """dpace: q~ = dpace_alpha + (1 - dpace_alpha) q(y)."""
     normalize: str = "anchors"
     """dpace: divide by the number of valid anchors (`anchors`) or by sum(w v) (`weights`)."""
+    selector_alpha: float = 1.0
+    """DFlash2 drafts: weight of the selector CE added by the trainer (`selector_loss.py`)."""
+    selector_gold: str = "replace"
+    """DFlash2: `replace` or `exclude` for a gold token outside the unary top-k."""
 
     @property
     def kl_term(self) -> float:
@@ -145,8 +149,9 @@ class LossConfig:
 # float64 vector so that a single all-reduce carries them. The first three depend only on the
 # batch (anchors, labels): they are summed before any forward. The last two depend on the
 # draft (detached): see `needs_model_denominators`.
-DENOMINATORS = ("weights", "slots", "blocks", "survival", "dpace")
-_W, _SLOTS, _BLOCKS, _SURV, _DPACE = range(5)
+# "selector": DFlash2's sum(w * included) for `selector_gold: exclude` (the trainer fills it in).
+DENOMINATORS = ("weights", "slots", "blocks", "survival", "dpace", "selector")
+_W, _SLOTS, _BLOCKS, _SURV, _DPACE, _SEL = range(6)
 
 
 def _acceptance(cfg: LossConfig, ce, overlap):
@@ -155,7 +160,7 @@ def _acceptance(cfg: LossConfig, ce, overlap):
 
 
 def static_denominators(cfg: LossConfig, valid: torch.Tensor) -> torch.Tensor:
-    """[5] float64: sum(w v) with the position decay, sum(v), and the number of blocks with a valid
+    """[len(DENOMINATORS)] float64: sum(w v) with the position decay, sum(v), and the number of blocks with a valid
     slot (the model-dependent entries are 0)."""
     out = torch.zeros(len(DENOMINATORS), dtype=torch.float64, device=valid.device)
     vf = valid.to(torch.float64)
@@ -177,7 +182,7 @@ def needs_model_denominators(cfg: LossConfig) -> bool:
 
 
 def model_denominators(cfg: LossConfig, ce, overlap, valid) -> torch.Tensor:
-    """[5] float64, detached: sum(s v) and sum(w_dpace v) of these blocks (static entries 0)."""
+    """[len(DENOMINATORS)] float64, detached: sum(s v) and sum(w_dpace v) of these blocks (static entries 0)."""
     out = torch.zeros(len(DENOMINATORS), dtype=torch.float64, device=valid.device)
     if not needs_model_denominators(cfg):
         return out
@@ -197,7 +202,7 @@ def _div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 def combine(cfg: LossConfig, ce, kl, overlap, valid, denominators: torch.Tensor | None = None) -> torch.Tensor:
     """This batch's share of the loss, from per-slot scalars [blocks, B] (zeros where invalid).
 
-    `denominators` [5] (see DENOMINATORS) are the sums over the whole optimizer step; the shares of
+    `denominators` [len(DENOMINATORS)] (see DENOMINATORS) are the sums over the whole optimizer step; the shares of
     every micro-batch on every rank then add up to the step's loss. None: the sums of these blocks
     alone, i.e. the token-level loss of this batch."""
     if cfg.name not in LOSS_NAMES:

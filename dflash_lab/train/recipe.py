@@ -100,6 +100,14 @@ class LossSection(_Section):
     """Score only block slots 1..max_slot in training (null = all B-1). The frozen output head is
     most of a small draft's step; early in training acceptance rarely reaches deep slots, so the
     head's time is better spent on more anchors. Held-out simulated tau still scores every slot."""
+    selector_alpha: float = Field(1.0, ge=0)
+    """DFlash2 drafts only: loss = base + selector_alpha * the 16-way selector CE (teacher-forced
+    predecessor, the base loss's decay weights; docs/dflash2.md). 0 = the base loss alone (the
+    selector is then frozen; its metrics are still logged). Ignored for v1 drafts."""
+    selector_gold: Literal["replace", "exclude"] = "replace"
+    """DFlash2: a gold token outside the unary top-16 replaces the last candidate (`replace`,
+    speculators) or leaves the selector loss (`exclude`, SpecForge / NeMo Automodel). Measured
+    within noise of each other (docs/dflash2.md); `replace` trains every slot."""
 
 
 class TrainSection(_Section):
@@ -161,6 +169,10 @@ class RegistrySection(_Section):
     db: str | None = None
 
 
+# DFlash2's published block size, and the decay SPEC 3 pairs with it (gamma 4 for B = 8)
+DFLASH2_DEFAULTS = {"block_size": 8, "gamma": 4.0}
+
+
 class Recipe(_Section):
     name: str | None = None
     description: str | None = None
@@ -170,6 +182,17 @@ class Recipe(_Section):
     loss: LossSection = LossSection()
     train: TrainSection = TrainSection()
     registry: RegistrySection = RegistrySection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dflash2_defaults(cls, raw):
+        """`draft.arch: dflash2` without a block size / loss gamma gets DFlash2's (8 / 4.0)."""
+        if isinstance(raw, dict) and isinstance(raw.get("draft"), dict) and raw["draft"].get("arch") == "dflash2":
+            raw = {**raw, "draft": {"block_size": DFLASH2_DEFAULTS["block_size"], **raw["draft"]}}
+            loss = raw.get("loss") if isinstance(raw.get("loss"), dict) else {}
+            if "loss" not in raw or isinstance(raw.get("loss"), dict):
+                raw["loss"] = {"gamma": DFLASH2_DEFAULTS["gamma"], **loss}
+        return raw
 
     @model_validator(mode="after")
     def _batch_shape(self):

@@ -160,27 +160,29 @@ def per_sequence_loss(out: SelectorLoss, weights: torch.Tensor, sequence_index: 
 
 
 @torch.no_grad()
-def selector_stats(out: SelectorLoss, valid: torch.Tensor) -> dict[str, float]:
-    """Metric SUMS (add them over micro-batches and ranks, then divide by `slots` / `blocks`).
-    `valid` [..., B] is the layout the M slots came from (`hidden[valid]`)."""
+def selector_stats(out: SelectorLoss, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Metric SUMS as 0-d float64 tensors on the slots' device (no host sync; add them over
+    micro-batches and ranks, then `summarise_stats`). `valid` [..., B] is the layout the M slots
+    came from (`hidden[valid]`)."""
     blocks_valid = valid.reshape(-1, valid.shape[-1])
     has = blocks_valid.any(-1)
     sel_tau = simulated_tau(scatter_slots(out.correct.float(), valid).reshape_as(blocks_valid), blocks_valid)[has]
     una_tau = simulated_tau(scatter_slots(out.unary_correct.float(), valid).reshape_as(blocks_valid), blocks_valid)[has]
     stats = {
-        "sel_slots": float(out.ce.numel()), "sel_blocks": float(has.sum()),
-        "sel_recall_sum": float(out.in_top_k.sum()), "sel_unary_mass_sum": float(out.unary_mass.sum()),
-        "sel_accuracy_sum": float(out.correct.sum()), "sel_included_sum": float(out.included.sum()),
-        "sel_ce_sum": float((out.ce * out.included).sum()),
-        "sel_tau_sum": float(sel_tau.sum()), "unary_tau_sum": float(una_tau.sum()),
+        "sel_slots": out.ce.new_tensor(float(out.ce.numel())), "sel_blocks": has.sum(),
+        "sel_recall_sum": out.in_top_k.sum(), "sel_unary_mass_sum": out.unary_mass.sum(),
+        "sel_accuracy_sum": out.correct.sum(), "sel_included_sum": out.included.sum(),
+        "sel_ce_sum": (out.ce.detach() * out.included).sum(),
+        "sel_tau_sum": sel_tau.sum(), "unary_tau_sum": una_tau.sum(),
     }
     if out.target_mass is not None:
-        stats["sel_target_mass_sum"] = float(out.target_mass.sum())
-    return stats
+        stats["sel_target_mass_sum"] = out.target_mass.sum()
+    return {k: v.detach().double() for k, v in stats.items()}
 
 
 def summarise_stats(stats: dict[str, float]) -> dict[str, float]:
-    """Sums from `selector_stats` -> the logged means."""
+    """Sums from `selector_stats` (tensors or floats) -> the logged means (floats)."""
+    stats = {k: float(v) for k, v in stats.items()}
     slots, blocks = max(stats["sel_slots"], 1.0), max(stats["sel_blocks"], 1.0)
     out = {
         "selector_recall": stats["sel_recall_sum"] / slots,

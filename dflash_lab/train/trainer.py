@@ -32,6 +32,7 @@ from dflash_lab.fileio import atomic_write_text
 from dflash_lab.train import blocks as B
 from dflash_lab.train import distributed as D
 from dflash_lab.train import losses as L
+from dflash_lab.train import selector_loss as SL
 from dflash_lab.train import state as S
 from dflash_lab.train.components import (CheckpointConfig, Checkpointer, DraftParts, Metrics, MetricsConfig, OptimConfig,
                                          Progress, RunRecord, cosine_lr, now_iso, truncate_metrics, warn)
@@ -180,6 +181,37 @@ def build_micro_blocks(samples, anchor_seeds, *, num_anchors: int, block_size: i
     return batch
 
 
+def _unwrap(draft_module):
+    return getattr(draft_module, "module", draft_module)  # DDP
+
+
+def _is_dflash2(draft_module) -> bool:
+    from dflash_lab.models.dflash2 import DFlash2DraftModel
+
+    return isinstance(_unwrap(draft_module), DFlash2DraftModel)
+
+
+def _needs_model_denominators(loss_cfg, draft_module) -> bool:
+    """The base loss's draft-dependent sums, or DFlash2's exact `exclude` mean (sum(w * included))."""
+    return L.needs_model_denominators(loss_cfg) or (
+        loss_cfg.selector_alpha > 0 and loss_cfg.selector_gold == "exclude" and _is_dflash2(draft_module))
+
+
+def _selector(draft_module, batch, valid, h_sel, labels, target, loss_cfg, chunk_slots, t_rows, t_index):
+    """DFlash2's selector CE (numerator only: the caller divides by the step's denominator) and its
+    metrics; None for a v1 draft. Held-out (`loss_cfg` None) and selector_alpha 0: metrics only."""
+    if not _is_dflash2(draft_module):
+        return None
+    pred = SL.teacher_forced_predecessors(batch["block_ids"], batch["labels"])[valid]
+    gamma = loss_cfg.gamma if loss_cfg is not None else None
+    gold = loss_cfg.selector_gold if loss_cfg is not None else "replace"
+    grad = loss_cfg is not None and loss_cfg.selector_alpha > 0
+    with contextlib.nullcontext() if grad else torch.no_grad():
+        return SL.selector_loss(_unwrap(draft_module), h_sel, target.lm_head, labels, pred, SL.slot_weights(valid, gamma),
+                                gold, chunk_slots=chunk_slots, denominator=1.0, target_hidden=t_rows,
+                                target_index=t_index)
+
+
 def forward_batch(draft_module, draft_cfg, target, features, samples, anchor_seeds, *, num_anchors, loss_cfg,
                   attention="auto", anchor_chunk=64, chunk_slots=1024, device=torch.device("cpu"),
                   autocast_dtype=None, max_slot=None, blocks=None, denominators=None, model_denominators=None,
@@ -222,6 +254,7 @@ def forward_batch(draft_module, draft_cfg, target, features, samples, anchor_see
         ce, kl, overlap, correct = L.slot_statistics(h_sel, labels, target.lm_head, t_rows, chunk_slots,
                                                      target_index=t_index,
                                                      need_overlap=loss_cfg is not None and L.needs_overlap(loss_cfg))
+        sel = _selector(draft_module, batch, valid, h_sel, labels, target, loss_cfg, chunk_slots, t_rows, t_index)
     # every sequence's blocks at once: [N*A, B] (the reduction is token-level, not per sequence)
     ce_b, kl_b, ov_b, cor_b = (L.scatter_slots(x, valid).view(n * a, bsz) for x in (ce, kl, overlap, correct))
     flat_valid = valid.view(n * a, bsz)
@@ -229,12 +262,17 @@ def forward_batch(draft_module, draft_cfg, target, features, samples, anchor_see
     local_model = torch.zeros(len(L.DENOMINATORS), dtype=torch.float64, device=device)
     if loss_cfg is not None:
         dens = L.static_denominators(loss_cfg, flat_valid) if denominators is None else denominators.to(device)
-        if L.needs_model_denominators(loss_cfg):
+        if _needs_model_denominators(loss_cfg, draft_module):
             local_model = L.model_denominators(loss_cfg, ce_b, ov_b, flat_valid)
+            if sel is not None:
+                local_model[L.DENOMINATORS.index("selector")] = sel.included_weight.double()
             if model_denominators is None:
                 model_denominators = reduce(local_model.clone()) if reduce is not None else local_model
             dens = dens + model_denominators.to(device)
         loss = L.combine(loss_cfg, ce_b, kl_b, ov_b, flat_valid, dens)
+        if sel is not None and loss_cfg.selector_alpha > 0:  # token-level: / the step's sum(w*valid) or sum(w*included)
+            den = dens[L.DENOMINATORS.index("weights" if loss_cfg.selector_gold == "replace" else "selector")]
+            loss = loss + loss_cfg.selector_alpha * sel.loss / den.clamp_min(1e-12).to(sel.loss.dtype)
     with torch.no_grad():
         has = flat_valid.any(dim=1)
         taus = L.simulated_tau(cor_b, flat_valid)[has]
@@ -246,6 +284,8 @@ def forward_batch(draft_module, draft_cfg, target, features, samples, anchor_see
             "block_tokens": torch.tensor(float(n * a * bsz), dtype=torch.float64, device=device),
             "valid_slots": vd.sum(), "model_denominators": local_model,
         }
+        if sel is not None:
+            stats.update(SL.selector_stats(sel, valid))
     return loss, stats
 
 
@@ -270,7 +310,7 @@ def accumulate_gradients(model, draft, draft_cfg, target, features, micro_batche
     static = D.all_reduce_sum(static, info)
     model_dens, reduce = None, None
     kept = [None] * len(micro_batches)  # the pre-pass's target features, reused by the main pass
-    if L.needs_model_denominators(loss_cfg):
+    if _needs_model_denominators(loss_cfg, draft):
         if len(micro_batches) == 1:
             reduce = lambda t: D.all_reduce_sum(t, info)  # noqa: E731
         else:
@@ -300,7 +340,7 @@ def accumulate_gradients(model, draft, draft_cfg, target, features, micro_batche
 def heldout_tau(draft, draft_cfg, target, features, heldout, fwd: dict, info: D.DistInfo, seed: int,
                 lockstep: bool = False) -> float | None:
     """Simulated tau on the held-out split (fixed anchors, every slot scored, no teacher logits),
-    over all ranks. `lockstep`: every rank runs the target equally often (FSDP gathers per layer)."""
+    over all ranks; for a DFlash2 draft the tau of the selector's own greedy walk. `lockstep`: every rank runs the target equally often (FSDP gathers per layer)."""
     if len(heldout) == 0:
         return None
     draft.eval()
@@ -315,7 +355,7 @@ def heldout_tau(draft, draft_cfg, target, features, heldout, fwd: dict, info: D.
             continue
         s = heldout.sample(j)
         _, st = forward_batch(draft, draft_cfg, target, features.get([s]), [s], [_mix_seed(seed, 424242, j)], **kw)
-        sums += torch.stack([st["tau_sum"], st["blocks"]]).cpu()
+        sums += torch.stack([st.get("sel_tau_sum", st["tau_sum"]), st["blocks"]]).cpu()
     draft.train()
     totals = D.all_reduce_sum(sums, info)
     return float(totals[0] / totals[1]) if totals[1] > 0 else None
@@ -343,27 +383,40 @@ def _build_draft(recipe: Recipe, target, seed: int, device):
     from dflash_lab.models.checkpoint import load_draft
     from dflash_lab.models.draft import DFlashDraftModel, build_draft_config
 
+    from dflash_lab.models.dflash2 import DFlash2DraftModel, build_dflash2_config
+
+    dflash2 = recipe.draft.arch == "dflash2"
     parent = S.resolve_init(recipe.draft.init)
     if parent is not None:
         draft = load_draft(parent, target, dtype=torch.float32)
         master = S.master_weights(parent)
         if master is not None:  # our own checkpoint in bf16: start from its fp32 training weights
             draft.load_state_dict({k: v.float() for k, v in master.items()})
+        if isinstance(draft, DFlash2DraftModel) and not dflash2:
+            raise DFlashLabError(f"draft.init {parent} is a DFlash2 draft but draft.arch is dflash; "
+                                 "set draft.arch: dflash2 (or start a v1 draft from a v1 checkpoint)")
+        if dflash2 and not isinstance(draft, DFlash2DraftModel):
+            # warm start from v1: its backbone, identity conv, zero successor codebook (= the v1 draft)
+            draft = DFlash2DraftModel.from_v1(draft, seed=seed, block_size=recipe.draft.block_size)
     else:
-        cfg = build_draft_config(
+        build = build_dflash2_config if dflash2 else build_draft_config
+        cfg = build(
             target, num_layers=recipe.draft.num_layers, block_size=recipe.draft.block_size,
             mask_token_id=recipe.draft.mask_token_id, target_layer_ids=recipe.draft.target_layer_ids,
             intermediate_size=recipe.draft.intermediate_size, rope_theta=recipe.draft.rope_theta,
         )
-        draft = DFlashDraftModel(cfg).init_weights(seed)
+        draft = (DFlash2DraftModel if dflash2 else DFlashDraftModel)(cfg).init_weights(seed)
         if recipe.draft.init_from_target_layers:
             init_from_target_layers(draft, target)
+    if isinstance(draft, DFlash2DraftModel) and recipe.loss.selector_alpha == 0:
+        draft.candidate_selector.requires_grad_(False)  # no gradient ever (DDP needs one for every trainable)
     return draft.to(device=device, dtype=torch.float32).train(), parent
 
 
 def _loss_config(lcfg) -> L.LossConfig:
     return L.LossConfig(name=lcfg.name, alpha=lcfg.alpha, gamma=lcfg.gamma, eal_mode=lcfg.eal_mode,
-                        kl_weight=lcfg.kl_weight, dpace_alpha=lcfg.dpace_alpha, normalize=lcfg.normalize)
+                        kl_weight=lcfg.kl_weight, dpace_alpha=lcfg.dpace_alpha, normalize=lcfg.normalize,
+                        selector_alpha=lcfg.selector_alpha, selector_gold=lcfg.selector_gold)
 
 
 def _load_source(target, data_path, dcfg):

@@ -194,7 +194,7 @@ def test_the_trainers_forward_batch_runs_a_dflash2_draft_and_the_selector_loss_a
     sample = Sample("s", "math", ids, [0] * 6 + [1] * 24)
     _, feats = target.forward(torch.tensor([ids]), draft.target_layer_ids)
     features = [(feats[0], torch.zeros(30, 64))]
-    cfg = LossConfig(name="ce", gamma=4.0)
+    cfg = LossConfig(name="ce", gamma=4.0, selector_alpha=0.0)  # the base loss alone (1.0 adds the selector)
     loss, stats = forward_batch(draft, draft.config, target, features, [sample], [7], num_anchors=6, loss_cfg=cfg)
     loss.backward()
     conv = draft.layers[0].attention_conv
