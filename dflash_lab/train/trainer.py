@@ -300,6 +300,7 @@ def train(config, data_path, out_dir, target=None, resume: bool = False, max_ste
         if recipe.draft.init_from_target_layers:
             init_from_target_layers(draft, target)
     draft = draft.to(device=device, dtype=torch.float32).train()
+    draft.activation_checkpointing = tcfg.activation_checkpointing  # recompute layers in backward
     dcfg_draft = draft.config
     optimizer = torch.optim.AdamW(draft.parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
 
