@@ -604,7 +604,7 @@ def format_plan(plan: Plan) -> str:
         extra = ""
         if kind == "weights":
             extra = f"   (target {plan.weights_split['target'] / GIB:.2f}, draft {plan.weights_split['draft'] / GIB:.2f})"
-        if plan.peak_by_kind.get(kind) or kind != "other":
+        if plan.peak_by_kind.get(kind, 0) >= 2**20 or kind != "other":
             lines.append(f"    {labels[kind]:<18}{_gib(plan.peak_by_kind.get(kind, 0))}{extra}")
     if plan.ddp_buckets_bytes:
         lines.append(f"    {'DDP buckets':<18}{_gib(plan.ddp_buckets_bytes)}")
@@ -626,7 +626,8 @@ def format_plan(plan: Plan) -> str:
                      f"{fc['bytes_per_billion_tokens'] / 1000**4:.1f} TB per billion tokens")
     else:
         lines.append("  feature cache: off (data.feature_cache unset)")
-    lines.append(f"  planned in {plan.plan_seconds:.0f} s; " + "; ".join(plan.notes))
+    lines.append(f"  planned in {plan.plan_seconds:.0f} s. Notes:")
+    lines.extend(f"    - {note}" for note in plan.notes)
     return "\n".join(lines)
 
 
