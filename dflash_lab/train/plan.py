@@ -111,7 +111,9 @@ def build_target(config, dtype: torch.dtype, name: str, fake: bool):
     # under FakeTensorMode the initialisation only computes shapes (fake CPU tensors, no storage)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     mask = KNOWN_MASK_TOKEN.get(name)
-    return wrap_target(model, name=name, mask_token_id=mask if mask is not None else int(config.vocab_size) - 1)
+    if mask is None or mask >= int(config.vocab_size):  # no tokenizer here: the last row stands in
+        mask = int(config.vocab_size) - 1
+    return wrap_target(model, name=name, mask_token_id=mask)
 
 
 def build_draft(recipe: Recipe, target, fake: bool):
