@@ -446,7 +446,7 @@ class Plan:
     ddp_buckets_bytes: int
     fsdp_saving_bytes: int
     fits: bool
-    largest_micro_batch: int
+    largest_micro_batch: int  # searched up to one GPU's share of the global batch
     largest_micro_batch_dividing: int | None  # the largest that also divides the per-rank batch
     flops_target_per_micro: int
     flops_draft_per_micro: int
@@ -531,9 +531,11 @@ def make_plan(recipe: Recipe, *, gpus: int = 1, gpu_memory: int = 80 * GB, margi
     # a later micro-step of gradient accumulation starts with the gradients already there
     step = measure_step(recipe, micro, grads_present=accum > 1, target_cfg=cfg)
     largest = micro
-    if search:
-        largest = _largest_micro_batch(recipe, cfg, step if accum > 1 else None, micro, total, limit)
     per_rank = global_batch // gpus if global_batch % gpus == 0 else None
+    if search:
+        # no use looking past one GPU's share of the global batch
+        cap = per_rank or SEARCH_CAP
+        largest = _largest_micro_batch(recipe, cfg, step if accum > 1 else None, micro, total, limit, cap)
     dividing = max((m for m in range(1, largest + 1) if per_rank and per_rank % m == 0), default=None)
     flops_micro = step.flops_target + step.flops_draft
     per_gpu = flops_micro * accum
@@ -564,7 +566,10 @@ def make_plan(recipe: Recipe, *, gpus: int = 1, gpu_memory: int = 80 * GB, margi
     )
 
 
-def _largest_micro_batch(recipe: Recipe, cfg, step: StepMeasure | None, m0: int, total, limit: int) -> int:
+SEARCH_CAP = 64
+
+
+def _largest_micro_batch(recipe: Recipe, cfg, step: StepMeasure | None, m0: int, total, limit: int, cap: int) -> int:
     """Peak memory is affine in the micro-batch: fit it through two measurements, then confirm the
     candidate with a measurement of its own (and step down while it does not fit). Measured with the
     gradients present (any accumulation), so the answer holds for every grad_accum.
@@ -575,7 +580,7 @@ def _largest_micro_batch(recipe: Recipe, cfg, step: StepMeasure | None, m0: int,
     fixed = total(base) - per_seq * base.micro_batch
     if per_seq <= 0:
         return m0
-    candidate = max(0, int((limit - fixed) // per_seq))
+    candidate = min(cap, max(0, int((limit - fixed) // per_seq)))
     measured = {base.micro_batch: base, other.micro_batch: other}
     while candidate >= 1:
         m = measured.get(candidate) or measure_step(recipe, candidate, grads_present=True, target_cfg=cfg)
