@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dflash_lab.errors import DFlashLabError
 
@@ -239,6 +240,10 @@ class DraftCache:
 
 
 class DFlashDraftModel(nn.Module):
+    activation_checkpointing: bool = False
+    """Training: recompute each layer (its context K/V and the layer itself) in backward instead of
+    keeping its activations. Only with grad enabled; decoding never checkpoints."""
+
     def __init__(self, cfg: DraftConfig):
         super().__init__()
         self.config = cfg
@@ -309,22 +314,33 @@ class DFlashDraftModel(nn.Module):
             c = self.fuse_context(context_features.to(self.fc.weight.dtype))
             ccos, csin = rope_cos_sin(context_positions, cfg.head_dim, cfg.rope_theta, c.dtype)
         else:
-            c = None
+            c = ccos = csin = None
         x = noise_embedding
-        for i, layer in enumerate(self.layers):
-            if c is not None:
-                k_ctx, v_ctx = layer.self_attn.key_value(c, ccos, csin)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
+        for i in range(len(self.layers)):
+            cols = columns if i == len(self.layers) - 1 else None  # the last layer: scored columns only
+            if recompute:
+                x = checkpoint(self._layer_step, i, x, c, ccos, csin, cos, sin, None, attention, cols,
+                               use_reentrant=False)
             else:
-                empty = x.new_zeros(x.shape[0], cfg.num_key_value_heads, 0, cfg.head_dim)
-                k_ctx, v_ctx = empty, empty
-            if cache is not None:
-                k_ctx, v_ctx = cache.extend(i, k_ctx, v_ctx)
-            last = i == len(self.layers) - 1
-            x = layer(x, cos, sin, k_ctx, v_ctx, attention, query_columns=columns if last else None)
+                x = self._layer_step(i, x, c, ccos, csin, cos, sin, cache, attention, cols)
         x = self.norm(x)
         if needed is None:
             return x
         return x.view(*needed.shape[:2], columns.numel(), x.shape[-1])[needed[:, :, columns]]
+
+    def _layer_step(self, i, x, c, ccos, csin, cos, sin, cache, attention, query_columns=None):
+        """Layer i: its keys/values over the context (or none), then the layer on the block."""
+        cfg = self.config
+        layer = self.layers[i]
+        if c is not None:
+            k_ctx, v_ctx = layer.self_attn.key_value(c, ccos, csin)
+        else:
+            empty = x.new_zeros(x.shape[0], cfg.num_key_value_heads, 0, cfg.head_dim)
+            k_ctx, v_ctx = empty, empty
+        if cache is not None:
+            k_ctx, v_ctx = cache.extend(i, k_ctx, v_ctx)
+        return layer(x, cos, sin, k_ctx, v_ctx, attention, query_columns=query_columns)
 
 
 def build_draft_config(

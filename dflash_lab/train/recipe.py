@@ -129,6 +129,10 @@ class TrainSection(_Section):
     """torch intra-op threads on CPU (null = torch's default). On a shared machine 1 can be
     much faster than spinning threads that compete for cores."""
     attention: Literal["auto", "flex", "chunked"] = "auto"
+    activation_checkpointing: bool = False
+    """Recompute each draft layer in backward instead of keeping its activations (torch.utils.checkpoint,
+    non-reentrant): about a third more draft compute for a fraction of the activation memory. `dflash-lab
+    plan` says which micro-batch fits with and without it."""
     anchor_chunk: int = Field(64, ge=1)
     """CPU attention: anchors per chunk (bounds the [chunk*B, S+B] score tensor)."""
     save_every: int = Field(0, ge=0)

@@ -410,6 +410,7 @@ def _build_draft(recipe: Recipe, target, seed: int, device):
             init_from_target_layers(draft, target)
     if isinstance(draft, DFlash2DraftModel) and recipe.loss.selector_alpha == 0:
         draft.candidate_selector.requires_grad_(False)  # no gradient ever (DDP needs one for every trainable)
+    draft.activation_checkpointing = recipe.train.activation_checkpointing  # recompute layers in backward
     return draft.to(device=device, dtype=torch.float32).train(), parent
 
 
