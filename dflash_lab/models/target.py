@@ -102,6 +102,14 @@ class TargetModel:
             "chosen automatically; pass --mask-token-id with a token that text never produces"
         )
 
+    def text_only(self) -> "TargetModel":
+        """A copy without the weights that renders, tokenises and names its end-of-turn token
+        exactly as this one does. Small and picklable: the token store's worker processes get it."""
+        clone = TargetModel(model=None, tokenizer=self.tokenizer, name=self.name, mask_token_id=self.mask_token_id,
+                            extra_stop_token_ids=list(self.extra_stop_token_ids), fingerprint=self.fingerprint)
+        clone._stop_ids = self.stop_token_ids if self.model is not None else getattr(self, "_stop_ids", None) or []
+        return clone
+
     # -- text -----------------------------------------------------------------------------------
     def _need_tokenizer(self):
         if self.tokenizer is None:
