@@ -127,6 +127,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(text_target, max_length: int, min_supervised: int) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     _WORKER.update(target=text_target, max_length=max_length, min_supervised=min_supervised)
 
 
@@ -299,16 +300,28 @@ def default_workers() -> int:
     return max(1, min(cores, 64))
 
 
+def _pool_context():
+    """`fork` where the platform has it: workers start in milliseconds with the tokenizer already in
+    memory, and nothing re-imports the main module (`spawn` would re-run `python -m dflash_lab`'s
+    CLI in every worker, and any script without a `__main__` guard). The workers only parse JSON
+    and run the tokenizer (no torch, no CUDA), which is what makes forking a process that holds a
+    CUDA context or thread pools safe here; HF tokenizers turns its own threads off after a fork."""
+    import multiprocessing
+
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
 def build_store(data_path, target, max_length: int, min_supervised: int, directory: Path, meta: dict, *,
                 workers: int | None = None, progress: bool = True, chunk_records: int = CHUNK_RECORDS) -> dict:
     """Tokenise every record of `data_path` into the (empty, existing) `directory`; returns store.json.
-    With more than one worker, chunks go to a `spawn` pool (safe after CUDA or threads started in
-    this process), at most 2 per worker in flight so the reader never runs ahead of the writer."""
+    With more than one worker, chunks go to a process pool (`_pool_context`), at most 2 per worker
+    in flight so the reader never runs ahead of the writer."""
     from tqdm import tqdm
 
     files = data_files(data_path)
     if workers is None:
-        # starting a spawn pool costs seconds (each worker imports torch): not worth it for small data
+        # a pool costs a second or so to start and feed: not worth it for small data
         small = sum(f.stat().st_size for f in files) < SMALL_DATA_BYTES
         workers = 1 if small else default_workers()
     workers = max(1, int(workers))
@@ -325,9 +338,7 @@ def build_store(data_path, target, max_length: int, min_supervised: int, directo
                 writer.add(res)
                 bar.update(res.records)
         else:
-            import multiprocessing
-
-            ctx = multiprocessing.get_context("spawn")
+            ctx = _pool_context()
             with ctx.Pool(workers, initializer=_init_worker, initargs=(text_target, max_length, min_supervised)) as pool:
                 pending: deque = deque()
                 for chunk in chunks:
