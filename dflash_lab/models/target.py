@@ -257,6 +257,55 @@ def _dir_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _device_kwargs(device: str) -> dict:
+    """`device_map` for a single accelerator: transformers then materialises every weight on it
+    while reading the checkpoint. CPU is where from_pretrained loads anyway."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return {}
+    if dev.index is None and dev.type == "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return {"device_map": {"": str(dev)}}
+
+
+def hub_fingerprint(source: str, model=None, gguf_file: str | None = None, *, cache_dir=None) -> str:
+    """A hub-id target's identity: the commit its revision resolved to (the snapshot directory the
+    hub cache holds it in is named by the commit; else `config._commit_hash`), else the sha256 of
+    its config and weight files. Two revisions of one hub id never share a feature-cache entry or
+    a results key."""
+    digest = hashlib.sha256(f"hub:{source}|{gguf_file or ''}".encode())
+    snapshot = _hub_snapshot_dir(source, cache_dir)
+    commit = snapshot.name if snapshot is not None and _is_commit(snapshot.name) else None
+    if commit is None and model is not None:
+        commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        digest.update(f"@{commit}".encode())
+    elif snapshot is not None:
+        for file in sorted(snapshot.iterdir()):
+            if file.suffix in (".json", ".safetensors", ".gguf", ".bin"):
+                digest.update(file.name.encode())
+                digest.update(sha256_file(file).encode())
+    elif model is not None:  # last resort (not seen in practice): the config and a sample of every weight
+        digest.update(model.config.to_json_string(use_diff=False).encode())
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+            digest.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _is_commit(name: str) -> bool:
+    return len(name) == 40 and all(c in "0123456789abcdef" for c in name)
+
+
+def _hub_snapshot_dir(source: str, cache_dir=None) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, local_files_only=True, cache_dir=cache_dir))
+    except Exception:  # noqa: BLE001 - not cached, or no huggingface_hub
+        return None
+
+
 def load_target(
     spec: str | os.PathLike,
     *,
@@ -312,11 +361,16 @@ def load_target(
     except (OSError, ValueError):
         tokenizer = None  # tiny test targets carry no tokenizer
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        # straight to its device: no full CPU copy first (on 8 ranks that is 8 copies in host RAM)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **_device_kwargs(device), **kwargs)
     except OSError as exc:
         raise DFlashLabError(f"target {spec}: could not load the model ({exc})") from exc
-    model.to(device).eval()
+    if str(model.device) != str(torch.device(device)):  # a loader that ignored device_map
+        model.to(device)
+    model.eval()
     model.requires_grad_(False)
+    if fingerprint is None:
+        fingerprint = hub_fingerprint(source, model, kwargs.get("gguf_file"))
     return TargetModel(
         model=model,
         tokenizer=tokenizer,
