@@ -257,6 +257,22 @@ def _dir_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def default_device() -> str:
+    """cuda when a GPU is visible, else cpu (the `--device` default of eval, eval-run, generate, demo)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_placement(device: str | None, dtype: str | None) -> tuple[str, str]:
+    """(device, dtype) from `--device`/`--dtype`: `auto`/None is cuda + bfloat16 when a GPU is
+    visible, else cpu + float32; a dtype left to `auto` follows the device."""
+    device = default_device() if device in (None, "auto") else str(device)
+    if dtype in (None, "auto"):
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DFlashLabError(f"--device {device}: this machine has no usable CUDA GPU; use --device cpu")
+    return device, str(dtype).removeprefix("torch.")
+
+
 def _device_kwargs(device: str) -> dict:
     """`device_map` for a single accelerator: transformers then materialises every weight on it
     while reading the checkpoint. CPU is where from_pretrained loads anyway."""
