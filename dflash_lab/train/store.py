@@ -328,6 +328,8 @@ def build_store(data_path, target, max_length: int, min_supervised: int, directo
     text_target = target.text_only()
     writer = _StoreWriter(directory)
     started = time.perf_counter()
+    cpu = os.times()
+    cpu_started = cpu.user + cpu.system + cpu.children_user + cpu.children_system
     bar = tqdm(desc="token store", unit="rec", disable=not progress, dynamic_ncols=True, mininterval=1.0,
                file=sys.stderr)
     try:
@@ -356,7 +358,10 @@ def build_store(data_path, target, max_length: int, min_supervised: int, directo
         bar.close()
         raise
     bar.close()
-    meta = {**meta, "build": {"seconds": round(time.perf_counter() - started, 3), "workers": workers,
+    cpu = os.times()
+    cpu_s = cpu.user + cpu.system + cpu.children_user + cpu.children_system - cpu_started
+    meta = {**meta, "build": {"seconds": round(time.perf_counter() - started, 3), "cpu_seconds": round(cpu_s, 3),
+                              "workers": workers,
                               "host": os.uname().nodename, "pid": os.getpid()}}
     return writer.finish(meta)
 
