@@ -169,8 +169,10 @@ def test_two_process_gloo_equals_one_process(setup, tmp_path):
     run = json.loads((ddp / "run.json").read_text())
     assert run["schedule"]["world_size"] == 2 and run["schedule"]["grad_accum"] == 1
     a, b = _weights(single / "checkpoints" / "final"), _weights(ddp / "checkpoints" / "final")
+    # AdamW's first steps divide by sqrt(v) + eps: a gradient element near eps (1e-8) turns a summation-order
+    # difference of 1e-11 into 1e-5 of weight; 5e-5 is 0.5% of one step's update at lr 1e-2
     for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=0), (name, float((a[name] - b[name]).abs().max()))
+        assert torch.allclose(a[name], b[name], atol=5e-5, rtol=0), (name, float((a[name] - b[name]).abs().max()))
 
 
 def test_feature_cache_is_reused(setup, tmp_path):
