@@ -179,12 +179,15 @@ def _demo_folder(out: Path) -> bool:
 
 
 def run_demo(out: str | os.PathLike = "demo-out", *, preset: str = "default", prompts: str | None = None,
-             bench_dir: str | None = None, arch: str = "dflash") -> dict:
+             bench_dir: str | None = None, arch: str = "dflash", device: str | None = None,
+             dtype: str | None = None) -> dict:
+    """`device`/`dtype`: where the evaluation runs (default cuda + bf16 when available, else cpu fp32);
+    labels and training run on the CPU in fp32, as the presets are sized."""
     from dflash_lab.data.demo_pack import build_demo_pack
     from dflash_lab.eval.benchmarks import load_benchmark
-    from dflash_lab.eval.harness import evaluate, lossless_failures, write_results
+    from dflash_lab.eval.harness import evaluate, load_prompt_target, lossless_failures, write_results
     from dflash_lab.labels.runner import run_labels
-    from dflash_lab.models.target import load_target
+    from dflash_lab.models.target import load_target, resolve_placement
     from dflash_lab.outputs import check_output_dir
     from dflash_lab import registry
     from dflash_lab.report import progression_table, write_report
@@ -258,6 +261,9 @@ def run_demo(out: str | os.PathLike = "demo-out", *, preset: str = "default", pr
     # -- 4. evaluation ---------------------------------------------------------------------------------
     eval_dir = out / "eval"
     eval_dir.mkdir(exist_ok=True)
+    eval_device, eval_dtype = resolve_placement(device, dtype)
+    eval_target = target if (eval_device, eval_dtype) == ("cpu", "float32") else load_prompt_target(
+        TARGET, device=eval_device, dtype=eval_dtype)
     drafters = {**{stage: str(stage_ckpt[stage]) for stage in STAGES}, "prompt-lookup": "prompt-lookup"}
     results = {}
     for name, drafter in drafters.items():
@@ -265,7 +271,7 @@ def run_demo(out: str | os.PathLike = "demo-out", *, preset: str = "default", pr
         if not state.done(f"eval:{name}"):
             _log(f"evaluating {name} on {', '.join(benchmarks)} ({sizes.eval_limit} prompts each, "
                  f"{sizes.eval_max_new_tokens} new tokens, lossless check on)")
-            res = evaluate(target, drafter, list(benchmarks.values()), limit=sizes.eval_limit, selection="paper",
+            res = evaluate(eval_target, drafter, list(benchmarks.values()), limit=sizes.eval_limit, selection="paper",
                            max_new_tokens=sizes.eval_max_new_tokens, lossless_check=True)
             write_results(res, path)
             failures = lossless_failures(res)
@@ -336,6 +342,9 @@ def register(subparsers) -> None:
     parser.add_argument("--bench-dir", default=None, help="a folder with the five benchmark files")
     parser.add_argument("--arch", choices=ARCHES, default="dflash",
                         help="dflash (v1, block 16) or dflash2 (conv + candidate selector, block 8; docs/dflash2.md)")
+    parser.add_argument("--device", default="auto", help="where the evaluation runs: cpu or cuda[:i] (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="evaluation dtype: auto = bfloat16 on cuda, float32 on cpu")
     parser.set_defaults(handler=_demo)
 
 
@@ -345,5 +354,6 @@ def argparse_help() -> str:
 
 def _demo(args) -> int:
     preset = args.preset or ("quick" if args.quick else "default")
-    run_demo(args.out, preset=preset, prompts=args.prompts, bench_dir=args.bench_dir, arch=args.arch)
+    run_demo(args.out, preset=preset, prompts=args.prompts, bench_dir=args.bench_dir, arch=args.arch,
+             device=args.device, dtype=args.dtype)
     return 0

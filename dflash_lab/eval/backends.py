@@ -52,13 +52,96 @@ def _greedy_reference(target, prompt_ids, max_new_tokens, stop_ids, greedy_gener
     return cache[key]
 
 
+# -- the lossless check: exact in fp32, numerical ties told apart in bf16/fp16 -----------------------
+# In half precision a 16-token verify forward and a 1-token greedy step round differently, so where
+# the target's top two tokens are almost tied the two runs may pick different ones. A mismatch is
+# `numerical` when, at the first differing token, the target's top-2 logit margin is at most this
+# tolerance (in logits) in BOTH runs; anything else is a failure. fp32 keeps the exact check.
+NUMERICAL_TIE_TOLERANCE = {"bfloat16": 1.0, "float16": 0.25, "float32": 0.0}
+
+
+def tie_tolerance(dtype) -> float:
+    return NUMERICAL_TIE_TOLERANCE.get(str(dtype).removeprefix("torch."), 0.0)
+
+
+class LogitRecorder:
+    """A target stand-in for the verify loop: forwards to the target and keeps, per absolute
+    position, the top-2 token ids and logits of the last forward that computed that position's
+    logits (the ones that decided the token after it)."""
+
+    def __init__(self, target):
+        self._target = target
+        self.top2: dict[int, tuple[list[int], list[float]]] = {}
+
+    def __getattr__(self, name):
+        return getattr(self._target, name)
+
+    def forward(self, input_ids, layer_ids=None, *, position_ids=None, logits_to_keep: int = 0, **kwargs):
+        logits, features = self._target.forward(input_ids, layer_ids, position_ids=position_ids,
+                                                logits_to_keep=logits_to_keep, **kwargs)
+        kept = logits.shape[1]
+        if position_ids is not None:
+            positions = position_ids[0, -kept:].tolist()
+        else:
+            positions = list(range(input_ids.shape[1] - kept, input_ids.shape[1]))
+        values, ids = logits[0].float().topk(2, dim=-1)
+        for pos, i, v in zip(positions, ids.tolist(), values.tolist()):
+            self.top2[pos] = (i, v)
+        return logits, features
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first differing token (a shorter output differs where it ends), or None."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def _side(recorder: LogitRecorder, position: int, token: int | None) -> dict:
+    ids, values = recorder.top2.get(position, ([], []))
+    margin = values[0] - values[1] if len(values) == 2 else None
+    return {"token": token, "top2_ids": ids, "top2_logits": [round(v, 4) for v in values],
+            "margin": None if margin is None else round(margin, 4)}
+
+
+def classify_mismatch(index: int, num_prompt: int, spec_ids: list[int], ref_ids: list[int],
+                      spec_rec: LogitRecorder, ref_rec: LogitRecorder, tolerance: float) -> dict:
+    """The report of the first differing token: both runs' top-2 margins at the position that
+    decided it, and `kind` = "numerical" (both margins <= tolerance, tolerance > 0) or "failure"."""
+    position = num_prompt + index - 1  # the logits at this position chose the token at index
+    spec = _side(spec_rec, position, spec_ids[index] if index < len(spec_ids) else None)
+    ref = _side(ref_rec, position, ref_ids[index] if index < len(ref_ids) else None)
+    tie = (tolerance > 0 and spec["margin"] is not None and ref["margin"] is not None
+           and spec["margin"] <= tolerance and ref["margin"] <= tolerance)
+    return {"index": index, "position": position, "kind": "numerical" if tie else "failure",
+            "tolerance": tolerance, "speculative": spec, "greedy": ref}
+
+
+def lossless_verdict(target, prompt_ids, max_new_tokens, stop_ids, result, spec_rec, reference,
+                     greedy_generate, tolerance: float) -> tuple[object, dict | None]:
+    """(True | "numerical" | False, mismatch report or None). On a mismatch the greedy reference
+    is decoded again up to the differing token with its logits recorded (mismatches are rare, so
+    the reference cache keeps no logits)."""
+    index = first_difference(result.output_ids, reference.output_ids)
+    if index is None:
+        return True, None
+    ref_rec = LogitRecorder(target)
+    greedy_generate(ref_rec, prompt_ids, index + 1, stop_ids)
+    report = classify_mismatch(index, len(prompt_ids), result.output_ids, reference.output_ids, spec_rec, ref_rec,
+                               tolerance)
+    return ("numerical" if report["kind"] == "numerical" else False), report
+
+
 def run_builtin(target, drafter, benchmark, max_new_tokens: int, *, lossless_check: bool = True,
                 progress: bool = True) -> list[dict]:
     """Generate every response of `benchmark` with the core verify loop; with `lossless_check`,
-    also decode greedily and record whether the tokens match exactly."""
+    also decode greedily and compare the tokens: exactly in fp32; in bf16/fp16 a mismatch at a
+    near-tie of the target's top two logits is `numerical`, not a failure (see above)."""
     from dflash_lab.decoding.speculative import greedy_generate, speculative_generate
 
     stop_ids = target.stop_token_ids
+    tolerance = tie_tolerance(target.dtype)
     records: list[dict] = []
     total = sum(len(s.turns) for s in benchmark.samples)
     pooled = [0, 0]
@@ -69,7 +152,8 @@ def run_builtin(target, drafter, benchmark, max_new_tokens: int, *, lossless_che
                 messages.append({"role": "user", "content": user_text})
                 prompt_text = target.render_prompt(messages)
                 prompt_ids = target.encode(prompt_text)
-                result = speculative_generate(target, drafter, prompt_ids, max_new_tokens, stop_ids)
+                spec_rec = LogitRecorder(target) if lossless_check else target
+                result = speculative_generate(spec_rec, drafter, prompt_ids, max_new_tokens, stop_ids)
                 record = {
                     "id": sample.id,
                     "turn": turn,
@@ -83,7 +167,11 @@ def run_builtin(target, drafter, benchmark, max_new_tokens: int, *, lossless_che
                 }
                 if lossless_check:
                     reference = _greedy_reference(target, prompt_ids, max_new_tokens, stop_ids, greedy_generate)
-                    record["lossless"] = reference.output_ids == result.output_ids
+                    verdict, mismatch = lossless_verdict(target, prompt_ids, max_new_tokens, stop_ids, result, spec_rec,
+                                                         reference, greedy_generate, tolerance)
+                    record["lossless"] = verdict
+                    if mismatch is not None:
+                        record["lossless_mismatch"] = mismatch
                     record["greedy_wall_s"] = reference.wall_s
                 records.append(record)
                 # the next turn sees this turn's generated answer (special tokens dropped, as a

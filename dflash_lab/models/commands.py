@@ -35,8 +35,9 @@ def register(subparsers) -> None:
     gen.add_argument("--raw", action="store_true", help="use --prompt as is, without the chat template")
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--block-size", type=int, default=16, help="prompt-lookup block size")
-    gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="auto = bfloat16 on cuda, float32 on cpu")
+    gen.add_argument("--device", default="auto", help="cpu or cuda[:i] (default: cuda when available)")
     gen.add_argument("--json", action="store_true", help="print a JSON object instead of the text")
     gen.set_defaults(handler=_generate)
 
@@ -91,15 +92,16 @@ def _generate(args) -> int:
     from dflash_lab.decoding.speculative import speculative_generate
     from dflash_lab.errors import DFlashLabError
     from dflash_lab.models.checkpoint import load_draft
-    from dflash_lab.models.target import load_target
+    from dflash_lab.models.target import load_target, resolve_placement
 
     kind = args.drafter or ("dflash" if args.draft else "none")
     if kind == "dflash" and not args.draft:
         raise DFlashLabError("--drafter dflash needs --draft DIR (a DFlash draft checkpoint)")
     if args.max_new_tokens < 1:
         raise DFlashLabError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    target = load_target(args.target, dtype=args.dtype, device=args.device)
-    draft = load_draft(args.draft, target, device=args.device) if kind == "dflash" else None
+    device, dtype = resolve_placement(args.device, args.dtype)
+    target = load_target(args.target, dtype=dtype, device=device)
+    draft = load_draft(args.draft, target, device=target.device) if kind == "dflash" else None
     drafter = make_drafter(kind, target=target, draft=draft, block_size=args.block_size)
     prompt_ids = target.encode(args.prompt) if args.raw else target.encode_prompt([{"role": "user", "content": args.prompt}])
     result = speculative_generate(target, drafter, prompt_ids, args.max_new_tokens, target.stop_token_ids)

@@ -102,6 +102,14 @@ class TargetModel:
             "chosen automatically; pass --mask-token-id with a token that text never produces"
         )
 
+    def text_only(self) -> "TargetModel":
+        """A copy without the weights that renders, tokenises and names its end-of-turn token
+        exactly as this one does. Small and picklable: the token store's worker processes get it."""
+        clone = TargetModel(model=None, tokenizer=self.tokenizer, name=self.name, mask_token_id=self.mask_token_id,
+                            extra_stop_token_ids=list(self.extra_stop_token_ids), fingerprint=self.fingerprint)
+        clone._stop_ids = self.stop_token_ids if self.model is not None else getattr(self, "_stop_ids", None) or []
+        return clone
+
     # -- text -----------------------------------------------------------------------------------
     def _need_tokenizer(self):
         if self.tokenizer is None:
@@ -249,6 +257,71 @@ def _dir_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def default_device() -> str:
+    """cuda when a GPU is visible, else cpu (the `--device` default of eval, eval-run, generate, demo)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_placement(device: str | None, dtype: str | None) -> tuple[str, str]:
+    """(device, dtype) from `--device`/`--dtype`: `auto`/None is cuda + bfloat16 when a GPU is
+    visible, else cpu + float32; a dtype left to `auto` follows the device."""
+    device = default_device() if device in (None, "auto") else str(device)
+    if dtype in (None, "auto"):
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DFlashLabError(f"--device {device}: this machine has no usable CUDA GPU; use --device cpu")
+    return device, str(dtype).removeprefix("torch.")
+
+
+def _device_kwargs(device: str) -> dict:
+    """`device_map` for a single accelerator: transformers then materialises every weight on it
+    while reading the checkpoint. CPU is where from_pretrained loads anyway."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return {}
+    if dev.index is None and dev.type == "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return {"device_map": {"": str(dev)}}
+
+
+def hub_fingerprint(source: str, model=None, gguf_file: str | None = None, *, cache_dir=None) -> str:
+    """A hub-id target's identity: the commit its revision resolved to (the snapshot directory the
+    hub cache holds it in is named by the commit; else `config._commit_hash`), else the sha256 of
+    its config and weight files. Two revisions of one hub id never share a feature-cache entry or
+    a results key."""
+    digest = hashlib.sha256(f"hub:{source}|{gguf_file or ''}".encode())
+    snapshot = _hub_snapshot_dir(source, cache_dir)
+    commit = snapshot.name if snapshot is not None and _is_commit(snapshot.name) else None
+    if commit is None and model is not None:
+        commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        digest.update(f"@{commit}".encode())
+    elif snapshot is not None:
+        for file in sorted(snapshot.iterdir()):
+            if file.suffix in (".json", ".safetensors", ".gguf", ".bin"):
+                digest.update(file.name.encode())
+                digest.update(sha256_file(file).encode())
+    elif model is not None:  # last resort (not seen in practice): the config and a sample of every weight
+        digest.update(model.config.to_json_string(use_diff=False).encode())
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+            digest.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _is_commit(name: str) -> bool:
+    return len(name) == 40 and all(c in "0123456789abcdef" for c in name)
+
+
+def _hub_snapshot_dir(source: str, cache_dir=None) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, local_files_only=True, cache_dir=cache_dir))
+    except Exception:  # noqa: BLE001 - not cached, or no huggingface_hub
+        return None
+
+
 def load_target(
     spec: str | os.PathLike,
     *,
@@ -304,11 +377,16 @@ def load_target(
     except (OSError, ValueError):
         tokenizer = None  # tiny test targets carry no tokenizer
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        # straight to its device: no full CPU copy first (on 8 ranks that is 8 copies in host RAM)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **_device_kwargs(device), **kwargs)
     except OSError as exc:
         raise DFlashLabError(f"target {spec}: could not load the model ({exc})") from exc
-    model.to(device).eval()
+    if str(model.device) != str(torch.device(device)):  # a loader that ignored device_map
+        model.to(device)
+    model.eval()
     model.requires_grad_(False)
+    if fingerprint is None:
+        fingerprint = hub_fingerprint(source, model, kwargs.get("gguf_file"))
     return TargetModel(
         model=model,
         tokenizer=tokenizer,

@@ -1,8 +1,9 @@
 """Anchors, training blocks, labels and the training attention (SPEC section 3).
 
-For a sequence `tok` with loss mask `m`, an anchor is a position p with `m[p+1] == 1` (a supervised
-position that leaves room for at least one label; anchors are response tokens, like the bonus
-token at inference). Each anchor p gives one block:
+For a sequence `tok` with loss mask `m`, an anchor is a position p with `m[p] == 1` and
+`m[p+1] == 1`: a response token (like the bonus token at inference, which the target itself
+produced; the last prompt token is never an anchor) that leaves room for at least one label.
+Each anchor p gives one block:
 
     block input ids   [tok[p], MASK, ..., MASK]           B tokens
     positions         p, p+1, ..., p+B-1
@@ -25,9 +26,11 @@ from torch.utils.checkpoint import checkpoint
 
 # -- anchors and blocks ----------------------------------------------------------------------------
 def anchor_candidates(loss_mask: torch.Tensor) -> torch.Tensor:
-    """Positions p whose next position is supervised: [C] (int64)."""
+    """Positions p that are supervised and whose next position is supervised too: [C] (int64).
+    The last prompt token (m[p] == 0, m[p+1] == 1) is excluded: at inference the bonus token that
+    starts a block is always a token of the response."""
     m = loss_mask.bool()
-    return torch.nonzero(m[1:], as_tuple=False).flatten()
+    return torch.nonzero(m[:-1] & m[1:], as_tuple=False).flatten()
 
 
 def sample_anchors(loss_mask: torch.Tensor, num_anchors: int, generator: torch.Generator) -> torch.Tensor:

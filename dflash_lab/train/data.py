@@ -4,9 +4,14 @@ A training sequence is rendered exactly as the server sees it:
 
     text = target.render_prompt(messages[:-1]) + response + end_of_turn_token
 
-and tokenised once with `return_offsets_mapping=True`. A token is supervised when its first
+(no end-of-turn token when the response was cut off by the length cap, `finish_reason: "length"`:
+the target did not end its turn there, and a false end of turn would be taught) and tokenised once with `return_offsets_mapping=True`. A token is supervised when its first
 character lies at or after the end of the rendered prompt (the response and the end-of-turn token);
 a token that straddles the boundary is not. No per-tokenizer offsets are hand-tuned.
+
+Large datasets go through the token store (`store.py`), which runs `tokenize_record` once per
+record in parallel and memory-maps the result; `tokenize_records` is the in-memory path for small
+data and the reference the store is tested against.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dflash_lab.errors import DFlashLabError
@@ -51,18 +57,28 @@ class TokenizeStats:
 
 
 # -- reading ---------------------------------------------------------------------------------------
-def read_records(path: str | os.PathLike) -> list[dict]:
-    """A labelled dataset: a directory of `shard-*.jsonl` (failed.jsonl is ignored), a .jsonl file,
-    or a .parquet file."""
+def data_files(path: str | os.PathLike) -> list[Path]:
+    """The files of a labelled dataset: a directory of `shard-*.jsonl` (failed.jsonl is ignored),
+    a .jsonl file, or a .parquet file."""
     path = Path(path)
     if not path.exists():
         raise DFlashLabError(f"data {path}: no such file or directory; pass the output of `dflash-lab label`")
     if path.is_dir():
         files = sorted(path.glob("shard-*.jsonl"))
         if not files:
-            raise DFlashLabError(f"data {path}: no shard-*.jsonl files; is this a labelled dataset directory?")
-    else:
-        files = [path]
+            hint = (" it holds prompts.jsonl, a prompt set: run `dflash-lab label` on it first to get the "
+                    "target's responses" if (path / "prompts.jsonl").is_file() else
+                    " is this a labelled dataset directory (the output of `dflash-lab label`)?")
+            raise DFlashLabError(f"data {path}: no shard-*.jsonl files;{hint}")
+        return files
+    return [path]
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """Every record of a labelled dataset (see `data_files`) in memory: small data and tests; the
+    trainer streams through the token store instead."""
+    path = Path(path)
+    files = data_files(path)
     records: list[dict] = []
     for file in files:
         if file.suffix == ".parquet":
@@ -112,7 +128,8 @@ def tokenize_record(target, record: dict, max_length: int) -> tuple[Sample, bool
     if not isinstance(messages, list) or len(messages) < 2 or messages[-1].get("role") != "assistant":
         raise ValueError("messages must end with the assistant response")
     prompt_text = target.render_prompt(messages[:-1])
-    eot = target.end_of_turn_token or ""
+    # a response cut off by the length cap did not end its turn: no end-of-turn token after it
+    eot = "" if record.get("finish_reason") == "length" else (target.end_of_turn_token or "")
     text = prompt_text + str(messages[-1].get("content", "")) + eot
     enc = target.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
@@ -132,7 +149,8 @@ def tokenize_records(target, records: list[dict], max_length: int, min_supervise
             sample, truncated = tokenize_record(target, record, max_length)
         except Exception as exc:  # noqa: BLE001 - any render/tokenise failure (e.g. jinja2 on a missing role) is this record's
             stats.skipped_bad_record += 1
-            stats.reasons.append(f"record {record.get('id', i) if isinstance(record, dict) else i}: {exc}")
+            stats.reasons.append(f"record {record.get('id', i) if isinstance(record, dict) else i}: "
+                                 f"{type(exc).__name__}: {exc}")
             continue
         if not sample.id:
             sample.id = f"#{i}"
@@ -146,17 +164,25 @@ def tokenize_records(target, records: list[dict], max_length: int, min_supervise
     return samples, stats
 
 
-def split_heldout(samples: list[Sample], heldout: float, heldout_max: int, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Deterministic split: a seeded permutation; `heldout` < 1 is a fraction, >= 1 a count."""
-    n = len(samples)
+def split_heldout_indices(n: int, heldout: float, heldout_max: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, held-out indices), each ascending int64 arrays, of `n` samples: a seeded
+    permutation; `heldout` < 1 is a fraction, >= 1 a count. The token store's samples split by
+    index this way (arrays, not lists: 8 bytes a sample, not 36)."""
     count = int(round(n * heldout)) if heldout < 1 else int(heldout)
     count = min(count, heldout_max, n - 1) if n > 1 else 0
     if heldout > 0 and count == 0 and n >= 4:
         count = 1
     gen = torch.Generator().manual_seed(seed + 7919)
-    order = torch.randperm(n, generator=gen).tolist()
-    held = set(order[:count])
-    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
+    held = np.sort(torch.randperm(n, generator=gen)[:count].numpy())
+    keep = np.ones(n, dtype=bool)
+    keep[held] = False
+    return np.flatnonzero(keep), held
+
+
+def split_heldout(samples: list[Sample], heldout: float, heldout_max: int, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Deterministic split of in-memory samples (see `split_heldout_indices`)."""
+    train, held = split_heldout_indices(len(samples), heldout, heldout_max, seed)
+    return [samples[int(i)] for i in train], [samples[int(i)] for i in held]
 
 
 # -- feature cache ---------------------------------------------------------------------------------

@@ -92,7 +92,12 @@ def test_layout_metrics_and_zlab_loading(setup, full_run):
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
     assert {"loss", "lr", "grad_norm", "acc_per_slot", "train_tau", "block_tokens_per_s"} <= set(train_rows[0])
     assert any("heldout_tau" in r for r in train_rows)
-    assert best_checkpoint(full_run).parent == ckpts or best_checkpoint(full_run) == ckpts / "final"
+    # the best checkpoint is the one with the highest held-out tau (ties: the later step, final last)
+    order = {"final": 10**9}
+    scored = [(json.loads((c / "trainer_state.json").read_text())["metrics"]["heldout_tau"],
+               order.get(c.name, int(c.name.split("-")[-1]) if c.name.startswith("step-") else 0), c)
+              for c in ckpts.iterdir()]
+    assert best_checkpoint(full_run) == max(scored, key=lambda t: t[:2])[2]
 
     from dflash_lab.models.checkpoint import load_draft
     from dflash_lab.models.target import load_target

@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import torch
 
 from dflash_lab.cli import main
-from dflash_lab.eval import harness
+from dflash_lab.errors import DFlashLabError
+from dflash_lab.eval import backends, harness
 from dflash_lab.eval.benchmarks import Benchmark, Sample
 from dflash_lab.testing import tiny_target_dir, write_jsonl
 
@@ -162,3 +164,92 @@ def test_loaded_benchmarks_are_selected_by_evaluate(tiny):
     out = results["benchmarks"]["gsm8k"]
     assert [r["id"] for r in out["responses"]] == ["0", "1"]
     assert out["settings"]["selection"] == "first" and out["settings"]["limit"] == 2
+
+
+# -- device and dtype; the lossless check in half precision --------------------------------------------
+def test_eval_cli_on_cpu_in_bfloat16(tiny, tmp_path):
+    out = tmp_path / "r.json"
+    rc = main(["eval", "--target", str(tiny["target_dir"]), "--draft", str(tiny["draft_dir"]), "--benchmarks", "gsm8k",
+               "--bench-dir", str(tiny["bench"]), "--limit", "2", "--max-new-tokens", "8", "--device", "cpu",
+               "--dtype", "bfloat16", "--no-db", "--out", str(out), "--quiet"])
+    assert rc == 0
+    results = json.loads(out.read_text())
+    assert (results["device"], results["dtype"]) == ("cpu", "bfloat16")
+    assert results["lossless_tie_tolerance"] == backends.NUMERICAL_TIE_TOLERANCE["bfloat16"] > 0
+    bench = results["benchmarks"]["gsm8k"]
+    assert bench["lossless"] is True and bench["lossless_failures"] == 0 and bench["settings"]["dtype"] == "bfloat16"
+    assert all(r["lossless"] in (True, "numerical") for r in bench["responses"])
+
+
+def test_placement_defaults_and_the_draft_follows_the_target(tiny):
+    from dflash_lab.models.target import resolve_placement
+
+    expected = ("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32")
+    assert resolve_placement("auto", "auto") == expected
+    assert resolve_placement("cpu", None) == ("cpu", "float32")
+    if not torch.cuda.is_available():
+        with pytest.raises(DFlashLabError, match="no usable CUDA"):
+            resolve_placement("cuda", "auto")
+    target = harness.load_prompt_target(tiny["target_dir"], device="cpu", dtype="bfloat16")
+    drafter, _ = harness.resolve_drafter(target, str(tiny["draft_dir"]))
+    assert target.dtype == torch.bfloat16
+    assert {p.dtype for p in drafter.draft.parameters()} == {torch.bfloat16}
+
+
+class _ForcedTie:
+    """A target whose top two tokens at `position` are `gap` logits apart, ranked one way by a
+    one-token (greedy) step and the other way by a multi-token (verify) forward: what bf16 rounding
+    does at a near-tie (small gap), or what a broken verify does (large gap)."""
+
+    def __init__(self, target, position: int, gap: float):
+        self._target, self.position, self.gap = target, position, gap
+
+    def __getattr__(self, name):
+        return getattr(self._target, name)
+
+    def forward(self, input_ids, layer_ids=None, *, position_ids=None, logits_to_keep=0, **kwargs):
+        logits, features = self._target.forward(input_ids, layer_ids, position_ids=position_ids,
+                                                logits_to_keep=logits_to_keep, **kwargs)
+        logits = logits.clone()
+        kept = logits.shape[1]
+        hit = (position_ids[0, -kept:] == self.position).nonzero()
+        if hit.numel():
+            row = logits[0, int(hit[0])]
+            a, b = row.float().topk(2).indices.tolist()
+            verify = input_ids.shape[1] > 1
+            row[b] = row[a] + (self.gap / 2 if verify else -self.gap / 2)
+        return logits, features
+
+
+@pytest.mark.parametrize("dtype,gap,kind", [("bfloat16", 0.25, "numerical"), ("bfloat16", 8.0, "failure"),
+                                            ("float32", 0.25, "failure")])
+def test_lossless_check_tells_a_tie_from_a_wrong_token(tiny, dtype, gap, kind):
+    from dflash_lab.eval.benchmarks import load_benchmark
+
+    target = harness.load_prompt_target(tiny["target_dir"], device="cpu", dtype=dtype)
+    bench = load_benchmark("gsm8k", tiny["bench"], allow_pypi=False, allow_hub=False)
+    prompt = target.encode(target.render_prompt([{"role": "user", "content": select_first(bench)}]))
+    forced = _ForcedTie(target, position=len(prompt) + 2, gap=gap)  # decides the output's token 3
+    results = harness.evaluate(forced, str(tiny["draft_dir"]), [bench], limit=1, selection="first",
+                               max_new_tokens=12, progress=False)
+    record = results["benchmarks"]["gsm8k"]["responses"][0]
+    mismatch = record["lossless_mismatch"]
+    assert mismatch["index"] == 3 and mismatch["position"] == len(prompt) + 2 and mismatch["kind"] == kind
+    spec, greedy = mismatch["speculative"], mismatch["greedy"]
+    assert spec["token"] != greedy["token"]
+    assert spec["top2_ids"][0] == spec["token"] and greedy["top2_ids"][0] == greedy["token"]
+    assert spec["margin"] == pytest.approx(gap / 2, abs=0.07)  # each run's own top-2 margin at that position
+    assert greedy["margin"] <= gap / 2 + 0.07
+    if gap < 1:
+        assert spec["token"] == greedy["top2_ids"][1] and greedy["margin"] == pytest.approx(gap / 2, abs=0.07)
+    summary = results["benchmarks"]["gsm8k"]
+    if kind == "numerical":
+        assert record["lossless"] == "numerical" and summary["lossless"] is True
+        assert summary["lossless_numerical"] == 1 and not harness.lossless_failures(results)
+    else:
+        assert record["lossless"] is False and summary["lossless"] is False and summary["lossless_failures"] == 1
+        assert harness.lossless_failures(results) == ["gsm8k/0/turn1"]
+
+
+def select_first(bench):
+    return bench.samples[0].turns[0]

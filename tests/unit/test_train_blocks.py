@@ -39,13 +39,26 @@ def test_blocks_and_labels():
 def test_sample_anchors():
     mask = torch.tensor([0] * 5 + [1] * 20 + [0] * 3)
     cand = Bk.anchor_candidates(mask)
-    assert cand.tolist() == list(range(4, 24))  # p such that p+1 is supervised
+    assert cand.tolist() == list(range(5, 24))  # p and p+1 supervised: not the last prompt token (4)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     a1, a2 = Bk.sample_anchors(mask, 7, g1), Bk.sample_anchors(mask, 7, g2)
     assert a1.tolist() == a2.tolist() and len(set(a1.tolist())) == 7
     assert a1.tolist() == sorted(a1.tolist()) and set(a1.tolist()) <= set(cand.tolist())
     assert Bk.sample_anchors(mask, 100, g1).tolist() == cand.tolist()  # fewer if short
     assert Bk.sample_anchors(mask, 7, torch.Generator().manual_seed(4)).tolist() != a1.tolist()
+
+
+def test_anchor_candidates_against_brute_force():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        n = int(torch.randint(1, 30, (1,), generator=g))
+        mask = (torch.rand(n, generator=g) < 0.6).long()
+        expected = [p for p in range(n - 1) if mask[p] == 1 and mask[p + 1] == 1]
+        assert Bk.anchor_candidates(mask).tolist() == expected
+    # the last prompt token is never an anchor, even though the token after it is supervised
+    prompt_then_response = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert Bk.anchor_candidates(prompt_then_response).tolist() == [3, 4]
+    assert Bk.anchor_candidates(torch.tensor([0, 1])).tolist() == []
 
 
 def _random_attention_inputs(seed=0, n=2, h=4, kv=2, d=8, s=23, block=4, anchors=((3, 7, 8, 15, 20), (5, 9, 0, 0, 0))):

@@ -81,3 +81,19 @@ def test_feature_cache_roundtrip(tmp_path):
     assert torch.allclose(got[0].float(), feats, atol=0.05) and got[0].dtype == torch.bfloat16
     other = D.FeatureCache(tmp_path, "fp", [1, 3])  # other layers: a different key
     assert other.get(s) is None
+
+
+def test_any_template_error_skips_only_its_record(target):
+    """A message without `role` makes the chat template raise a jinja error: counted, never fatal."""
+    records = [_record("fine answer here", rid="ok"),
+               {"id": "no-role", "messages": [{"content": "hi"}, {"role": "assistant", "content": "yo yo yo"}]}]
+    samples, stats = D.tokenize_records(target, records, max_length=4096, min_supervised=2)
+    assert [s.id for s in samples] == ["ok"] and stats.skipped_bad_record == 1
+    assert stats.reasons[0].startswith("record no-role: UndefinedError")
+
+
+def test_length_capped_response_gets_no_end_of_turn(target):
+    cut, _ = D.tokenize_record(target, {**_record("cut off mid"), "finish_reason": "length"}, max_length=4096)
+    done, _ = D.tokenize_record(target, _record("cut off mid"), max_length=4096)
+    assert done.input_ids[:-1] == cut.input_ids and done.loss_mask[:-1] == cut.loss_mask
+    assert target.tokenizer.convert_ids_to_tokens(done.input_ids[-1]) == target.end_of_turn_token
