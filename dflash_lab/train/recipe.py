@@ -64,6 +64,9 @@ class DataSection(_Section):
     feature_cache: str | None = None
     """Directory of cached target features (and final hidden states for KD), one file per sample."""
     feature_cache_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    token_store: str | None = None
+    """Root of the tokenised, memory-mapped data stores (train/store.py); None = the cache
+    (`$DFLASH_LAB_HOME/token-store`, else `~/.cache/dflash-lab/token-store`). Built once per key."""
     prompt_set: str | None = None
     """Informational: the prompt set the labels came from (e.g. `mix-m2`)."""
     group_by_length: bool = True

