@@ -7,7 +7,11 @@ SGLang: pooled = sum completion_tokens / sum spec_verify_ct, per request = spec_
 vLLM: pooled = 1 + accepted / drafts from its counters; no per-request value.
 
 Results compare only under the same harness settings (`harness_settings`): target fingerprint,
-selection, limit, max_new_tokens, thinking, backend, harness version and the benchmark data hash.
+selection, limit, max_new_tokens, thinking, backend, harness version, the benchmark data hash and,
+for a sampled eval (temperature > 0), the sampling settings (temperature, top_p, top_k). A greedy
+eval's settings have no `sampling` key (so its settings key is what it was before sampling existed);
+greedy and sampled results therefore never share a key and the report never mixes them. The seed
+is recorded in the results but is not a setting: two seeds measure the same quantity.
 Bump HARNESS_VERSION whenever the protocol (prompt formats, tau definitions, turn flow) changes.
 """
 
@@ -20,6 +24,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from dflash_lab.decoding.sampling import GREEDY, SamplingParams
 from dflash_lab.errors import DFlashLabError
 from dflash_lab.eval import backends
 from dflash_lab.eval.benchmarks import Benchmark, load_selected, parse_benchmark_names, select_samples
@@ -83,8 +88,10 @@ def summarise(records: list[dict], backend: str, counters: dict | None = None) -
 
 
 # -- settings -------------------------------------------------------------------------------------
-def harness_settings(*, target_fingerprint, selection, limit, max_new_tokens, backend, data_sha256) -> dict:
+def harness_settings(*, target_fingerprint, selection, limit, max_new_tokens, backend, data_sha256,
+                     sampling: SamplingParams = GREEDY) -> dict:
     """What must be equal for two tau numbers to be comparable."""
+    extra = {} if sampling.greedy else {"sampling": sampling.describe()}
     return {
         "target_fingerprint": target_fingerprint,
         "selection": selection,
@@ -94,6 +101,7 @@ def harness_settings(*, target_fingerprint, selection, limit, max_new_tokens, ba
         "backend": backend,
         "harness_version": HARNESS_VERSION,
         "bench_data": data_sha256,
+        **extra,
     }
 
 
@@ -152,13 +160,15 @@ def evaluate(
     block_size: int | None = None,
     allow_pypi: bool = True,
     allow_hub: bool = True,
+    sampling: SamplingParams = GREEDY,
 ) -> dict:
     """Evaluate one drafter on `benchmarks` (names, a comma string, or loaded `Benchmark`s) and
     return the results dict (the JSON `eval --out` writes).
 
     `target` is a loaded `TargetModel` or a spec for `load_target`; `drafter` is a draft
     directory, a loaded draft, "prompt-lookup" or "none"; `bench_source` is a `--bench-dir`
-    folder or None (hub, then PyPI).
+    folder or None (hub, then PyPI). `sampling`: greedy by default; with temperature > 0 every
+    backend samples with these settings and the lossless check (token equality with greedy) is off.
     """
     if backend not in backends.BACKENDS:
         raise DFlashLabError(f"unknown backend {backend!r}; use {', '.join(backends.BACKENDS)}")
@@ -177,6 +187,8 @@ def evaluate(
         raise DFlashLabError("the builtin backend needs a loaded target model")
     if backend != "builtin":
         lossless_check = False  # a server's tokens cannot be compared with a local greedy run here
+    if not sampling.greedy:
+        lossless_check = False  # sampled tokens are lossless in distribution, not token for token
 
     results: dict = {
         "harness_version": HARNESS_VERSION,
@@ -187,7 +199,8 @@ def evaluate(
         "limit": limit,
         "max_new_tokens": max_new_tokens,
         "thinking": THINKING,
-        "temperature": 0,
+        "temperature": sampling.temperature,
+        "sampling": None if sampling.greedy else {**sampling.describe(), "seed": sampling.seed},
         "backend": backend,
         "servers": list(servers or []),
         "lossless_check": lossless_check,
@@ -197,16 +210,16 @@ def evaluate(
         counters = None
         if backend == "builtin":
             records = backends.run_builtin(target, drafter_obj, bench, max_new_tokens,
-                                           lossless_check=lossless_check, progress=progress)
+                                           lossless_check=lossless_check, progress=progress, sampling=sampling)
         elif backend == "sglang":
             records = backends.run_sglang(target, bench, max_new_tokens, servers or [],
-                                          concurrency=concurrency, progress=progress)
+                                          concurrency=concurrency, progress=progress, sampling=sampling)
         else:
             records, counters = backends.run_vllm(target, bench, max_new_tokens, servers or [],
-                                                  concurrency=concurrency, progress=progress)
+                                                  concurrency=concurrency, progress=progress, sampling=sampling)
         settings = harness_settings(target_fingerprint=target.fingerprint, selection=bench.selection,
                                     limit=bench.limit, max_new_tokens=max_new_tokens, backend=backend,
-                                    data_sha256=bench.data_sha256)
+                                    data_sha256=bench.data_sha256, sampling=sampling)
         results["benchmarks"][bench.name] = {
             "source": bench.source,
             "num_samples": len(bench.samples),

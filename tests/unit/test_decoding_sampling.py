@@ -232,3 +232,23 @@ def test_same_seed_same_output_and_temperature_zero_is_greedy():
         hot = SamplingParams(0.9, top_p=0.9, top_k=10, seed=5)
         first, second = (speculative_generate(target, drafter, prompt, 30, sampling=hot) for _ in range(2))
         assert first.output_ids == second.output_ids and first.cycle_acceptance == second.cycle_acceptance
+
+
+def test_generate_cli_sampling_flags(tmp_path, capsys):
+    import json
+
+    from dflash_lab.cli import main
+    from dflash_lab.testing import tiny_target_dir
+
+    target_dir = tiny_target_dir(tmp_path / "t")
+    base = ["generate", "--target", str(target_dir), "--drafter", "prompt-lookup", "--prompt", "hi",
+            "--max-new-tokens", "6", "--json"]
+    assert main(base + ["--temperature", "0.7", "--top-p", "0.8", "--top-k", "20", "--seed", "4"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["sampling"] == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "seed": 4}
+    assert main(base + ["--temperature", "0.7", "--top-p", "0.8", "--top-k", "20", "--seed", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["output_ids"] == first["output_ids"]
+    assert main(base) == 0
+    assert json.loads(capsys.readouterr().out)["sampling"] is None
+    assert main(base + ["--top-p", "0"]) == 2
+    assert "--top-p" in capsys.readouterr().err
