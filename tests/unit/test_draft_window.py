@@ -112,3 +112,31 @@ def test_windowed_draft_decodes_losslessly_and_as_full_when_the_window_is_huge(t
         assert r_huge.cycle_acceptance == r_full.cycle_acceptance  # same proposals
         differs |= r_small.cycle_acceptance != r_full.cycle_acceptance
     assert differs  # the small window changed what the draft proposed
+
+
+def test_train_with_a_window_writes_a_windowed_checkpoint(tmp_path):
+    """`draft.sliding_window` through the real `train` command: a few steps, the checkpoint says so."""
+    import random
+
+    from dflash_lab.cli import main
+    from dflash_lab.testing import tiny_target_dir, write_jsonl
+
+    target = tiny_target_dir(tmp_path / "target")
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over lazy dog".split()
+    rows = [{"id": f"s{i}", "category": "chat", "source": "test",
+             "messages": [{"role": "user", "content": " ".join(rng.choice(words) for _ in range(4))},
+                          {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(30))}],
+             "response_tokens": 30, "finish_reason": "stop"} for i in range(6)]
+    data = write_jsonl(tmp_path / "labels" / "shard-00000.jsonl", rows).parent
+    (data / "meta.json").write_text('{"kind": "labels"}')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"target: {{name: {target}}}\n"
+                      "draft: {num_layers: 2, block_size: 6, sliding_window: 8, layer_types: [sliding_attention, full_attention]}\n"
+                      "data: {max_length: 96, num_anchors: 8, heldout: 1}\n"
+                      "loss: {name: ce, gamma: 4.0}\n"
+                      "train: {lr: 1.0e-2, epochs: 1, micro_batch: 2, global_batch: 2, max_steps: 2, seed: 3}\n")
+    assert main(["train", "--config", str(recipe), "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--no-progress"]) == 0
+    cfg = read_draft_config(tmp_path / "run" / "checkpoints" / "final")
+    assert cfg.sliding_window == 8 and cfg.layer_types == ["sliding_attention", "full_attention"]
