@@ -1,4 +1,4 @@
-"""The greedy, lossless verify loop (SPEC section 5), shared by every drafter.
+"""The lossless verify loop (SPEC section 5), shared by every drafter: greedy, or sampling (T > 0).
 
     prefill the prompt -> bonus = argmax of the last logits
     repeat:
@@ -7,6 +7,13 @@
         a = longest prefix with d_{i+1} == y_i            the target agrees with the draft that far
         commit bonus, d_1 .. d_a; the new bonus is y_a    so every committed token is the target's own
         crop the target cache to the committed length; hand the committed tokens' features to the drafter
+
+With `sampling.temperature > 0` the same loop samples: the prefill token is drawn from the target's
+processed distribution, and the block is verified by the speculative-sampling chain rule of
+`dflash_lab.decoding.sampling.verify_chain` (accept d_{i+1} with probability p_i(d) for a one-hot
+proposal; at the first rejection the new bonus is drawn from p_i with d removed; all accepted: from
+p_k), so the committed tokens are distributed exactly as plain sampling of the target. T = 0 takes
+the greedy path above, bit for bit.
 
 Each cycle commits a + 1 tokens (the "acceptance length", at most the block size); tau is their
 mean. Stop tokens and `max_new_tokens` may cut the last cycle short; the recorded length is what
@@ -20,6 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+
+from dflash_lab.decoding.sampling import GREEDY, SamplingParams, make_generator, processed_probs, sample, verify_chain
 
 
 @dataclass
@@ -52,8 +61,11 @@ def speculative_generate(
     prompt_ids: list[int] | torch.Tensor,
     max_new_tokens: int,
     stop_token_ids: list[int] | None = None,
+    sampling: SamplingParams = GREEDY,
 ) -> GenerationResult:
-    """Greedy decoding of `target` accelerated by `drafter`; the output equals plain greedy."""
+    """Decoding of `target` accelerated by `drafter`: greedy (the output equals plain greedy) or,
+    with `sampling.temperature > 0`, sampled (the output is distributed as plain sampling).
+    A sampled result's `extra` holds the seed used."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     device = target.device
@@ -66,12 +78,17 @@ def speculative_generate(
     tokens[:num_prompt] = prompt
     positions = torch.arange(max_length + 1, device=device)
     cache = DynamicCache(config=target.config)
+    generator, seed = (None, None) if sampling.greedy else make_generator(sampling.seed, device)
+    configure = getattr(drafter, "configure", None)
+    if configure is not None:
+        configure(sampling, generator)
 
     t0 = time.perf_counter()
     logits, features = target.forward(
         prompt[None], layer_ids, position_ids=positions[None, :num_prompt], past_key_values=cache, logits_to_keep=1
     )
-    tokens[num_prompt] = logits[0, -1].argmax()
+    tokens[num_prompt] = logits[0, -1].argmax() if sampling.greedy else sample(
+        processed_probs(logits[0, -1], sampling), generator)
     drafter.start(features, positions[None, :num_prompt])
     prefill_s = time.perf_counter() - t0
 
@@ -80,17 +97,22 @@ def speculative_generate(
     stopped = bool(torch.isin(tokens[start], stops))
     while start + 1 < max_length and not stopped:
         verify_size = min(drafter.block_size, max_length - start)
-        proposals = drafter.propose(tokens, start, verify_size - 1) if verify_size > 1 else tokens[:0]
+        proposal = as_proposal(drafter.propose(tokens, start, verify_size - 1) if verify_size > 1 else tokens[:0])
+        proposals = proposal.tokens
         block = torch.cat([tokens[start:start + 1], proposals])
         size = block.shape[0]
         logits, features = target.forward(
             block[None], layer_ids, position_ids=positions[None, start:start + size], past_key_values=cache
         )
-        predicted = logits[0].argmax(dim=-1)  # y_0 .. y_k
-        agree = (proposals == predicted[: size - 1]).int()
-        accepted = int(agree.cumprod(0).sum()) if size > 1 else 0
+        if sampling.greedy:
+            predicted = logits[0].argmax(dim=-1)  # y_0 .. y_k
+            agree = (proposals == predicted[: size - 1]).int()
+            accepted = int(agree.cumprod(0).sum()) if size > 1 else 0
+            bonus = predicted[accepted]
+        else:
+            accepted, bonus = verify_chain(proposals, processed_probs(logits[0], sampling), proposal.q, generator)
         tokens[start:start + accepted + 1] = block[: accepted + 1]
-        tokens[start + accepted + 1] = predicted[accepted]
+        tokens[start + accepted + 1] = bonus
         produced = min(accepted + 1, max_length - start - 1)
         if stops.numel():
             hit = torch.isin(tokens[start + 1:start + produced + 1], stops).nonzero()
@@ -112,7 +134,15 @@ def speculative_generate(
         finish_reason="stop" if stopped else "length",
         wall_s=wall,
         prefill_s=prefill_s,
+        extra={} if sampling.greedy else {"sampling": {**sampling.describe(), "seed": seed}},
     )
+
+
+def as_proposal(proposed) -> "Proposal":
+    """A drafter's `propose` answer as a `Proposal` (a bare token tensor means one-hot proposals)."""
+    from dflash_lab.decoding.drafters import Proposal
+
+    return proposed if isinstance(proposed, Proposal) else Proposal(proposed)
 
 
 def greedy_generate(target, prompt_ids, max_new_tokens: int, stop_token_ids=None) -> GenerationResult:

@@ -21,11 +21,13 @@ import re
 import time
 import urllib.error
 import urllib.request
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from itertools import cycle as round_robin
 
 from tqdm import tqdm
 
+from dflash_lab.decoding.sampling import GREEDY, SamplingParams
 from dflash_lab.errors import DFlashLabError
 
 BACKENDS = ("builtin", "sglang", "vllm")
@@ -131,13 +133,21 @@ def lossless_verdict(target, prompt_ids, max_new_tokens, stop_ids, result, spec_
     report = classify_mismatch(index, len(prompt_ids), result.output_ids, reference.output_ids, spec_rec, ref_rec,
                                tolerance)
     return ("numerical" if report["kind"] == "numerical" else False), report
+def response_seed(sampling: SamplingParams, index: int) -> int | None:
+    """The seed of the index-th response of a benchmark: `seed + index`, so each response is
+    reproducible on its own (None: fresh random seeds)."""
+    return None if sampling.seed is None else sampling.seed + index
 
 
 def run_builtin(target, drafter, benchmark, max_new_tokens: int, *, lossless_check: bool = True,
-                progress: bool = True) -> list[dict]:
+                progress: bool = True, sampling: SamplingParams = GREEDY) -> list[dict]:
     """Generate every response of `benchmark` with the core verify loop; with `lossless_check`,
     also decode greedily and compare the tokens: exactly in fp32; in bf16/fp16 a mismatch at a
-    near-tie of the target's top two logits is `numerical`, not a failure (see above)."""
+    near-tie of the target's top two logits is `numerical`, not a failure (see above). With
+    `sampling` at T > 0 each response samples with seed `response_seed(sampling, i)` (recorded as
+    `seed`) and there is no token-level check (the output is equal in distribution, not in tokens)."""
+    from dataclasses import replace
+
     from dflash_lab.decoding.speculative import greedy_generate, speculative_generate
 
     stop_ids = target.stop_token_ids
@@ -152,8 +162,11 @@ def run_builtin(target, drafter, benchmark, max_new_tokens: int, *, lossless_che
                 messages.append({"role": "user", "content": user_text})
                 prompt_text = target.render_prompt(messages)
                 prompt_ids = target.encode(prompt_text)
-                spec_rec = LogitRecorder(target) if lossless_check else target
-                result = speculative_generate(spec_rec, drafter, prompt_ids, max_new_tokens, stop_ids)
+                spec_rec = LogitRecorder(target) if (lossless_check and sampling.greedy) else target
+                response_sampling = sampling if sampling.greedy else replace(
+                    sampling, seed=response_seed(sampling, len(records)))
+                result = speculative_generate(spec_rec, drafter, prompt_ids, max_new_tokens, stop_ids,
+                                              sampling=response_sampling)
                 record = {
                     "id": sample.id,
                     "turn": turn,
@@ -165,7 +178,9 @@ def run_builtin(target, drafter, benchmark, max_new_tokens: int, *, lossless_che
                     "wall_s": result.wall_s,
                     "lossless": None,
                 }
-                if lossless_check:
+                if not sampling.greedy:
+                    record["seed"] = result.extra["sampling"]["seed"]
+                if lossless_check and sampling.greedy:
                     reference = _greedy_reference(target, prompt_ids, max_new_tokens, stop_ids, greedy_generate)
                     verdict, mismatch = lossless_verdict(target, prompt_ids, max_new_tokens, stop_ids, result, spec_rec,
                                                          reference, greedy_generate, tolerance)
@@ -244,9 +259,17 @@ def _run_servers(benchmark, target, servers: list[str], concurrency: int, progre
 
 
 # -- sglang ---------------------------------------------------------------------------------------
-def sglang_request(prompt_ids: list[int], max_new_tokens: int) -> dict:
-    """Body of SGLang's native `/generate`: greedy, exactly the tokens the builtin backend sees."""
-    return {"input_ids": prompt_ids, "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens}}
+def sglang_request(prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams = GREEDY) -> dict:
+    """Body of SGLang's native `/generate`: exactly the tokens the builtin backend sees; greedy, or
+    the sampling settings (top_k / top_p only when on: SGLang's own "off" values differ from
+    ours). No seed: SGLang versions differ on a per-request seed key."""
+    params = {"temperature": sampling.temperature, "max_new_tokens": max_new_tokens}
+    if not sampling.greedy:
+        if sampling.top_p < 1:
+            params["top_p"] = sampling.top_p
+        if sampling.top_k > 0:
+            params["top_k"] = sampling.top_k
+    return {"input_ids": prompt_ids, "sampling_params": params}
 
 
 def parse_sglang_response(body: dict) -> dict:
@@ -282,10 +305,11 @@ def parse_sglang_response(body: dict) -> dict:
 
 
 def run_sglang(target, benchmark, max_new_tokens: int, servers: list[str], *, concurrency: int = 1,
-               progress: bool = True) -> list[dict]:
+               progress: bool = True, sampling: SamplingParams = GREEDY) -> list[dict]:
     def make_send(server):
         def send(prompt_text, prompt_ids):
-            return parse_sglang_response(_post_json(server + "/generate", sglang_request(prompt_ids, max_new_tokens)))
+            body = sglang_request(prompt_ids, max_new_tokens, sampling)
+            return parse_sglang_response(_post_json(server + "/generate", body))
         return send
 
     return _run_servers(benchmark, target, servers, concurrency, progress, make_send)
@@ -343,8 +367,17 @@ def vllm_histogram(counters: dict) -> dict[str, int] | None:
     return {str(j + 1): int(round(reach[j] - reach[j + 1])) for j in range(len(reach) - 1)}
 
 
-def vllm_request(prompt_ids: list[int], max_new_tokens: int, model: str | None) -> dict:
-    body = {"prompt": prompt_ids, "max_tokens": max_new_tokens, "temperature": 0}
+def vllm_request(prompt_ids: list[int], max_new_tokens: int, model: str | None,
+                 sampling: SamplingParams = GREEDY, seed: int | None = None) -> dict:
+    """Body of vLLM's `/v1/completions`: greedy, or the sampling settings and a per-request seed."""
+    body = {"prompt": prompt_ids, "max_tokens": max_new_tokens, "temperature": sampling.temperature}
+    if not sampling.greedy:
+        if sampling.top_p < 1:
+            body["top_p"] = sampling.top_p
+        if sampling.top_k > 0:
+            body["top_k"] = sampling.top_k
+        if seed is not None:
+            body["seed"] = seed
     if model:
         body["model"] = model
     return body
@@ -386,7 +419,7 @@ def read_vllm_counters(servers: list[str]) -> dict:
 
 
 def run_vllm(target, benchmark, max_new_tokens: int, servers: list[str], *, concurrency: int = 1,
-             progress: bool = True) -> tuple[list[dict], dict]:
+             progress: bool = True, sampling: SamplingParams = GREEDY) -> tuple[list[dict], dict]:
     """Returns the records and the counter difference over the benchmark (the servers must not
     serve anyone else meanwhile, or their requests count too)."""
     if not servers:
@@ -396,9 +429,10 @@ def run_vllm(target, benchmark, max_new_tokens: int, servers: list[str], *, conc
 
     def make_send(server):
         def send(prompt_text, prompt_ids):
-            return parse_vllm_completion(
-                _post_json(server + "/v1/completions", vllm_request(prompt_ids, max_new_tokens, models.get(server)))
-            )
+            # a stable per-prompt seed (responses run concurrently, so no running index)
+            seed = None if sampling.seed is None else sampling.seed + zlib.crc32(json.dumps(prompt_ids).encode())
+            body = vllm_request(prompt_ids, max_new_tokens, models.get(server), sampling, seed)
+            return parse_vllm_completion(_post_json(server + "/v1/completions", body))
         return send
 
     records = _run_servers(benchmark, target, servers, concurrency, progress, make_send)

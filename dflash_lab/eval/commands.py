@@ -32,6 +32,7 @@ def _add_harness_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", action="append", default=[], metavar="URL",
                    help="a running SGLang/vLLM server (repeat for several)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (server backends)")
+    _add_sampling_args(p)
     p.add_argument("--no-lossless-check", action="store_true",
                    help="skip the greedy re-decode of every response (lossless = null)")
     p.add_argument("--no-hub", action="store_true", help="never try the Hugging Face hub")
@@ -44,6 +45,21 @@ def _add_harness_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="builtin backend: auto = bfloat16 on cuda, float32 on cpu; in bf16/fp16 the lossless check "
                         "reports near-ties as `numerical` (docs/evaluation.md)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default, the paper's protocol); > 0 samples, lossless in distribution")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off); T > 0 only")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off); T > 0 only")
+    p.add_argument("--seed", type=int, default=None,
+                   help="T > 0: response i of a benchmark samples with seed + i (default: random, recorded)")
+
+
+def sampling_from_args(args):
+    from dflash_lab.decoding.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
 
 
 def register(subparsers) -> None:
@@ -175,7 +191,7 @@ def cmd_eval(args) -> int:
     results = evaluate(target, args.draft or args.drafter, benches, args.bench_dir, args.limit, args.selection,
                        args.max_new_tokens, lossless_check=not args.no_lossless_check, progress=not args.quiet,
                        backend=args.backend, servers=args.server, concurrency=args.concurrency,
-                       block_size=args.block_size)
+                       block_size=args.block_size, sampling=sampling_from_args(args))
     out = write_results(results, args.out)
     if not args.no_db:
         registry.record_eval(results, args.db, name=args.name, results_path=str(out.resolve()))
@@ -230,6 +246,7 @@ def cmd_eval_run(args) -> int:
     if args.out:
         check_output_dir(args.out, command="eval-run", owned=_only_results, force_flag=None,
                          fix="choose a new --out folder (it holds one results JSON per checkpoint)")
+    sampling = sampling_from_args(args)
     name, run_dir = _resolve_run(args.run, args.db)
     target_spec = args.target or _target_of_run(run_dir)
     if not target_spec:
@@ -241,8 +258,8 @@ def cmd_eval_run(args) -> int:
     dtype = str(target.dtype).removeprefix("torch.") if args.backend == "builtin" else None
     keys = {b.name: settings_key(harness_settings(
         target_fingerprint=target.fingerprint, selection=b.selection, limit=b.limit,
-        max_new_tokens=args.max_new_tokens, backend=args.backend, data_sha256=b.data_sha256, dtype=dtype))
-        for b in benches}
+        max_new_tokens=args.max_new_tokens, backend=args.backend, data_sha256=b.data_sha256, dtype=dtype,
+        sampling=sampling)) for b in benches}
     with registry.connect(args.db) as con:
         run = registry.get_run(con, name)
         ckpts = [c for c in registry.checkpoints_of(con, run["id"]) if c["path"]]
@@ -267,7 +284,8 @@ def cmd_eval_run(args) -> int:
         print(f"{name}/{ckpt['label']}: evaluating {', '.join(b.name for b in todo)}")
         results = evaluate(target, ckpt["path"], todo, args.bench_dir, args.limit, args.selection,
                            args.max_new_tokens, lossless_check=not args.no_lossless_check, progress=not args.quiet,
-                           backend=args.backend, servers=args.server, concurrency=args.concurrency)
+                           backend=args.backend, servers=args.server, concurrency=args.concurrency,
+                           sampling=sampling)
         out = write_results(results, out_dir / f"{ckpt['label']}.json")
         registry.record_eval(results, args.db, checkpoint_id=ckpt["id"], results_path=str(out.resolve()))
         status = max(status, _check_lossless(results))

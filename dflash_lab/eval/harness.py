@@ -7,7 +7,11 @@ SGLang: pooled = sum completion_tokens / sum spec_verify_ct, per request = spec_
 vLLM: pooled = 1 + accepted / drafts from its counters; no per-request value.
 
 Results compare only under the same harness settings (`harness_settings`): target fingerprint,
-selection, limit, max_new_tokens, thinking, backend, harness version and the benchmark data hash.
+selection, limit, max_new_tokens, thinking, backend, harness version, the benchmark data hash and,
+for a sampled eval (temperature > 0), the sampling settings (temperature, top_p, top_k). A greedy
+eval's settings have no `sampling` key (so its settings key is what it was before sampling existed);
+greedy and sampled results therefore never share a key and the report never mixes them. The seed
+is recorded in the results but is not a setting: two seeds measure the same quantity.
 Bump HARNESS_VERSION whenever the protocol (prompt formats, tau definitions, turn flow) changes.
 """
 
@@ -19,6 +23,7 @@ import json
 import os
 from pathlib import Path
 
+from dflash_lab.decoding.sampling import GREEDY, SamplingParams
 from dflash_lab.errors import DFlashLabError
 from dflash_lab.eval import backends
 from dflash_lab.eval.benchmarks import Benchmark, load_selected, parse_benchmark_names, select_samples
@@ -87,10 +92,13 @@ def summarise(records: list[dict], backend: str, counters: dict | None = None) -
 
 # -- settings -------------------------------------------------------------------------------------
 def harness_settings(*, target_fingerprint, selection, limit, max_new_tokens, backend, data_sha256,
-                     dtype: str | None = None) -> dict:
+                     dtype: str | None = None, sampling: SamplingParams = GREEDY) -> dict:
     """What must be equal for two tau numbers to be comparable. A half-precision builtin run
-    records its dtype (its near-ties can round the other way); fp32 keeps the keys it always had."""
+    records its dtype (its near-ties can round the other way), a sampled run its sampling settings;
+    greedy fp32 keeps the keys it always had."""
     extra = {"dtype": dtype} if dtype not in (None, "float32") else {}
+    if not sampling.greedy:
+        extra["sampling"] = sampling.describe()
     return {
         **extra,
         "target_fingerprint": target_fingerprint,
@@ -101,6 +109,7 @@ def harness_settings(*, target_fingerprint, selection, limit, max_new_tokens, ba
         "backend": backend,
         "harness_version": HARNESS_VERSION,
         "bench_data": data_sha256,
+        **extra,
     }
 
 
@@ -164,6 +173,7 @@ def evaluate(
     allow_hub: bool = True,
     device: str | None = None,
     dtype: str | None = None,
+    sampling: SamplingParams = GREEDY,
 ) -> dict:
     """Evaluate one drafter on `benchmarks` (names, a comma string, or loaded `Benchmark`s) and
     return the results dict (the JSON `eval --out` writes).
@@ -172,7 +182,9 @@ def evaluate(
     directory, a loaded draft, "prompt-lookup" or "none"; `bench_source` is a `--bench-dir`
     folder or None (hub, then PyPI). `device`/`dtype` apply when `target` is a spec (default: cuda
     with bf16 when available, else cpu fp32); a loaded target is used where it is, and the draft
-    always goes to the target's device and dtype.
+    always goes to the target's device and dtype. `sampling`: greedy by default; with temperature
+    > 0 every backend samples with these settings and the lossless check (token equality with
+    greedy) is off.
     """
     if backend not in backends.BACKENDS:
         raise DFlashLabError(f"unknown backend {backend!r}; use {', '.join(backends.BACKENDS)}")
@@ -191,6 +203,8 @@ def evaluate(
         raise DFlashLabError("the builtin backend needs a loaded target model")
     if backend != "builtin":
         lossless_check = False  # a server's tokens cannot be compared with a local greedy run here
+    if not sampling.greedy:
+        lossless_check = False  # sampled tokens are lossless in distribution, not token for token
 
     results: dict = {
         "harness_version": HARNESS_VERSION,
@@ -201,7 +215,8 @@ def evaluate(
         "limit": limit,
         "max_new_tokens": max_new_tokens,
         "thinking": THINKING,
-        "temperature": 0,
+        "temperature": sampling.temperature,
+        "sampling": None if sampling.greedy else {**sampling.describe(), "seed": sampling.seed},
         "backend": backend,
         "servers": list(servers or []),
         "lossless_check": lossless_check,
@@ -212,16 +227,16 @@ def evaluate(
         counters = None
         if backend == "builtin":
             records = backends.run_builtin(target, drafter_obj, bench, max_new_tokens,
-                                           lossless_check=lossless_check, progress=progress)
+                                           lossless_check=lossless_check, progress=progress, sampling=sampling)
         elif backend == "sglang":
             records = backends.run_sglang(target, bench, max_new_tokens, servers or [],
-                                          concurrency=concurrency, progress=progress)
+                                          concurrency=concurrency, progress=progress, sampling=sampling)
         else:
             records, counters = backends.run_vllm(target, bench, max_new_tokens, servers or [],
-                                                  concurrency=concurrency, progress=progress)
+                                                  concurrency=concurrency, progress=progress, sampling=sampling)
         settings = harness_settings(target_fingerprint=target.fingerprint, selection=bench.selection,
                                     limit=bench.limit, max_new_tokens=max_new_tokens, backend=backend,
-                                    data_sha256=bench.data_sha256, dtype=results.get("dtype"))
+                                    data_sha256=bench.data_sha256, dtype=results.get("dtype"), sampling=sampling)
         results["benchmarks"][bench.name] = {
             "source": bench.source,
             "num_samples": len(bench.samples),

@@ -11,13 +11,21 @@ A stack of Qwen3 decoder layers that predicts a block of B tokens in one forward
     out     = norm(x) -> the target's lm_head                                slot k predicts position p + k
 
 Context key/values depend on c only (not on the layer's input), so in decoding each layer caches
-them and only newly committed tokens are projected. Embedding and lm_head belong to the target:
+them and only newly committed tokens are projected.
+
+Sliding-window layers (`sliding_window: W`, `layer_types`): a query at position t sees the context
+keys at positions j with t - j < W (Hugging Face's convention, which counts the query's own position:
+W - 1 context tokens for the anchor slot, one fewer per later slot), and every key of its own block
+(bidirectional, as in full layers; W >= block_size). This is the rule of z-lab's reference model
+with `is_causal: false` and of vLLM's per-layer window; the decoding cache of such a layer keeps
+only the W - 1 context positions the next block can still see. Embedding and lm_head belong to the target:
 this module holds neither, so its state dict is exactly the checkpoint of SPEC section 2.
 """
 
 from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -46,6 +54,10 @@ class DraftConfig:
     max_position_embeddings: int = 40960
     attention_bias: bool = False
     hidden_act: str = "silu"
+    sliding_window: int | None = None
+    """W: sliding-window layers see context positions j > t - W for a query at t (null = full attention)."""
+    layer_types: list[str] | None = None
+    """Per layer "sliding_attention" | "full_attention"; null with a sliding_window = every layer slides."""
     # keys of a loaded config.json that this class does not model (kept so a re-save round-trips)
     extra: dict = field(default_factory=dict, repr=False)
 
@@ -62,8 +74,39 @@ class DraftConfig:
                 f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+        problems += self._window_problems()
         if problems:
             raise DFlashLabError("invalid draft config: " + "; ".join(problems))
+
+    def _window_problems(self) -> list[str]:
+        if self.sliding_window is not None and self.layer_types is None:
+            self.layer_types = [SLIDING] * self.num_hidden_layers
+        if self.layer_types is None:
+            return []
+        self.layer_types = list(self.layer_types)
+        problems = []
+        if len(self.layer_types) != self.num_hidden_layers:
+            problems.append(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        unknown = sorted(set(self.layer_types) - {SLIDING, FULL})
+        if unknown:
+            problems.append(f"layer_types {unknown}: use {SLIDING!r} or {FULL!r}")
+        if SLIDING in self.layer_types:
+            if self.sliding_window is None:
+                problems.append("layer_types has sliding_attention layers but sliding_window is not set")
+            elif self.sliding_window < self.block_size:
+                problems.append(f"sliding_window {self.sliding_window} < block_size {self.block_size}: "
+                                "a block must see all of itself")
+        return problems
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of one layer (None = full attention)."""
+        if self.layer_types is None or self.layer_types[layer] != SLIDING:
+            return None
+        return self.sliding_window
+
+    @property
+    def has_sliding_layers(self) -> bool:
+        return self.layer_types is not None and SLIDING in self.layer_types
 
     # -- the config.json of SPEC section 2 ---------------------------------------------------------
     def to_json_dict(self) -> dict:
@@ -71,6 +114,10 @@ class DraftConfig:
         extra = d.pop("extra")
         mask_token_id = d.pop("mask_token_id")
         target_layer_ids = d.pop("target_layer_ids")
+        sliding = self.has_sliding_layers
+        window_keys = _window_json(self) if sliding else {}
+        for key in ("sliding_window", "layer_types"):
+            d.pop(key)
         out = dict(extra)
         out.update(
             {
@@ -84,6 +131,9 @@ class DraftConfig:
                 "dflash_config": {"mask_token_id": mask_token_id, "target_layer_ids": list(target_layer_ids)},
             }
         )
+        if sliding:
+            out.update(window_keys)
+            out["dflash_config"]["causal"] = False
         return out
 
     @classmethod
@@ -103,13 +153,67 @@ class DraftConfig:
         missing = sorted(k for k in known if k not in raw and cls.__dataclass_fields__[k].default is MISSING)
         if missing:
             raise DFlashLabError(f"{source}: missing DFlash draft fields {missing}; is this a DFlash draft checkpoint?")
+        unused_window = _read_window_json(raw, dflash, source)
         kwargs = {k: raw.pop(k) for k in list(raw) if k in known}
+        if unused_window is not None:
+            raw["sliding_window"] = unused_window  # with use_sliding_window false: kept, never applied
         for key in ("architectures", "model_type", "rope_scaling", "tie_word_embeddings",
                     "use_sliding_window", "attention_dropout"):
             raw.pop(key, None)
         if dflash:
             raw["dflash_config"] = dflash  # unknown dflash_config keys, kept verbatim
         return cls(**kwargs, extra=raw)
+
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+# What the serving stacks read (checked in their sources, mid-2026):
+# - z-lab `dflash/model.py` (reference): per layer `layer_types[i]`; a sliding layer uses
+#   `sliding_window` with Hugging Face's rule (query t sees keys j with t - j < W) and is CAUSAL unless
+#   the top-level `is_causal` says otherwise.
+# - vLLM `qwen3_dflash.py`: `layer_types` + `sliding_window` (or `dflash_config.swa_window_size` /
+#   `use_swa`); sliding layers are causal unless `is_causal` or `dflash_config.causal` is false.
+# - SGLang `models/dflash.py` + `speculative/dflash_utils.py`: `layer_types` + `sliding_window`
+#   (window_left = sliding_window - 1); a sliding layer is built as a DECODER (causal) attention and
+#   the version read has no override, so SGLang would run our bidirectional sliding layers causally
+#   (still lossless, lower acceptance): serve sliding-window drafts with vLLM, or full attention.
+# - Hugging Face's Qwen3Config drops `sliding_window` when `use_sliding_window` is false, so a
+#   config with sliding layers must say `use_sliding_window: true`.
+# Our drafts keep the block bidirectional in every layer, so we write `is_causal: false` and
+# `dflash_config.causal: false` next to the window.
+def _window_json(cfg: "DraftConfig") -> dict:
+    return {"sliding_window": cfg.sliding_window, "layer_types": list(cfg.layer_types),
+            "use_sliding_window": True, "max_window_layers": cfg.num_hidden_layers, "is_causal": False}
+
+
+def _read_window_json(raw: dict, dflash: dict, source: str) -> int | None:
+    """Resolve the window keys of a loaded config.json in place (as the serving stacks do); returns
+    a `sliding_window` value that is present but not in effect."""
+    window = raw.pop("sliding_window", None)
+    use = bool(raw.pop("use_sliding_window", False))
+    max_window_layers = raw.pop("max_window_layers", None)
+    layer_types = raw.pop("layer_types", None)
+    is_causal = raw.pop("is_causal", None)
+    causal = dflash.pop("causal", None)
+    if is_causal is None:
+        is_causal = causal
+    if layer_types is None and use and window is not None:
+        # Qwen3Config's own rule: layers from max_window_layers on slide
+        first = raw.get("num_hidden_layers", 0) if max_window_layers is None else max_window_layers
+        layer_types = [SLIDING if i >= first else FULL for i in range(raw.get("num_hidden_layers", 0))]
+        layer_types = layer_types if SLIDING in layer_types else None
+    sliding = layer_types is not None and SLIDING in layer_types
+    if is_causal or (sliding and is_causal is None):
+        raise DFlashLabError(
+            f"{source}: this draft has causal attention layers (sliding_attention layers are causal unless "
+            "is_causal is false); dflash-lab runs bidirectional blocks only, so it cannot decode this draft")
+    if layer_types is not None:
+        raw["layer_types"] = layer_types
+        if sliding:
+            raw["sliding_window"] = window
+            return None
+    return window
 
 
 class RMSNorm(nn.Module):
@@ -160,7 +264,23 @@ def full_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale):
     return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def windowed_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale, *, query_positions, context_positions, window=None):
+    """Decoding with a sliding window: the query at position t sees the context key at position j
+    iff t - j < window, and all of its own block. query_positions [N, Q], context_positions [N, S]."""
+    if window is None:
+        return full_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale)
+    n, qlen = query_positions.shape
+    seen = (query_positions[:, :, None] - context_positions[:, None, :]) < window  # [N, Q, S]
+    own = torch.ones(n, qlen, qlen, dtype=torch.bool, device=q.device)
+    mask = torch.cat([seen.expand(n, qlen, k_ctx.shape[2]), own], dim=-1)[:, None]
+    k = torch.cat([k_ctx, k_blk], dim=2)
+    v = torch.cat([v_ctx, v_blk], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
 class DraftAttention(nn.Module):
+    window: int | None = None  # set per layer by DFlashDraftModel (cfg.layer_window)
+
     def __init__(self, cfg: DraftConfig):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
@@ -188,7 +308,10 @@ class DraftAttention(nn.Module):
             hq, cq, sq = (select_columns(t, query_columns, self.block_size) for t in (h, cos, sin))
         q = apply_rope(self.q_norm(self._heads(self.q_proj(hq), self.num_heads)), cq, sq)
         k_blk, v_blk = self.key_value(h, cos, sin)
-        out = attention(q, k_ctx, v_ctx, k_blk, v_blk, self.head_dim**-0.5)
+        if self.window is None:
+            out = attention(q, k_ctx, v_ctx, k_blk, v_blk, self.head_dim**-0.5)
+        else:  # attention functions that support windows take it as a keyword
+            out = attention(q, k_ctx, v_ctx, k_blk, v_blk, self.head_dim**-0.5, window=self.window)
         return self.o_proj(out.transpose(1, 2).reshape(*hq.shape[:2], -1))
 
 
@@ -221,21 +344,32 @@ class DraftLayer(nn.Module):
 
 class DraftCache:
     """Per-layer context keys/values (after k_norm and RoPE) for decoding. The block's own keys are
-    never cached, so nothing has to be cropped after a verify."""
+    never cached, so nothing has to be cropped after a verify. A sliding-window layer keeps only the
+    positions a block can still see (`keep_from`): later blocks sit at later positions."""
 
     def __init__(self, num_layers: int):
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.positions: list[torch.Tensor | None] = [None] * num_layers  # [N, S] per layer
 
     @property
     def length(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+        """Context positions seen so far (a windowed layer may hold fewer)."""
+        if self.positions[0] is None or self.positions[0].shape[1] == 0:
+            return 0 if self.keys[0] is None else self.keys[0].shape[2]
+        return int(self.positions[0][0, -1]) + 1
 
-    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None,
+               keep_from: int | None = None):
         if self.keys[layer] is not None:
             k = torch.cat([self.keys[layer], k], dim=2)
             v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
+            if positions is not None:
+                positions = torch.cat([self.positions[layer], positions], dim=1)
+        if keep_from is not None and positions is not None:
+            keep = int((positions[0] < keep_from).sum())  # positions ascend
+            k, v, positions = k[:, :, keep:], v[:, :, keep:], positions[:, keep:]
+        self.keys[layer], self.values[layer], self.positions[layer] = k, v, positions
         return k, v
 
 
@@ -251,6 +385,8 @@ class DFlashDraftModel(nn.Module):
         self.fc = nn.Linear(n_features * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.window = cfg.layer_window(i)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     @property
@@ -306,7 +442,8 @@ class DFlashDraftModel(nn.Module):
             n, q = output_slots.shape
             needed = output_slots.view(n, q // cfg.block_size, cfg.block_size)
             columns = needed.any(dim=1).any(dim=0).nonzero().flatten()  # slots some block scores
-            if columns.numel() == 0:
+            if columns.numel() == 0 or self.layers[-1].self_attn.window is not None:
+                # a windowed last layer needs every slot as a query: the slot gives its position
                 columns = torch.arange(cfg.block_size, device=output_slots.device)
         dtype = noise_embedding.dtype
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype)
@@ -321,26 +458,36 @@ class DFlashDraftModel(nn.Module):
             cols = columns if i == len(self.layers) - 1 else None  # the last layer: scored columns only
             if recompute:
                 x = checkpoint(self._layer_step, i, x, c, ccos, csin, cos, sin, None, attention, cols,
-                               use_reentrant=False)
+                               positions, context_positions, use_reentrant=False)
             else:
-                x = self._layer_step(i, x, c, ccos, csin, cos, sin, cache, attention, cols)
+                x = self._layer_step(i, x, c, ccos, csin, cos, sin, cache, attention, cols, positions, context_positions)
         x = self.norm(x)
         if needed is None:
             return x
         return x.view(*needed.shape[:2], columns.numel(), x.shape[-1])[needed[:, :, columns]]
 
-    def _layer_step(self, i, x, c, ccos, csin, cos, sin, cache, attention, query_columns=None):
-        """Layer i: its keys/values over the context (or none), then the layer on the block."""
+    def _layer_step(self, i, x, c, ccos, csin, cos, sin, cache, attention, query_columns, positions, context_positions):
+        """Layer i: its keys/values over the context (or none), then the layer on the block. A
+        sliding-window layer's cache keeps only what its window can still see."""
         cfg = self.config
         layer = self.layers[i]
         if c is not None:
             k_ctx, v_ctx = layer.self_attn.key_value(c, ccos, csin)
+            ctx_pos = context_positions
         else:
             empty = x.new_zeros(x.shape[0], cfg.num_key_value_heads, 0, cfg.head_dim)
             k_ctx, v_ctx = empty, empty
+            ctx_pos = positions.new_zeros(positions.shape[0], 0)
+        window = layer.self_attn.window
         if cache is not None:
-            k_ctx, v_ctx = cache.extend(i, k_ctx, v_ctx)
-        return layer(x, cos, sin, k_ctx, v_ctx, attention, query_columns=query_columns)
+            keep_from = int(positions.min()) - window + 1 if window is not None else None
+            k_ctx, v_ctx = cache.extend(i, k_ctx, v_ctx, ctx_pos, keep_from)
+            ctx_pos = cache.positions[i]
+        layer_attention = attention
+        if window is not None and attention is full_attention:  # decoding: mask by positions
+            layer_attention = partial(windowed_attention, query_positions=positions,
+                                      context_positions=ctx_pos.expand(positions.shape[0], -1))
+        return layer(x, cos, sin, k_ctx, v_ctx, layer_attention, query_columns=query_columns)
 
 
 def build_draft_config(
@@ -352,6 +499,8 @@ def build_draft_config(
     target_layer_ids: list[int] | None = None,
     intermediate_size: int | None = None,
     rope_theta: float | None = None,
+    sliding_window: int | None = None,
+    layer_types: list[str] | None = None,
 ) -> DraftConfig:
     """A draft config shaped like the target's own layers (hidden size, heads, MLP width)."""
     from dflash_lab.models.target import default_target_layer_ids
@@ -377,6 +526,8 @@ def build_draft_config(
         rms_norm_eps=float(getattr(tc, "rms_norm_eps", 1e-6)),
         rope_theta=rope_theta,
         max_position_embeddings=int(getattr(tc, "max_position_embeddings", 40960)),
+        sliding_window=sliding_window,
+        layer_types=layer_types,
     )
     validate_against_target(cfg, target)
     return cfg

@@ -14,6 +14,11 @@ the block of anchor p:
     1. a context key (target feature of token j) is visible iff j < p   (STRICTLY below p)
     2. every key of its own block is visible (bidirectional, no causal mask inside a block)
     3. no key of any other block is visible
+    4. sliding-window layers (window W): the query of slot k (position p + k) sees context key j only
+       if (p + k) - j < W, i.e. j >= p + k - W + 1. W counts the query's own position, as Hugging
+       Face's sliding window does and as z-lab's reference model, vLLM and SGLang apply it at
+       inference: the anchor slot sees the W - 1 context tokens before it, each later slot one fewer.
+       The block itself stays fully visible (W >= B).
 Padding anchors (in a batch of sequences with fewer anchors) use p = 0: they see no context,
 only their own block, and none of their slots are valid.
 """
@@ -65,9 +70,10 @@ def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
-def _chunk_attention(q, k_ctx, v_ctx, k_blk, v_blk, anchor_pos, scale, block_size):
+def _chunk_attention(q, k_ctx, v_ctx, k_blk, v_blk, anchor_pos, scale, block_size, window=None, key_offset=0):
     """One chunk of anchors. q [N, h, a*Kq, d] (Kq query slots per anchor: all B, or fewer);
-    k_blk/v_blk [N, h, a*B, d]; k_ctx/v_ctx [N, h, S', d]; anchor_pos [N, a].
+    k_blk/v_blk [N, h, a*B, d]; k_ctx/v_ctx [N, h, S', d] (the context keys from position
+    `key_offset` on); anchor_pos [N, a]; `window`: rule 4 (None = full attention; needs Kq = B).
 
     The context part [N, h, a*Kq, S'] and the block-diagonal part [N, h, a, Kq, B] share one softmax
     (concatenated along the key axis), which is the exact log-sum-exp merge of the two. The block
@@ -77,9 +83,15 @@ def _chunk_attention(q, k_ctx, v_ctx, k_blk, v_blk, anchor_pos, scale, block_siz
     kq = qlen // a
     s = k_ctx.shape[2]
     ctx_scores = torch.matmul(q, k_ctx.transpose(-1, -2)) * scale  # [N, h, a*Kq, S']
-    key_pos = torch.arange(s, device=q.device)
+    key_pos = torch.arange(key_offset, key_offset + s, device=q.device)
     visible = key_pos[None, None, :] < anchor_pos[:, :, None]  # [N, a, S']
-    visible = visible.repeat_interleave(kq, dim=1)[:, None]  # [N, 1, a*Kq, S']
+    visible = visible.repeat_interleave(kq, dim=1)  # [N, a*Kq, S']
+    if window is not None:
+        if kq != block_size:
+            raise ValueError("a sliding window needs every block slot as a query (the slot gives the position)")
+        query_pos = anchor_pos.repeat_interleave(block_size, dim=1) + torch.arange(block_size, device=q.device).repeat(a)
+        visible = visible & (query_pos[:, :, None] - key_pos[None, None, :] < window)
+    visible = visible[:, None]  # [N, 1, a*Kq, S']
     ctx_scores = ctx_scores.masked_fill(~visible, float("-inf"))
     qb = q.view(n, h, a, kq, d)
     kb = k_blk.view(n, h, a, block_size, d)
@@ -94,11 +106,12 @@ def _chunk_attention(q, k_ctx, v_ctx, k_blk, v_blk, anchor_pos, scale, block_siz
 
 
 def chunked_block_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale, *, anchor_pos: torch.Tensor, block_size: int,
-                            anchor_chunk: int = 64, recompute: bool | None = None):
+                            anchor_chunk: int = 64, recompute: bool | None = None, window: int | None = None):
     """CPU training attention. q [N, h, A*Kq, d] (Kq = B, or fewer query slots per anchor);
     k_ctx/v_ctx [N, kv, S, d]; k_blk/v_blk [N, kv, A*B, d]; anchor_pos [N, A] sorted per sequence.
     Memory is bounded by the anchor chunk: a chunk only reads the context keys below its largest
-    anchor, and with several chunks each is recomputed in backward (activation checkpointing)."""
+    anchor (and, with a `window`, above its smallest anchor minus the window), and with several
+    chunks each is recomputed in backward (activation checkpointing)."""
     n, h, qlen, d = q.shape
     a_total = anchor_pos.shape[1]
     kq = qlen // a_total
@@ -112,12 +125,14 @@ def chunked_block_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale, *, anchor_pos:
         stop = min(start + anchor_chunk, a_total)
         pos = anchor_pos[:, start:stop]
         s_max = int(pos.max()) if pos.numel() else 0  # keys at >= max anchor are never visible
+        # with a window, keys below (min anchor) - W + 1 are never visible either
+        s_min = max(0, min(int(pos.min()) - window + 1, s_max)) if (window is not None and pos.numel()) else 0
         qs, ks = slice(start * kq, stop * kq), slice(start * block_size, stop * block_size)
-        args = (q[:, :, qs], k_ctx[:, :, :s_max], v_ctx[:, :, :s_max], k_blk[:, :, ks], v_blk[:, :, ks], pos)
+        args = (q[:, :, qs], k_ctx[:, :, s_min:s_max], v_ctx[:, :, s_min:s_max], k_blk[:, :, ks], v_blk[:, :, ks], pos)
         if recompute:
-            outs.append(checkpoint(_chunk_attention, *args, scale, block_size, use_reentrant=False))
+            outs.append(checkpoint(_chunk_attention, *args, scale, block_size, window, s_min, use_reentrant=False))
         else:
-            outs.append(_chunk_attention(*args, scale, block_size))
+            outs.append(_chunk_attention(*args, scale, block_size, window, s_min))
     return torch.cat(outs, dim=2)
 
 
@@ -128,7 +143,8 @@ def _ceil_to(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
-def flex_block_mask(anchor_pos: torch.Tensor, block_size: int, context_len: int, num_queries: int):
+def flex_block_mask(anchor_pos: torch.Tensor, block_size: int, context_len: int, num_queries: int,
+                    window: int | None = None):
     """The BlockMask of the three rules over keys [context S ; blocks A*B ; zero padding], built
     sparsely from the anchors: no [Q, K] mask is ever materialised, only [N, Q/128, K/128] block
     flags. Queries are A groups of num_queries/A slots (all B slots, or the scored slots of the last
@@ -159,6 +175,10 @@ def flex_block_mask(anchor_pos: torch.Tensor, block_size: int, context_len: int,
     context = kb_start[None, None, :] < torch.clamp(p_max, max=s)[:, :, None]  # [N, nQ, nK]
     own = (kb_start[None, :] < own_hi[:, None]) & (kb_end[None, :] > own_lo[:, None])  # [nQ, nK]
     full = kb_end[None, None, :] <= torch.clamp(p_min, max=s)[:, :, None]
+    if window is not None:  # full only when every key is inside every query's window (rule 4)
+        if kq != block_size:
+            raise ValueError("a sliding window needs every block slot as a query (the slot gives the position)")
+        full = full & (kb_start[None, None, :] >= (p_max + block_size - window)[:, :, None])
     partial = (context | own[None]) & ~full
 
     def as_indices(flags):  # [N, nQ, nK] bool -> counts [N, 1, nQ], listed blocks first [N, 1, nQ, nK]
@@ -168,6 +188,8 @@ def flex_block_mask(anchor_pos: torch.Tensor, block_size: int, context_len: int,
 
     def mask_mod(b, h, q_idx, kv_idx):
         ctx = (kv_idx < s) & (kv_idx < anchor_of_query[b, q_idx])
+        if window is not None:  # rule 4: query position = anchor + slot (every slot is a query here)
+            ctx = ctx & (anchor_of_query[b, q_idx] + q_idx % block_size - kv_idx < window)
         own_block = (kv_idx >= s) & ((kv_idx - s) // block_size == q_idx // kq)
         return ctx | own_block
 
@@ -189,18 +211,18 @@ class FlexBlockAttention:
         self._masks: dict[tuple[int, int], object] = {}
         self.masks_built = 0
 
-    def block_mask(self, context_len: int, num_queries: int):
-        key = (context_len, num_queries)
+    def block_mask(self, context_len: int, num_queries: int, window: int | None = None):
+        key = (context_len, num_queries, window)
         if key not in self._masks:
-            self._masks[key] = flex_block_mask(self.anchor_pos, self.block_size, context_len, num_queries)
+            self._masks[key] = flex_block_mask(self.anchor_pos, self.block_size, context_len, num_queries, window)
             self.masks_built += 1
         return self._masks[key]
 
-    def __call__(self, q, k_ctx, v_ctx, k_blk, v_blk, scale):
+    def __call__(self, q, k_ctx, v_ctx, k_blk, v_blk, scale, window: int | None = None):
         from torch.nn.attention.flex_attention import flex_attention
 
         s, num_queries = k_ctx.shape[2], q.shape[2]
-        mask = self.block_mask(s, num_queries)
+        mask = self.block_mask(s, num_queries, window)
         # under autocast q/k (RoPE'd in fp32) and v (a bf16 linear) can differ: use v's dtype for all
         out_dtype, dt = q.dtype, v_ctx.dtype
         pad = mask.seq_lengths[1] - s - k_blk.shape[2]
@@ -213,9 +235,9 @@ class FlexBlockAttention:
 
 
 def flex_block_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale, *, anchor_pos: torch.Tensor, block_size: int,
-                         compiled: bool = True):
+                         compiled: bool = True, window: int | None = None):
     """One call of the flex path (tests; the trainer keeps one FlexBlockAttention per micro-batch)."""
-    return FlexBlockAttention(anchor_pos, block_size, compiled)(q, k_ctx, v_ctx, k_blk, v_blk, scale)
+    return FlexBlockAttention(anchor_pos, block_size, compiled)(q, k_ctx, v_ctx, k_blk, v_blk, scale, window=window)
 
 
 _FLEX: dict[str, object] = {}
@@ -239,13 +261,15 @@ def make_attention(kind: str, anchor_pos: torch.Tensor, block_size: int, anchor_
         kind = "flex" if anchor_pos.is_cuda else "chunked"
     if kind == "flex":
         return FlexBlockAttention(anchor_pos, block_size, compiled=anchor_pos.is_cuda)
-    return lambda q, kc, vc, kb, vb, scale: chunked_block_attention(
-        q, kc, vc, kb, vb, scale, anchor_pos=anchor_pos, block_size=block_size, anchor_chunk=anchor_chunk)
+    return lambda q, kc, vc, kb, vb, scale, window=None: chunked_block_attention(
+        q, kc, vc, kb, vb, scale, anchor_pos=anchor_pos, block_size=block_size, anchor_chunk=anchor_chunk,
+        window=window)
 
 
 # -- the reference (tests) -------------------------------------------------------------------------
-def reference_mask(anchor_pos: list[int], context_len: int, block_size: int) -> list[list[bool]]:
-    """The three rules as a plain Python triple loop: mask[query][key] over keys [context ; blocks]."""
+def reference_mask(anchor_pos: list[int], context_len: int, block_size: int,
+                   window: int | None = None) -> list[list[bool]]:
+    """The rules as a plain Python triple loop: mask[query][key] over keys [context ; blocks]."""
     num_q = len(anchor_pos) * block_size
     mask = [[False] * (context_len + num_q) for _ in range(num_q)]
     for a, p in enumerate(anchor_pos):
@@ -254,17 +278,21 @@ def reference_mask(anchor_pos: list[int], context_len: int, block_size: int) -> 
             for j in range(context_len + num_q):
                 if j < context_len:
                     mask[qi][j] = j < p  # rule 1: strictly below the anchor
+                    if window is not None:
+                        mask[qi][j] = mask[qi][j] and (p + k) - j < window  # rule 4
                 else:
                     mask[qi][j] = (j - context_len) // block_size == a  # rules 2 and 3
     return mask
 
 
-def dense_reference_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale, *, anchor_pos: torch.Tensor, block_size: int):
+def dense_reference_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale, *, anchor_pos: torch.Tensor, block_size: int,
+                              window: int | None = None):
     """Dense attention with the triple-loop mask (tests only: O(Q x (S+Q)) memory)."""
     n, h = q.shape[:2]
     k = torch.cat([_expand_kv(k_ctx, h), _expand_kv(k_blk, h)], dim=2)
     v = torch.cat([_expand_kv(v_ctx, h), _expand_kv(v_blk, h)], dim=2)
-    masks = torch.stack([torch.tensor(reference_mask(anchor_pos[b].tolist(), k_ctx.shape[2], block_size)) for b in range(n)])
+    masks = torch.stack([torch.tensor(reference_mask(anchor_pos[b].tolist(), k_ctx.shape[2], block_size, window))
+                         for b in range(n)])
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~masks[:, None], float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1), v)

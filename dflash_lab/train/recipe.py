@@ -47,6 +47,12 @@ class DraftSection(_Section):
     target_layer_ids: list[int] | None = None
     intermediate_size: int | None = None
     rope_theta: float | None = None
+    sliding_window: int | None = Field(None, ge=2)
+    """Sliding-window draft layers: a block slot at position t sees context positions > t - W (W counts
+    the slot itself, as Hugging Face, vLLM and SGLang do). null = full attention. Scratch init only:
+    a warm start keeps its parent's layout."""
+    layer_types: list[Literal["sliding_attention", "full_attention"]] | None = None
+    """Per draft layer; null with sliding_window = every layer slides."""
     init: str = "scratch"
     """`scratch`, a checkpoint directory, `best:RUN_DIR` (best held-out tau) or `epoch-E:RUN_DIR`
     (the checkpoint written at the end of epoch E). Weights only; the optimizer starts fresh."""

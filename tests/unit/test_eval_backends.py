@@ -202,3 +202,17 @@ def test_unreachable_server_is_a_user_error(renderer):
     with pytest.raises(DFlashLabError, match="--server"):
         harness.evaluate(renderer, "prompt-lookup", _benchmarks()[:1], max_new_tokens=4, progress=False,
                          backend="sglang", servers=[])
+
+
+def test_server_requests_carry_the_sampling_settings():
+    from dflash_lab.decoding.sampling import SamplingParams
+
+    hot = SamplingParams(0.7, top_p=0.8, top_k=20, seed=3)
+    assert backends.sglang_request([1, 2], 64, hot) == {
+        "input_ids": [1, 2], "sampling_params": {"temperature": 0.7, "max_new_tokens": 64, "top_p": 0.8, "top_k": 20}}
+    assert backends.vllm_request([1, 2], 64, "m", hot, seed=11) == {
+        "prompt": [1, 2], "max_tokens": 64, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "seed": 11, "model": "m"}
+    # off switches are not sent (each server has its own "off" value)
+    plain = SamplingParams(1.0)
+    assert backends.sglang_request([1], 8, plain)["sampling_params"] == {"temperature": 1.0, "max_new_tokens": 8}
+    assert backends.vllm_request([1], 8, None, plain) == {"prompt": [1], "max_tokens": 8, "temperature": 1.0}

@@ -253,3 +253,32 @@ def test_lossless_check_tells_a_tie_from_a_wrong_token(tiny, dtype, gap, kind):
 
 def select_first(bench):
     return bench.samples[0].turns[0]
+def test_sampled_eval_records_its_settings_apart_from_greedy(tiny, tmp_path):
+    from dflash_lab.decoding.sampling import SamplingParams
+
+    common = dict(target_fingerprint="f", selection="first", limit=1, max_new_tokens=8, backend="builtin",
+                  data_sha256="d")
+    greedy = harness.harness_settings(**common)
+    assert "sampling" not in greedy  # the greedy key is what it was before sampling existed
+    assert harness.harness_settings(**common, sampling=SamplingParams(0.0, top_p=0.5)) == greedy
+    hot = harness.harness_settings(**common, sampling=SamplingParams(0.7, top_p=0.8, top_k=20, seed=1))
+    assert hot["sampling"] == {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+    assert harness.settings_key(hot) != harness.settings_key(greedy)
+    assert harness.settings_key(hot) == harness.settings_key(
+        harness.harness_settings(**common, sampling=SamplingParams(0.7, top_p=0.8, top_k=20, seed=2)))
+
+    out = tmp_path / "r.json"
+    args = ["eval", "--target", str(tiny["target_dir"]), "--draft", str(tiny["draft_dir"]), "--benchmarks", "gsm8k",
+            "--bench-dir", str(tiny["bench"]), "--limit", "2", "--selection", "first", "--max-new-tokens", "6",
+            "--no-db", "--out", str(out), "--quiet", "--temperature", "0.7", "--top-p", "0.8", "--top-k", "20",
+            "--seed", "5"]
+    assert main(args) == 0
+    results = json.loads(out.read_text())
+    bench = results["benchmarks"]["gsm8k"]
+    assert results["temperature"] == 0.7 and results["sampling"]["seed"] == 5
+    assert bench["settings"]["sampling"] == {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+    assert bench["lossless"] is None  # no token-for-token check when sampling
+    assert [r["seed"] for r in bench["responses"]] == [5, 6]
+    assert main(args) == 0
+    again = json.loads(out.read_text())["benchmarks"]["gsm8k"]["responses"]
+    assert [r["output_ids"] for r in again] == [r["output_ids"] for r in bench["responses"]]  # seeded: reproducible

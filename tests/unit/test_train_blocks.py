@@ -238,3 +238,83 @@ def test_flex_block_mask_is_built_once_per_micro_batch():
                     attention=Bk.make_attention("chunked", anchors, 4))
     assert flex.masks_built == 1
     assert torch.allclose(out, ref, atol=1e-5)
+# -- sliding window (rule 4) ---------------------------------------------------------------------------
+def test_reference_mask_window_by_hand():
+    # anchor 6, context 8, blocks of 3, window 4: slot k (position 6 + k) sees context j with 6 + k - j < 4
+    m = Bk.reference_mask([6], 8, 3, window=4)
+    T, F = True, False
+    assert m[0] == [F, F, F, T, T, T, F, F, T, T, T]  # j = 3, 4, 5: W - 1 context tokens for the anchor slot
+    assert m[1] == [F, F, F, F, T, T, F, F, T, T, T]  # one fewer per later slot
+    assert m[2] == [F, F, F, F, F, T, F, F, T, T, T]
+    assert Bk.reference_mask([6], 8, 3, window=100) == Bk.reference_mask([6], 8, 3)
+
+
+@pytest.mark.parametrize("anchor_chunk", [1, 2, 64])
+@pytest.mark.parametrize("window", [4, 5, 9])
+def test_chunked_attention_with_window_matches_triple_loop(anchor_chunk, window):
+    tensors, anchor_pos, block = _random_attention_inputs()
+    tensors_ref = [t.clone().requires_grad_(True) for t in tensors]
+    tensors_our = [t.clone().requires_grad_(True) for t in tensors]
+    scale = 8 ** -0.5
+    ref = Bk.dense_reference_attention(*tensors_ref, scale, anchor_pos=anchor_pos, block_size=block, window=window)
+    attn = Bk.make_attention("chunked", anchor_pos, block, anchor_chunk)
+    got = attn(*tensors_our, scale, window=window)
+    assert torch.allclose(got, ref, atol=1e-12)
+    assert not torch.allclose(got, Bk.chunked_block_attention(*tensors, scale, anchor_pos=anchor_pos, block_size=block))
+    weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (ref * weights).sum().backward()
+    (got * weights).sum().backward()
+    for a, b in zip(tensors_our, tensors_ref):
+        assert torch.allclose(a.grad, b.grad, atol=1e-12)
+
+
+def test_flex_attention_with_window_matches_triple_loop_on_cpu():
+    tensors, anchor_pos, block = _random_attention_inputs(block=4)
+    tensors = [t.float() for t in tensors]
+    flex = Bk.flex_block_attention(*tensors, 0.3, anchor_pos=anchor_pos, block_size=block, compiled=False, window=5)
+    ref = Bk.dense_reference_attention(*tensors, 0.3, anchor_pos=anchor_pos, block_size=block, window=5)
+    assert torch.allclose(flex, ref, atol=1e-5)
+
+
+def _window_cfg(**kw):
+    from dflash_lab.models.draft import DraftConfig
+
+    return DraftConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, vocab_size=50, num_target_layers=4, mask_token_id=49,
+                       target_layer_ids=[1, 2], block_size=4, **kw)
+
+
+@pytest.mark.parametrize("layer_types", [None, ["full_attention", "sliding_attention"]])
+def test_windowed_draft_training_forward_matches_per_block_decoding(layer_types):
+    """Training attention with a window == decoding each block alone through the cache (which keeps only
+    what the window sees); a window larger than every context == the full-attention draft exactly."""
+    from dflash_lab.models.draft import DFlashDraftModel, DraftCache
+
+    g = torch.Generator().manual_seed(0)
+    s, anchors = 20, torch.tensor([[2, 9, 15]])
+    features = torch.randn(1, s, 64, generator=g, dtype=torch.float64)
+    noise = torch.randn(1, 3 * 4, 32, generator=g, dtype=torch.float64)
+    positions = (anchors[0][:, None] + torch.arange(4)).view(1, -1)
+    attn = Bk.make_attention("chunked", anchors, 4)
+    full = DFlashDraftModel(_window_cfg()).init_weights(0).double()
+    windowed = DFlashDraftModel(_window_cfg(sliding_window=6, layer_types=layer_types)).init_weights(0).double()
+    huge = DFlashDraftModel(_window_cfg(sliding_window=10_000, layer_types=layer_types)).init_weights(0).double()
+    out_full = full(noise, positions, features, torch.arange(s)[None], attention=attn)
+    out = windowed(noise, positions, features, torch.arange(s)[None], attention=attn)
+    assert torch.equal(huge(noise, positions, features, torch.arange(s)[None], attention=attn), out_full)
+    assert not torch.allclose(out[:, 8:], out_full[:, 8:])  # anchor 15 with window 6 loses context
+    assert torch.allclose(out[:, :4], out_full[:, :4], atol=1e-12)  # anchor 2: everything within the window
+    cache = DraftCache(2)
+    fed = 0
+    for a, p in enumerate(anchors[0].tolist()):
+        sl = slice(a * 4, a * 4 + 4)
+        alone = windowed(noise[:, sl], positions[:, sl], features[:, :p], torch.arange(p)[None])
+        assert torch.allclose(out[:, sl], alone, atol=1e-10)
+        # incremental decoding: only the new features go in; the sliding layer's cache keeps W - 1
+        stepped = windowed(noise[:, sl], positions[:, sl], features[:, fed:p], torch.arange(fed, p)[None], cache=cache)
+        fed = p
+        assert torch.allclose(out[:, sl], stepped, atol=1e-10)
+        sliding = [i for i in range(2) if windowed.config.layer_window(i)]
+        for i in range(2):
+            kept = cache.positions[i][0].tolist()
+            assert kept == (list(range(max(0, p - 5), p)) if i in sliding else list(range(p)))

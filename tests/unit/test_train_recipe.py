@@ -88,3 +88,24 @@ def test_cosine_schedule_phases():
     values = [cosine_lr(s, total, lr, 0.04) for s in range(4, total)]
     assert all(a >= b for a, b in zip(values, values[1:]))
     assert not math.isnan(cosine_lr(0, 1, lr, 0.0))
+
+
+def test_window_keys_in_the_draft_section(tmp_path):
+    r = load_recipe(_write(tmp_path, "draft: {num_layers: 2, sliding_window: 64, "
+                                     "layer_types: [sliding_attention, full_attention]}\n"))
+    assert r.draft.sliding_window == 64 and r.draft.layer_types == ["sliding_attention", "full_attention"]
+    with pytest.raises(DFlashLabError, match="layer_types"):
+        load_recipe(_write(tmp_path, "draft: {layer_types: [sliding]}\n"))
+
+
+def test_m2_dpace_recipe_is_m2_with_dpace_and_a_window():
+    """Needs the `dpace` loss of the core branch (loss.name dpace, dpace_alpha, normalize)."""
+    import yaml
+
+    m2 = yaml.safe_load((ROOT / "recipes/qwen3-4b/m2.yaml").read_text())
+    dp = yaml.safe_load((ROOT / "recipes/qwen3-4b/m2-dpace.yaml").read_text())
+    assert dp["data"] == m2["data"] and dp["train"] == m2["train"] and dp["target"] == m2["target"]
+    assert dp["draft"] == {**m2["draft"], "sliding_window": 2048}
+    r = load_recipe(ROOT / "recipes/qwen3-4b/m2-dpace.yaml")
+    assert (r.loss.name, r.loss.dpace_alpha, r.loss.normalize, r.draft.sliding_window) == ("dpace", 0.5, "anchors", 2048)
+    resolve_batch(r, 8)
