@@ -74,6 +74,8 @@ class DFlash2Config(DraftConfig):
     final_logit_softcapping: float | None = None
 
     def __post_init__(self):
+        if not self.use_sliding_window:  # v1's window fields then say "full attention" in every layer
+            self.layer_types = ["full_attention"] * self.num_hidden_layers
         super().__post_init__()
         problems = []
         if self.conv_kernel_size < 1:
@@ -140,6 +142,9 @@ class DFlash2Config(DraftConfig):
         """The v1 config's backbone fields, DFlash2 defaults for the rest (the block size stays v1's
         unless overridden)."""
         base = {f.name: getattr(v1, f.name) for f in fields(DraftConfig)}
+        if v1.sliding_window is None:  # a full-attention v1 backbone: DFlash2's window defaults apply
+            base.pop("sliding_window")
+            base.pop("layer_types")
         base["extra"] = {k: v for k, v in v1.extra.items() if k not in ("dflash_config",)}
         base.update(overrides)
         return cls(**base)
@@ -338,6 +343,11 @@ class DFlash2DraftModel(DFlashDraftModel):
         if context_features is not None and context_features.shape[1] > 0:
             c = self.fuse_context(context_features.to(self.fc.weight.dtype))
             ccos, csin = rope_cos_sin(context_positions, cfg.head_dim, cfg.rope_theta, c.dtype)
+        # Training attention takes the layer's window as a keyword; in decoding the DFlash2 drafter
+        # applies the window itself (windowed_block_attention), so the keyword is dropped there.
+        layer_attention = attention
+        if cache is not None or attention is full_attention:
+            layer_attention = lambda *args, window=None: attention(*args)  # noqa: E731
         for i, layer in enumerate(self.layers):
             if c is not None:  # the context path: no norm, no conv
                 k_ctx, v_ctx = layer.self_attn.key_value(c, ccos, csin)
@@ -345,7 +355,7 @@ class DFlash2DraftModel(DFlashDraftModel):
                 k_ctx = v_ctx = x.new_zeros(x.shape[0], cfg.num_key_value_heads, 0, cfg.head_dim)
             if cache is not None:
                 k_ctx, v_ctx = cache.extend(i, k_ctx, v_ctx)
-            x = layer(x, cos, sin, k_ctx, v_ctx, attention)
+            x = layer(x, cos, sin, k_ctx, v_ctx, layer_attention)
         out = self.norm(x)
         return out if output_slots is None else out[output_slots]
 

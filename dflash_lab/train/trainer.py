@@ -404,6 +404,7 @@ def _build_draft(recipe: Recipe, target, seed: int, device):
             target, num_layers=recipe.draft.num_layers, block_size=recipe.draft.block_size,
             mask_token_id=recipe.draft.mask_token_id, target_layer_ids=recipe.draft.target_layer_ids,
             intermediate_size=recipe.draft.intermediate_size, rope_theta=recipe.draft.rope_theta,
+            sliding_window=recipe.draft.sliding_window, layer_types=recipe.draft.layer_types,
         )
         draft = (DFlash2DraftModel if dflash2 else DFlashDraftModel)(cfg).init_weights(seed)
         if recipe.draft.init_from_target_layers:
