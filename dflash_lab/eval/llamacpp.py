@@ -287,3 +287,39 @@ def summarise_llamacpp(records: list[dict]) -> dict:
     engine_ms = sum(r.get("predicted_ms") or 0.0 for r in records)
     out["engine_tokens_per_s"] = generated / (engine_ms / 1000) if engine_ms > 0 else None
     return out
+
+
+# -- a server process: python -m dflash_lab.eval.llamacpp --model T.gguf [--draft D.gguf] --port P ----
+def main(argv: list[str] | None = None) -> int:
+    """Serve until killed (what `serve-cmd --engine llamacpp` prints when llama-server is absent)."""
+    import argparse
+    import signal
+
+    p = argparse.ArgumentParser(prog="python -m dflash_lab.eval.llamacpp",
+                                description="llama.cpp's HTTP server in-process (xllamacpp), on 127.0.0.1")
+    p.add_argument("--model", required=True, help="target GGUF")
+    p.add_argument("--draft", help="DFlash draft GGUF (`dflash-lab draft export`)")
+    p.add_argument("--spec-type", choices=SPECULATIVE, default=None, help="default: dflash with --draft, else none")
+    p.add_argument("--spec-draft-n-max", type=int, default=15)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--parallel", type=int, default=1)
+    p.add_argument("--ctx-size", type=int, default=4096)
+    p.add_argument("--alias", help="the model name /v1/models reports")
+    args = p.parse_args(argv)
+    kind = args.spec_type or ("dflash" if args.draft else "none")
+    cfg = EngineConfig(model=Path(args.model), draft=Path(args.draft) if args.draft else None, speculative=kind,
+                       draft_n_max=args.spec_draft_n_max, threads=args.threads, parallel=args.parallel,
+                       ctx_size=args.ctx_size, alias=args.alias, port=args.port)
+    server = LlamaServer(cfg)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    print(server.start(), flush=True)
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -15,7 +15,8 @@ def register(subparsers) -> None:
                     "rerun the same command after a crash; --retry-failed re-attempts failed.jsonl.")
     p.add_argument("--prompts", required=True, help="prompt-set directory (prompts build) or a .jsonl with `messages`")
     p.add_argument("--target", required=True, help="embedded name, HF directory, .gguf file or hub id")
-    p.add_argument("--backend", choices=["hf", "openai", "vllm"], default="hf")
+    p.add_argument("--backend", choices=["hf", "openai", "vllm", "llamacpp"], default="hf",
+                   help="llamacpp: an in-process llama.cpp server on the target's F32 GGUF (pip install 'dflash-lab[llamacpp]')")
     p.add_argument("--out", required=True, help="output directory (shards + meta.json)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--server", action="append", default=[], metavar="URL",
