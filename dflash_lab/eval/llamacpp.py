@@ -83,7 +83,7 @@ def _params(cfg: EngineConfig, port: int):
     params.hostnames = ["127.0.0.1"]
     params.verbosity = -1  # llama.cpp logs every request at info level otherwise
     if cfg.alias:
-        params.model_alias = cfg.alias
+        params.model_alias = {cfg.alias}  # a set of names in this binding (a str becomes its letters)
     spec = params.speculative
     kinds = x.common_speculative_type
     if cfg.speculative == "dflash":

@@ -38,18 +38,19 @@ TARGET = "smollm2-135m-instruct"
 GATE_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
 OTHER_PROMPTS = ["Name three colours of the rainbow.", "How many legs does a spider have?"]
 MAX_NEW = 40
+GATE_MAX_NEW = 16  # the memorised answers: short, so a few minutes of training memorise them
 
 # A recipe that memorises two short records in a few minutes on this CPU: every position an
 # anchor, all 15 slots scored, a high learning rate, no held-out split.
 GATE_RECIPE = """\
 target: {name: smollm2-135m-instruct, dtype: float32}
 draft: {num_layers: 1, block_size: 16, mask_token_id: 16, init: scratch, init_from_target_layers: true}
-data: {max_length: 96, num_anchors: 48, heldout: 0}
+data: {max_length: 64, num_anchors: 32, heldout: 0}
 loss: {name: ce, chunk_slots: 8192}
-train: {lr: 1.0e-2, epochs: EPOCHS, micro_batch: 2, global_batch: 2, warmup_ratio: 0.0, seed: 0, device: cpu,
+train: {lr: 5.0e-3, epochs: EPOCHS, micro_batch: 2, global_batch: 2, warmup_ratio: 0.0, seed: 0, device: cpu,
         cpu_threads: 1, save_every: 1000, eval_interval: 0, keep_last: 1}
 """
-GATE_EPOCHS = 30
+GATE_EPOCHS = 40
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +78,7 @@ def gate_draft(tmp_path_factory, target):
     rows = []
     for i, text in enumerate(GATE_PROMPTS):
         messages = [{"role": "user", "content": text}]
-        result = greedy_generate(target, _prompt_ids(target, text), MAX_NEW, target.stop_token_ids)
+        result = greedy_generate(target, _prompt_ids(target, text), GATE_MAX_NEW, target.stop_token_ids)
         rows.append({"id": f"g{i}", "category": "chat", "source": "gate", "finish_reason": result.finish_reason,
                      "messages": messages + [{"role": "assistant", "content": target.decode(result.output_ids)}]})
     write_jsonl(root / "labels" / "shard-00000.jsonl", rows)
@@ -121,9 +122,9 @@ def parity_mismatches(target, draft_dir, f32, out: Path, fault=ExportFault.NONE)
 def test_serving_gate_memorised_draft(gate_draft, target, f32, tmp_path):
     gguf = export_draft_gguf(gate_draft, f32, tmp_path / "gate.gguf")
     with L.LlamaServer(L.EngineConfig(model=f32, draft=gguf, speculative="dflash")) as url:
-        drafted = [L.post_completion(url, _prompt_ids(target, t), MAX_NEW) for t in GATE_PROMPTS]
+        drafted = [L.post_completion(url, _prompt_ids(target, t), GATE_MAX_NEW) for t in GATE_PROMPTS]
     with L.LlamaServer(L.EngineConfig(model=f32)) as url:
-        plain = [L.post_completion(url, _prompt_ids(target, t), MAX_NEW) for t in GATE_PROMPTS]
+        plain = [L.post_completion(url, _prompt_ids(target, t), GATE_MAX_NEW) for t in GATE_PROMPTS]
     n_draft = sum(r["draft_n"] for r in drafted)
     n_ok = sum(r["draft_n_accepted"] for r in drafted)
     # drafted tokens past the end of the answer cannot be accepted: count those the answer had room for

@@ -140,3 +140,18 @@ def test_cli(files, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["draft", "export", str(tmp_path / "nodraft"), "--to", "gguf", "--target", str(target),
                  "--out", str(out)]) == 2
+
+
+def test_serve_cmd_llamacpp(files, tmp_path):
+    from dflash_lab.labels.serve import serve_commands
+
+    target, draft_dir, _ = files
+    gguf = export_draft_gguf(draft_dir, target, tmp_path / "d.gguf")
+    lines = serve_commands("llamacpp", str(target), draft=str(gguf), port=9000)
+    assert lines[0].split() == ["llama-server", "-m", str(target), "-md", str(gguf), "--spec-type", "draft-dflash",
+                                "--spec-draft-n-max", "7", "--host", "127.0.0.1", "--port", "9000"]  # block 8
+    assert "python -m dflash_lab.eval.llamacpp" in lines[1] and "--spec-draft-n-max 7" in lines[1]
+    with pytest.raises(DFlashLabError, match="draft export"):
+        serve_commands("llamacpp", str(target), draft=str(draft_dir))
+    with pytest.raises(DFlashLabError, match="not a DFlash draft"):
+        serve_commands("llamacpp", str(target), draft=str(target))
