@@ -47,10 +47,10 @@ target: {name: smollm2-135m-instruct, dtype: float32}
 draft: {num_layers: 1, block_size: 16, mask_token_id: 16, init: scratch, init_from_target_layers: true}
 data: {max_length: 64, num_anchors: 32, heldout: 0}
 loss: {name: ce, chunk_slots: 8192}
-train: {lr: 5.0e-3, epochs: EPOCHS, micro_batch: 2, global_batch: 2, warmup_ratio: 0.0, seed: 0, device: cpu,
+train: {lr: 2.0e-3, epochs: EPOCHS, micro_batch: 2, global_batch: 2, warmup_ratio: 0.0, seed: 0, device: cpu,
         cpu_threads: 1, save_every: 1000, eval_interval: 0, keep_last: 1}
 """
-GATE_EPOCHS = 40
+GATE_EPOCHS = 40  # measured: loss 0.03 and 20 of 20 drafted tokens accepted after 33 steps
 
 pytestmark = pytest.mark.slow
 
@@ -127,8 +127,9 @@ def test_serving_gate_memorised_draft(gate_draft, target, f32, tmp_path):
         plain = [L.post_completion(url, _prompt_ids(target, t), GATE_MAX_NEW) for t in GATE_PROMPTS]
     n_draft = sum(r["draft_n"] for r in drafted)
     n_ok = sum(r["draft_n_accepted"] for r in drafted)
-    # drafted tokens past the end of the answer cannot be accepted: count those the answer had room for
-    room = sum(min(r["draft_n"], r["completion_tokens"] - 1) for r in drafted)
+    # drafted tokens past the end of the answer cannot be accepted: count those the answer had room
+    # for (every token after the first, but the last verify step's own token)
+    room = sum(min(r["draft_n"], r["completion_tokens"] - 2) for r in drafted)
     assert n_ok >= 0.9 * room, f"{n_ok} of {room} drafted tokens accepted ({n_draft} drafted in all)"
     assert [r["output_ids"] for r in drafted] == [r["output_ids"] for r in plain]  # lossless
     assert all(p["draft_n"] == 0 for p in plain)
