@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	# the CPU build of torch; the package itself only asks for a range
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,llamacpp]'
 	# the z-lab reference implementation, used only as a test oracle
 	$(PY) -m pip install --quiet --no-deps dflash==0.1.0
 	touch $(STAMP)

@@ -235,9 +235,12 @@ def run_demo(out: str | os.PathLike = "demo-out", *, preset: str = "default", pr
     # -- 2. labels: the target's own greedy responses ------------------------------------------------
     label_dir = out / "labels"
     if not state.done("labels"):
-        _log(f"regenerating responses with the target (greedy, thinking off, <= {sizes.label_max_new_tokens} tokens)")
-        run_labels(prompt_dir, target, label_dir, backend="hf", max_new_tokens=sizes.label_max_new_tokens,
-                   batch_size=sizes.label_batch_size, shard_size=64, flush_seconds=30.0)
+        backend = label_backend()
+        _log(f"regenerating responses with the target (greedy, thinking off, <= {sizes.label_max_new_tokens} tokens, "
+             f"{backend} backend{' on the F32 GGUF' if backend == 'llamacpp' else ''})")
+        run_labels(prompt_dir, target if backend == "hf" else TARGET, label_dir, backend=backend,
+                   max_new_tokens=sizes.label_max_new_tokens, batch_size=sizes.label_batch_size, shard_size=64,
+                   flush_seconds=30.0)
         state.finish("labels", str(label_dir))
 
     # -- 3. two training stages ----------------------------------------------------------------------
@@ -281,15 +284,35 @@ def run_demo(out: str | os.PathLike = "demo-out", *, preset: str = "default", pr
             state.finish(f"eval:{name}", str(path))
         results[name] = json.loads(path.read_text())
 
+    # -- 4b. the final draft and prompt-lookup served by llama.cpp (same prompts), F32 and Q4_1 GGUF ---
+    engine = {}
+    if llamacpp_available():
+        for drafter_name, drafter in (("final", str(stage_ckpt[STAGES[-1]])), ("prompt-lookup", "prompt-lookup")):
+            for gguf in ("f32", "q4_1"):
+                key = f"llamacpp:{drafter_name}:{gguf}"
+                path = eval_dir / f"llamacpp-{drafter_name}-{gguf}.json"
+                if not state.done(key):
+                    _log(f"evaluating {drafter_name} with llama.cpp on the {gguf} GGUF target")
+                    res = evaluate(target, drafter, list(benchmarks.values()), limit=sizes.eval_limit,
+                                   selection="paper", max_new_tokens=sizes.eval_max_new_tokens, lossless_check=True,
+                                   backend="llamacpp", gguf=gguf, progress=False)
+                    write_results(res, path)
+                    state.finish(key, str(path))
+                engine[(drafter_name, gguf)] = json.loads(path.read_text())
+
     # -- 5. report -----------------------------------------------------------------------------------
     report_dir = write_report(list(STAGES), None, out / "report", db=db, baselines=True)
     _append_cpu_note(Path(report_dir), results)
+    _append_llamacpp_rows(Path(report_dir), results, engine)
     table = progression_table(list(STAGES), db=db)
     wall = state.wall_s
     summary = {
         "stages": {s: {b: v["tau_pooled"] for b, v in results[s]["benchmarks"].items()} for s in STAGES},
         "baseline": {"prompt-lookup": {b: v["tau_pooled"] for b, v in results["prompt-lookup"]["benchmarks"].items()}},
         "final_draft": str(stage_ckpt[STAGES[-1]]),
+        "label_backend": json.loads((label_dir / "meta.json").read_text()).get("backend"),
+        "llamacpp": {f"{d}:{g}": {b: v["tau_pooled"] for b, v in res["benchmarks"].items()}
+                     for (d, g), res in engine.items()},
         "wall_s": round(wall, 1),
         "preset": preset,
         "arch": arch,
@@ -301,6 +324,53 @@ def run_demo(out: str | os.PathLike = "demo-out", *, preset: str = "default", pr
     print(table)
     print(f"\nreport: {summary['report']}")
     return summary
+
+
+def llamacpp_available() -> bool:
+    try:
+        import xllamacpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def label_backend() -> str:
+    """`llamacpp` (in-process, F32 GGUF: the same text as `hf`) when xllamacpp is installed: it
+    labelled the demo's prompts about 3x faster than `hf` here (BENCHMARKS.md, llama.cpp), so more
+    of the demo's time goes to training; else `hf`."""
+    return "llamacpp" if llamacpp_available() else "hf"
+
+
+def _append_llamacpp_rows(report_dir: Path, results: dict, engine: dict) -> None:
+    """llama.cpp rows beside the builtin loop's: tau and tokens/s with and without the drafter, in
+    the same engine, and which target file each row used."""
+    if not engine:
+        return
+    report = report_dir / "report.md" if report_dir.is_dir() else report_dir
+    final = STAGES[-1]
+    rows = []
+    for bench, r in results[final]["benchmarks"].items():
+        rows.append(f"| builtin loop | {final} | {bench} | HF safetensors (fp32, dequantised Q4_1) | "
+                    f"{_fmt(r['tau_pooled'])} | {_fmt(r.get('tokens_per_s'), 1)} | "
+                    f"{_fmt(r.get('greedy_tokens_per_s'), 1)} | {_fmt(r.get('speedup'))} |")
+    for (drafter, gguf), res in engine.items():
+        for bench, r in res["benchmarks"].items():
+            rows.append(f"| llama.cpp | {final if drafter == 'final' else drafter} | {bench} | "
+                        f"{Path(res.get('llamacpp_target', gguf)).name} | {_fmt(r['tau_pooled'])} | "
+                        f"{_fmt(r.get('tokens_per_s'), 1)} | {_fmt(r.get('greedy_tokens_per_s'), 1)} | "
+                        f"{_fmt(r.get('speedup'))} |")
+    text = ["", "## llama.cpp beside the builtin loop", "",
+            "The final draft exported to GGUF (`dflash-lab draft export`) and served by llama.cpp in-process "
+            "(xllamacpp), on the same prompts; prompt-lookup is llama.cpp's own n-gram drafter there. "
+            "tokens/s with and without the drafter are measured in the same engine in the same run.",
+            "", "| engine | drafter | benchmark | target file | tau | tokens/s | greedy tokens/s | speed vs greedy |",
+            "|---|---|---|---|---|---|---|---|", *rows, ""]
+    with open(report, "a") as handle:
+        handle.write("\n".join(text))
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _append_cpu_note(report_dir: Path, results: dict) -> None:

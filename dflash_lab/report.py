@@ -279,6 +279,22 @@ def baseline_table(journey: Journey) -> str:
 
 
 # -- charts ---------------------------------------------------------------------------------------
+def histogram_bars(named: list[tuple[str, dict[str, int]]]) -> list[tuple[str, list[float], list[float], float]]:
+    """Grouped bars of acceptance-length histograms: per run (name, x positions, fractions of its
+    cycles, bar width), one bar per length 1..max (lengths never reached are 0-high bars), the runs
+    side by side within each length."""
+    if not named:
+        return []
+    top = max(int(k) for _, hist in named for k in hist)
+    width = 0.8 / len(named)
+    bars = []
+    for i, (name, hist) in enumerate(named):
+        total = sum(hist.values()) or 1
+        xs = [k - 0.4 + width * (i + 0.5) for k in range(1, top + 1)]
+        bars.append((name, xs, [hist.get(str(k), 0) / total for k in range(1, top + 1)], width))
+    return bars
+
+
 def _charts(journey: Journey, out_dir: Path) -> list[str]:
     import matplotlib
 
@@ -308,14 +324,9 @@ def _charts(journey: Journey, out_dir: Path) -> list[str]:
     if with_hist:
         fig, axes = plt.subplots(1, len(with_hist), figsize=(3.2 * len(with_hist), 3), squeeze=False)
         for ax, bench in zip(axes[0], with_hist):
-            for run in series:
-                hist = run.histograms.get(bench)
-                if not hist:
-                    continue
-                total = sum(hist.values())
-                lengths = range(1, max(int(k) for k in hist) + 1)  # lengths never reached count as 0
-                ax.plot(list(lengths), [hist.get(str(k), 0) / total for k in lengths], marker="o", ms=3,
-                        label=run.name)
+            named = [(run.name, run.histograms[bench]) for run in series if run.histograms.get(bench)]
+            for name, xs, heights, width in histogram_bars(named):
+                ax.bar(xs, heights, width, label=name)
             ax.set_title(bench)
             ax.set_xlabel("acceptance length a+1")
         axes[0][0].set_ylabel("fraction of cycles")

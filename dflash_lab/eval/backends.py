@@ -30,7 +30,7 @@ from tqdm import tqdm
 from dflash_lab.decoding.sampling import GREEDY, SamplingParams
 from dflash_lab.errors import DFlashLabError
 
-BACKENDS = ("builtin", "sglang", "vllm")
+BACKENDS = ("builtin", "sglang", "vllm", "llamacpp")  # llamacpp: see eval/llamacpp.py
 
 
 def _bar(total: int, desc: str, progress: bool):

@@ -28,9 +28,13 @@ def _add_harness_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--selection", choices=SELECTIONS, default="paper",
                    help="paper: first N of numpy default_rng(0).permutation(n); first: first N rows; all")
     p.add_argument("--max-new-tokens", type=int, default=2048)
-    p.add_argument("--backend", choices=["builtin", "sglang", "vllm"], default="builtin")
+    p.add_argument("--backend", choices=["builtin", "sglang", "vllm", "llamacpp"], default="builtin")
     p.add_argument("--server", action="append", default=[], metavar="URL",
-                   help="a running SGLang/vLLM server (repeat for several)")
+                   help="a running SGLang/vLLM/llama.cpp server (repeat for several); llamacpp without "
+                        "--server starts one in-process (docs/serving-llamacpp.md)")
+    p.add_argument("--gguf", default="f32", metavar="f32|q4_1|FILE",
+                   help="llamacpp in-process: the target GGUF (an embedded target's f32 or q4_1 file, or a path)")
+    p.add_argument("--threads", type=int, default=1, help="llamacpp in-process: CPU threads")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (server backends)")
     _add_sampling_args(p)
     p.add_argument("--no-lossless-check", action="store_true",
@@ -191,7 +195,8 @@ def cmd_eval(args) -> int:
     results = evaluate(target, args.draft or args.drafter, benches, args.bench_dir, args.limit, args.selection,
                        args.max_new_tokens, lossless_check=not args.no_lossless_check, progress=not args.quiet,
                        backend=args.backend, servers=args.server, concurrency=args.concurrency,
-                       block_size=args.block_size, sampling=sampling_from_args(args))
+                       block_size=args.block_size, sampling=sampling_from_args(args), gguf=args.gguf,
+                       threads=args.threads)
     out = write_results(results, args.out)
     if not args.no_db:
         registry.record_eval(results, args.db, name=args.name, results_path=str(out.resolve()))

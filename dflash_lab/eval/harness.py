@@ -69,6 +69,10 @@ def summarise(records: list[dict], backend: str, counters: dict | None = None) -
         out.update(tau_pooled=sum(r["completion_tokens"] for r in records) / verify if verify else None,
                    tau_per_request=sum(per_request) / len(per_request) if per_request else None,
                    cycles=verify, acceptance_histogram=None)
+    elif backend == "llamacpp":
+        from dflash_lab.eval.llamacpp import summarise_llamacpp
+
+        out.update(summarise_llamacpp(records))
     elif backend == "vllm":
         counters = counters or {"accepted": 0.0, "drafts": 0.0, "per_pos": {}}
         out.update(tau_pooled=backends.vllm_tau(counters), tau_per_request=None,
@@ -174,6 +178,8 @@ def evaluate(
     device: str | None = None,
     dtype: str | None = None,
     sampling: SamplingParams = GREEDY,
+    gguf: str = "f32",
+    threads: int = 1,
 ) -> dict:
     """Evaluate one drafter on `benchmarks` (names, a comma string, or loaded `Benchmark`s) and
     return the results dict (the JSON `eval --out` writes).
@@ -184,12 +190,16 @@ def evaluate(
     with bf16 when available, else cpu fp32); a loaded target is used where it is, and the draft
     always goes to the target's device and dtype. `sampling`: greedy by default; with temperature
     > 0 every backend samples with these settings and the lossless check (token equality with
-    greedy) is off.
+    greedy) is off. `gguf` (llamacpp backend without servers): the target GGUF llama.cpp loads,
+    `f32` / `q4_1` (an embedded target's files) or a .gguf path.
     """
     if backend not in backends.BACKENDS:
         raise DFlashLabError(f"unknown backend {backend!r}; use {', '.join(backends.BACKENDS)}")
     if max_new_tokens < 1:
         raise DFlashLabError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if backend == "llamacpp" and not sampling.greedy:
+        raise DFlashLabError("--temperature > 0 with --backend llamacpp is not wired yet (its requests are greedy); "
+                             "use the builtin, sglang or vllm backend for sampled evaluation")
     if isinstance(target, (str, os.PathLike)):
         target = load_prompt_target(target, full=backend == "builtin", device=device, dtype=dtype)
     if benchmarks and isinstance(benchmarks, list) and isinstance(benchmarks[0], Benchmark):
@@ -201,7 +211,8 @@ def evaluate(
     drafter_obj, desc = resolve_drafter(target, drafter, block_size, load=backend == "builtin")
     if backend == "builtin" and drafter_obj is None:
         raise DFlashLabError("the builtin backend needs a loaded target model")
-    if backend != "builtin":
+    in_process = backend == "llamacpp" and not servers
+    if backend != "builtin" and not in_process:
         lossless_check = False  # a server's tokens cannot be compared with a local greedy run here
     if not sampling.greedy:
         lossless_check = False  # sampled tokens are lossless in distribution, not token for token
@@ -219,6 +230,7 @@ def evaluate(
         "sampling": None if sampling.greedy else {**sampling.describe(), "seed": sampling.seed},
         "backend": backend,
         "servers": list(servers or []),
+        **({"llamacpp_target": str(_llamacpp_gguf(target, gguf))} if in_process else {}),
         "lossless_check": lossless_check,
         **_placement(target, backend),
         "benchmarks": {},
@@ -231,6 +243,10 @@ def evaluate(
         elif backend == "sglang":
             records = backends.run_sglang(target, bench, max_new_tokens, servers or [],
                                           concurrency=concurrency, progress=progress, sampling=sampling)
+        elif backend == "llamacpp":
+            records = _run_llamacpp(target, drafter, desc, bench, max_new_tokens, servers or [], gguf=gguf,
+                                    threads=threads, lossless_check=lossless_check, progress=progress,
+                                    concurrency=concurrency)
         else:
             records, counters = backends.run_vllm(target, bench, max_new_tokens, servers or [],
                                                   concurrency=concurrency, progress=progress, sampling=sampling)
@@ -257,6 +273,34 @@ def _placement(target, backend: str) -> dict:
         return {}
     dtype = str(target.dtype).removeprefix("torch.")
     return {"device": str(target.device), "dtype": dtype, "lossless_tie_tolerance": backends.tie_tolerance(dtype)}
+
+
+def _llamacpp_gguf(target, gguf: str) -> Path:
+    from dflash_lab.eval.llamacpp import target_gguf_for
+
+    if gguf in ("f32", "q4_1"):
+        return target_gguf_for(target.name, gguf)
+    return target_gguf_for(gguf)
+
+
+def _run_llamacpp(target, drafter, desc, bench, max_new_tokens, servers, *, gguf, threads, lossless_check,
+                  progress, concurrency):
+    """llama.cpp: running servers (--server), or one in-process server per drafter, started and stopped here."""
+    from dflash_lab.eval import llamacpp
+    from dflash_lab.models.embedded import cache_root
+
+    if servers:
+        return llamacpp.run_llamacpp(target, bench, max_new_tokens, servers, concurrency=concurrency,
+                                     progress=progress)
+    target_gguf = _llamacpp_gguf(target, gguf)
+    draft_gguf = None
+    if desc["drafter"] == "dflash":
+        draft_dir = desc["draft"]["path"] if desc.get("draft") else None
+        if draft_dir is None:
+            raise DFlashLabError("the llamacpp backend needs a draft directory (it exports it to GGUF)")
+        draft_gguf = llamacpp.export_for_serving(draft_dir, target_gguf, cache_root() / "gguf-drafts")
+    return llamacpp.evaluate_in_process(target, target_gguf, desc, bench, max_new_tokens, draft_gguf=draft_gguf,
+                                        lossless_check=lossless_check, progress=progress, threads=threads)
 
 
 def load_prompt_target(spec, *, full: bool = True, device: str | None = None, dtype: str | None = None):

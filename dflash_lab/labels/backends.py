@@ -340,3 +340,61 @@ class VLLMBackend:
                     emit(job, Outcome(text=first.text, finish_reason=reason,
                                       completion_tokens=len(first.token_ids)))
 
+
+
+# -- llamacpp -------------------------------------------------------------------------------------
+class LlamaCppBackend:
+    """llama.cpp in-process (xllamacpp): one server on a free loopback port, started by `check()`
+    and stopped when `generate()` ends, so there is no URL to manage. Prompts go to `/completion` as
+    the exact tokens our template rendered (`Job.prompt_ids`), so the text equals the `hf` backend's
+    on the F32 GGUF target (tests/integration/test_llamacpp.py). `threads` CPU threads per request,
+    `parallel` requests at once."""
+
+    name = "llamacpp"
+
+    def __init__(self, target_gguf, max_new_tokens: int, threads: int = 1, parallel: int = 1,
+                 ctx_size: int = 4096):
+        from dflash_lab.eval.llamacpp import require_xllamacpp
+
+        require_xllamacpp()
+        self.target_gguf = target_gguf
+        self.max_new_tokens = max_new_tokens
+        self.threads = threads
+        self.parallel = max(1, parallel)
+        self.ctx_size = ctx_size
+        self._server = None
+
+    def check(self) -> dict:
+        from dflash_lab.eval.llamacpp import EngineConfig, LlamaServer
+
+        if self._server is None:
+            self._server = LlamaServer(EngineConfig(model=self.target_gguf, threads=self.threads,
+                                                    parallel=self.parallel, ctx_size=self.ctx_size))
+            self._server.start()
+        return {"target_gguf": str(self.target_gguf), "threads": self.threads, "parallel": self.parallel}
+
+    def _one(self, job: Job) -> Outcome:
+        from dflash_lab.eval.llamacpp import post_completion
+
+        try:
+            record = post_completion(self._server.url, job.prompt_ids, self.max_new_tokens)
+        except DFlashLabError as exc:
+            return Outcome(error=str(exc), server=self._server.url)
+        return Outcome(text=record["output_text"], finish_reason=record["finish_reason"],
+                       completion_tokens=record["completion_tokens"], server=self._server.url)
+
+    def generate(self, jobs: list[Job], emit) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.check()
+        try:
+            with ThreadPoolExecutor(self.parallel) as pool:
+                for job, outcome in zip(jobs, pool.map(self._one, jobs)):
+                    emit(job, outcome)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None

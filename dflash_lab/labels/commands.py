@@ -16,7 +16,8 @@ def register(subparsers) -> None:
                     "rerun the same command after a crash; --retry-failed re-attempts failed.jsonl.")
     p.add_argument("--prompts", required=True, help="prompt-set directory (prompts build) or a .jsonl with `messages`")
     p.add_argument("--target", required=True, help="embedded name, HF directory, .gguf file or hub id")
-    p.add_argument("--backend", choices=["hf", "openai", "vllm"], default="hf")
+    p.add_argument("--backend", choices=["hf", "openai", "vllm", "llamacpp"], default="hf",
+                   help="llamacpp: an in-process llama.cpp server on the target's F32 GGUF (pip install 'dflash-lab[llamacpp]')")
     p.add_argument("--out", required=True, help="output directory (shards + meta.json)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--server", action="append", default=[], metavar="URL",
@@ -46,7 +47,8 @@ def register(subparsers) -> None:
     s = subparsers.add_parser("serve-cmd", help="print the commands that start one SGLang/vLLM server per GPU",
                               description="Print launch commands for N OpenAI-compatible servers (one per GPU, "
                                           "ports P..P+N-1) and the matching `dflash-lab label` command.")
-    s.add_argument("--engine", choices=["sglang", "vllm"], required=True)
+    s.add_argument("--engine", choices=["sglang", "vllm", "llamacpp"], required=True,
+                   help="llamacpp: llama-server for a target GGUF and an exported draft GGUF (CPU is enough)")
     s.add_argument("--target", required=True, help="model path or hub id the servers load")
     s.add_argument("--gpus", type=int, default=1)
     s.add_argument("--port", type=int, default=None, help="first port (sglang 30000, vllm 8000)")
@@ -107,13 +109,18 @@ def _serve_cmd(args) -> int:
 
     target = args.target
     served_name = target
-    if target in embedded.EMBEDDED_TARGETS:
+    if args.engine == "llamacpp":
+        if target in embedded.EMBEDDED_TARGETS:
+            target = str(embedded.gguf_path(target, "f32"))  # the numbers our own loop computes with
+        extra = ["--alias", served_name]
+    elif target in embedded.EMBEDDED_TARGETS:
         target = str(embedded.fetch(target))  # the servers need the converted directory
-    extra = ["--served-model-name", served_name]
+    if args.engine != "llamacpp":
+        extra = ["--served-model-name", served_name]
     for line in serve_commands(args.engine, target, args.gpus, args.port, draft=args.draft, host=args.host,
                                extra_args=extra):
         print(line)
-    if args.draft is None:
+    if args.draft is None and args.engine != "llamacpp":
         servers = " ".join(f"--server {url}" for url in server_urls(args.engine, args.gpus, args.port, args.host))
         print(f"# then: dflash-lab label --backend openai {servers} --target {args.target} --prompts PROMPTS --out OUT",
               file=sys.stderr)

@@ -435,7 +435,12 @@ def make_backend(name: str, target, max_new_tokens: int, *, batch_size: int = 8,
                              concurrency=concurrency, timeout=timeout, retries=retries, backoff=backoff)
     if name == "vllm":
         return VLLMBackend(target_model_path(target.name), max_new_tokens, target.template_kwargs())
-    raise DFlashLabError(f"--backend {name!r}: choose hf, openai or vllm")
+    if name == "llamacpp":  # in-process llama.cpp on the target's F32 GGUF (or --target FILE.gguf)
+        from dflash_lab.eval.llamacpp import target_gguf_for
+        from dflash_lab.labels.backends import LlamaCppBackend
+
+        return LlamaCppBackend(target_gguf_for(target.name), max_new_tokens)
+    raise DFlashLabError(f"--backend {name!r}: choose hf, openai, vllm or llamacpp")
 
 
 def run_labels(

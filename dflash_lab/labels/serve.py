@@ -7,6 +7,14 @@ With `--draft DIR` (evaluation) the servers decode speculatively with a DFlash d
 SGLang `--speculative-algorithm DFLASH --speculative-draft-model-path DIR --speculative-num-draft-tokens B
 --attention-backend triton`; vLLM `--speculative-config '{"method": "dflash", "model": "DIR",
 "num_speculative_tokens": B-1}'`, with B the draft's `block_size` (config.json, default 16).
+
+`--engine llamacpp` (a CPU is enough; docs/serving-llamacpp.md): TARGET is a GGUF file (or the
+embedded name: its F32 GGUF) and `--draft` an exported draft GGUF (`dflash-lab draft export`):
+
+    llama-server -m TARGET.gguf -md DRAFT.gguf --spec-type draft-dflash --spec-draft-n-max 15 \
+        --host 127.0.0.1 --port 8080
+
+plus the same server from the `xllamacpp` wheel, for machines without a llama-server binary.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from pathlib import Path
 
 from dflash_lab.errors import DFlashLabError
 
-DEFAULT_PORTS = {"sglang": 30000, "vllm": 8000}
+DEFAULT_PORTS = {"sglang": 30000, "vllm": 8000, "llamacpp": 8080}
 DEFAULT_BLOCK_SIZE = 16
 
 
@@ -37,7 +45,9 @@ def serve_commands(engine: str, target: str, gpus: int = 1, port: int | None = N
                    host: str = "127.0.0.1", extra_args: list[str] | None = None) -> list[str]:
     """One shell command per GPU (GPU i listens on port + i)."""
     if engine not in DEFAULT_PORTS:
-        raise DFlashLabError(f"--engine {engine!r}: choose sglang or vllm")
+        raise DFlashLabError(f"--engine {engine!r}: choose sglang, vllm or llamacpp")
+    if engine == "llamacpp":
+        return llamacpp_commands(target, port, draft=draft, host=host, extra_args=extra_args)
     if gpus < 1:
         raise DFlashLabError(f"--gpus must be >= 1, got {gpus}")
     port = DEFAULT_PORTS[engine] if port is None else port
@@ -65,3 +75,36 @@ def serve_commands(engine: str, target: str, gpus: int = 1, port: int | None = N
 def server_urls(engine: str, gpus: int = 1, port: int | None = None, host: str = "127.0.0.1") -> list[str]:
     port = DEFAULT_PORTS[engine] if port is None else port
     return [f"http://{host}:{port + gpu}" for gpu in range(gpus)]
+
+
+def gguf_draft_block_size(draft_gguf: str | Path) -> int:
+    """`dflash.block_size` of an exported draft GGUF (16 when absent)."""
+    from dflash_lab.models.gguf_export import gguf_field, read_gguf
+
+    reader = read_gguf(draft_gguf)
+    if str(gguf_field(reader, "general.architecture", "")) != "dflash":
+        raise DFlashLabError(f"--draft {draft_gguf}: not a DFlash draft GGUF; write one with "
+                             "`dflash-lab draft export DRAFT --to gguf --target TARGET --out FILE`")
+    return int(gguf_field(reader, "dflash.block_size", DEFAULT_BLOCK_SIZE))
+
+
+def llamacpp_commands(target: str, port: int | None = None, *, draft: str | None = None, host: str = "127.0.0.1",
+                      extra_args: list[str] | None = None) -> list[str]:
+    """`llama-server` for a target GGUF (and a draft GGUF), then the same through xllamacpp."""
+    port = DEFAULT_PORTS["llamacpp"] if port is None else port
+    if not str(target).endswith(".gguf"):
+        raise DFlashLabError(f"--target {target}: llama.cpp serves a .gguf file (or pass the embedded name)")
+    argv = ["llama-server", "-m", str(target)]
+    module = ["python", "-m", "dflash_lab.eval.llamacpp", "--model", str(target)]
+    if draft is not None:
+        if not str(draft).endswith(".gguf"):
+            raise DFlashLabError(f"--draft {draft}: llama.cpp loads an exported draft GGUF; write it with "
+                                 f"`dflash-lab draft export {draft} --to gguf --target {target} --out draft.gguf`")
+        n_max = str(gguf_draft_block_size(draft) - 1)
+        argv += ["-md", str(draft), "--spec-type", "draft-dflash", "--spec-draft-n-max", n_max]
+        module += ["--draft", str(draft), "--spec-draft-n-max", n_max]
+    argv += ["--host", host, "--port", str(port)] + list(extra_args or [])
+    module += ["--port", str(port)] + list(extra_args or [])
+    return [" ".join(shlex.quote(a) for a in argv),
+            "# or, without a llama-server binary (pip install 'dflash-lab[llamacpp]'), on 127.0.0.1:\n"
+            + " ".join(shlex.quote(a) for a in module)]

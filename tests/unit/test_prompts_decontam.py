@@ -11,14 +11,10 @@ from dflash_lab.data.decontam import Decontaminator, decontaminate, load_bench_d
 from dflash_lab.data.mix import build_mix
 from dflash_lab.data.records import read_prompts
 
-BENCH = Path(__file__).resolve().parents[2].parent / "shared/data/benchmarks"
-
-
 @pytest.fixture(scope="module")
-def bench():
-    if not BENCH.is_dir():
-        pytest.skip(f"benchmark files not at {BENCH}")
-    return load_bench_dir(BENCH)
+def bench(bench_dir):
+    """../shared's benchmark files, or on a fresh clone the fixture files of the same shape (conftest)."""
+    return load_bench_dir(bench_dir)
 
 
 def test_load_bench_dir_sizes(bench):
@@ -77,7 +73,7 @@ def test_short_benchmark_items_and_min_words():
     assert d.check("Could you explain more about cats?") is None  # 2-word item: exact match only
 
 
-def test_extra_file_and_recipe_decontamination(tmp_path, bench):
+def test_extra_file_and_recipe_decontamination(tmp_path, bench, bench_dir):
     extra = tmp_path / "private_eval.jsonl"
     extra.write_text(json.dumps({"question": "Our private eval asks how many marbles twelve purple frogs can juggle while riding a bicycle uphill"}) + "\n")
     assert len(load_extra_file(extra)) == 1
@@ -89,7 +85,7 @@ def test_extra_file_and_recipe_decontamination(tmp_path, bench):
         for r in rows:
             fh.write(json.dumps(r) + "\n")
     rec = {"sources": [{"name": "s", "path": "src.jsonl", "prompt_field": "p", "category": "chat"}],
-           "decontaminate": {"bench_dir": str(BENCH), "extra_files": ["private_eval.jsonl"]}}
+           "decontaminate": {"bench_dir": str(bench_dir), "extra_files": ["private_eval.jsonl"]}}
     man = build_mix(rec, tmp_path / "out", base_dir=tmp_path)
     out = read_prompts(tmp_path / "out" / "prompts.jsonl")
     assert [r["messages"][0]["content"] for r in out] == ["A clean prompt about owls."]

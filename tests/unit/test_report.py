@@ -133,3 +133,18 @@ def test_report_cli(db, tmp_path, capsys):
                  "--db", str(db)]) == 0
     assert "| m1.9 | ep3 |" in capsys.readouterr().out
     assert main(["report", "--runs", "m1", "--out", str(tmp_path / "o"), "--db", str(tmp_path / "none.db")]) == 2
+
+
+def test_acceptance_chart_is_a_histogram_with_a_bar_per_length():
+    from dflash_lab.report import histogram_bars
+
+    bars = histogram_bars([("a", {"1": 2, "3": 6}), ("b", {"2": 1, "4": 3})])
+    assert [b[0] for b in bars] == ["a", "b"]
+    for name, xs, heights, width in bars:
+        assert len(xs) == len(heights) == 4  # lengths 1..4, unreached ones as zero bars
+        assert abs(sum(heights) - 1.0) < 1e-9
+        assert abs(width - 0.4) < 1e-9
+    assert bars[0][2] == [0.25, 0.0, 0.75, 0.0] and bars[1][2] == [0.0, 0.25, 0.0, 0.75]
+    # side by side inside each length, never overlapping
+    assert all(abs(b - a - 0.4) < 1e-9 for a, b in zip(bars[0][1], bars[1][1]))
+    assert histogram_bars([]) == []

@@ -1,0 +1,259 @@
+"""llama.cpp (xllamacpp, in-process, loopback) as the engine that serves our drafts (issue 14).
+
+- the serving gate: a draft trained with the real CLI until it memorises a few records, exported,
+  served: >= 90% of drafted tokens accepted on those prompts, text identical without the draft;
+- parity: on the F32 GGUF target, llama.cpp's accepted count per response equals our builtin
+  loop's on >= 4 prompts; the same check FAILS on files exported with the layer ids without +1 or
+  without rope.freq_base (the two silent failures of SPEC 2b);
+- `eval --backend llamacpp`: tau from the timings equals our builtin loop's, lossless, n-gram;
+- labels: the `llamacpp` backend and the `openai` backend against a real llama.cpp server give the
+  `hf` backend's text; kill -9 mid-run resumes with every prompt exactly once; a server stopped
+  mid-run is a clear error and loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dflash_lab.cli import main
+from dflash_lab.decoding.drafters import make_drafter
+from dflash_lab.decoding.speculative import greedy_generate, speculative_generate
+from dflash_lab.errors import DFlashLabError
+from dflash_lab.eval import llamacpp as L
+from dflash_lab.labels.runner import iter_records, load_tokenizer_target, run_labels, shard_paths
+from dflash_lab.models import embedded
+from dflash_lab.models.checkpoint import load_draft
+from dflash_lab.models.gguf_export import ExportFault, export_draft_gguf
+from dflash_lab.testing import write_jsonl
+
+TARGET = "smollm2-135m-instruct"
+GATE_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
+OTHER_PROMPTS = ["Name three colours of the rainbow.", "How many legs does a spider have?"]
+MAX_NEW = 40
+GATE_MAX_NEW = 16  # the memorised answers: short, so a few minutes of training memorise them
+
+# A recipe that memorises two short records in a few minutes on this CPU: every position an
+# anchor, all 15 slots scored, a high learning rate, no held-out split.
+GATE_RECIPE = """\
+target: {name: smollm2-135m-instruct, dtype: float32}
+draft: {num_layers: 1, block_size: 16, mask_token_id: 16, init: scratch, init_from_target_layers: true}
+data: {max_length: 64, num_anchors: 32, heldout: 0}
+loss: {name: ce, chunk_slots: 8192}
+train: {lr: 2.0e-3, epochs: EPOCHS, micro_batch: 2, global_batch: 2, warmup_ratio: 0.0, seed: 0, device: cpu,
+        cpu_threads: 1, save_every: 1000, eval_interval: 0, keep_last: 1}
+"""
+GATE_EPOCHS = 40  # measured: loss 0.03 and 20 of 20 drafted tokens accepted after 33 steps
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def target():
+    from dflash_lab.models.target import load_target
+
+    return load_target(TARGET)
+
+
+@pytest.fixture(scope="module")
+def f32():
+    return embedded.gguf_path(TARGET, "f32")
+
+
+def _prompt_ids(target, text):
+    return target.encode_prompt([{"role": "user", "content": text}])
+
+
+@pytest.fixture(scope="module")
+def gate_draft(tmp_path_factory, target):
+    """Train with the real CLI on the target's own greedy answers to GATE_PROMPTS until memorised."""
+    root = tmp_path_factory.mktemp("gate")
+    rows = []
+    for i, text in enumerate(GATE_PROMPTS):
+        messages = [{"role": "user", "content": text}]
+        result = greedy_generate(target, _prompt_ids(target, text), GATE_MAX_NEW, target.stop_token_ids)
+        rows.append({"id": f"g{i}", "category": "chat", "source": "gate", "finish_reason": result.finish_reason,
+                     "messages": messages + [{"role": "assistant", "content": target.decode(result.output_ids)}]})
+    write_jsonl(root / "labels" / "shard-00000.jsonl", rows)
+    (root / "labels" / "meta.json").write_text('{"kind": "labels"}')
+    recipe = root / "gate.yaml"
+    recipe.write_text(GATE_RECIPE.replace("EPOCHS", str(GATE_EPOCHS)))
+    assert main(["train", "--config", str(recipe), "--data", str(root / "labels"), "--out", str(root / "run"),
+                 "--no-progress"]) == 0
+    return root / "run" / "checkpoints" / "final"
+
+
+def _accepted_ours(target, drafter, ids):
+    result = speculative_generate(target, drafter, ids, MAX_NEW, target.stop_token_ids)
+    return result, sum(c - 1 for c in result.cycle_acceptance)
+
+
+def parity_mismatches(target, draft_dir, f32, out: Path, fault=ExportFault.NONE) -> list[str]:
+    """Per prompt, llama.cpp's accepted count vs our builtin loop's; returns the mismatches.
+
+    One accounting difference is not a mismatch: when a response ends on a stop token that the
+    DRAFT proposed, llama.cpp counts that token as accepted, our loop counts it as its cycle's own
+    token (so ours has one more cycle and one fewer accepted, the same tokens in total)."""
+    gguf = export_draft_gguf(draft_dir, f32, out, fault=fault)
+    drafter = make_drafter("dflash", target=target, draft=load_draft(draft_dir, target), block_size=16)
+    bad = []
+    with L.LlamaServer(L.EngineConfig(model=f32, draft=gguf, speculative="dflash")) as url:
+        for text in GATE_PROMPTS + OTHER_PROMPTS:
+            ids = _prompt_ids(target, text)
+            ours, accepted = _accepted_ours(target, drafter, ids)
+            theirs = L.post_completion(url, ids, MAX_NEW)
+            if theirs["output_ids"] != ours.output_ids:
+                bad.append(f"{text!r}: different text")
+                continue
+            stop_in_draft = (ours.finish_reason == "stop" and theirs["draft_n_accepted"] == accepted + 1
+                             and theirs["cycles"] == len(ours.cycle_acceptance) - 1)
+            if theirs["draft_n_accepted"] != accepted and not stop_in_draft:
+                bad.append(f"{text!r}: llama.cpp accepted {theirs['draft_n_accepted']}, ours {accepted}")
+    return bad
+
+
+def test_serving_gate_memorised_draft(gate_draft, target, f32, tmp_path):
+    gguf = export_draft_gguf(gate_draft, f32, tmp_path / "gate.gguf")
+    with L.LlamaServer(L.EngineConfig(model=f32, draft=gguf, speculative="dflash")) as url:
+        drafted = [L.post_completion(url, _prompt_ids(target, t), GATE_MAX_NEW) for t in GATE_PROMPTS]
+    with L.LlamaServer(L.EngineConfig(model=f32)) as url:
+        plain = [L.post_completion(url, _prompt_ids(target, t), GATE_MAX_NEW) for t in GATE_PROMPTS]
+    n_draft = sum(r["draft_n"] for r in drafted)
+    n_ok = sum(r["draft_n_accepted"] for r in drafted)
+    # drafted tokens past the end of the answer cannot be accepted: count those the answer had room
+    # for (every token after the first, but the last verify step's own token)
+    room = sum(min(r["draft_n"], r["completion_tokens"] - 2) for r in drafted)
+    assert n_ok >= 0.9 * room, f"{n_ok} of {room} drafted tokens accepted ({n_draft} drafted in all)"
+    assert [r["output_ids"] for r in drafted] == [r["output_ids"] for r in plain]  # lossless
+    assert all(p["draft_n"] == 0 for p in plain)
+
+
+def test_parity_with_builtin_loop_and_negative_cases(gate_draft, target, f32, tmp_path):
+    assert parity_mismatches(target, gate_draft, f32, tmp_path / "ok.gguf") == []
+    for fault in (ExportFault.LAYER_IDS_WITHOUT_PLUS_ONE, ExportFault.NO_ROPE_FREQ_BASE):
+        bad = parity_mismatches(target, gate_draft, f32, tmp_path / f"{fault.value}.gguf", fault=fault)
+        assert bad, f"the parity check did not catch an export with {fault.value}"
+
+
+def test_eval_backend_in_process_tau_equals_builtin(gate_draft, target, tmp_path):
+    from dflash_lab.eval.benchmarks import Benchmark, Sample
+    from dflash_lab.eval.harness import evaluate
+
+    bench = Benchmark(name="gate", samples=[Sample(id=str(i), index=i, turns=(t,)) for i, t in enumerate(GATE_PROMPTS)],
+                      source="test", selection="first", selected=True)
+    ours = evaluate(target, str(gate_draft), [bench], max_new_tokens=MAX_NEW, progress=False)
+    ll = evaluate(target, str(gate_draft), [bench], max_new_tokens=MAX_NEW, progress=False, backend="llamacpp")
+    a, b = ours["benchmarks"]["gate"], ll["benchmarks"]["gate"]
+    assert b["lossless"] is True and a["lossless"] is True
+    assert [r["output_ids"] for r in b["responses"]] == [r["output_ids"] for r in a["responses"]]
+    assert b["tau_pooled"] == pytest.approx(a["tau_pooled"], abs=0.35)
+    assert b["tau_pooled"] > 3 and b["greedy_tokens_per_s"] and b["tokens_per_s"]
+    assert ll["llamacpp_target"].endswith(".f32.gguf")
+    ngram = evaluate(target, "prompt-lookup", [bench], max_new_tokens=MAX_NEW, progress=False, backend="llamacpp")
+    assert ngram["benchmarks"]["gate"]["lossless"] is True
+    assert ngram["benchmarks"]["gate"]["tau_pooled"] >= 1.0
+
+
+# -- labels ---------------------------------------------------------------------------------------
+def _rows(texts):
+    return [{"id": f"q{i:03d}", "category": "chat", "source": "it", "messages": [{"role": "user", "content": t}]}
+            for i, t in enumerate(texts)]
+
+
+LABEL_TEXTS = GATE_PROMPTS + OTHER_PROMPTS
+
+
+def _texts(out):
+    return {r["id"]: (r["messages"][-1]["content"], r["finish_reason"]) for r in iter_records(out)}
+
+
+def test_label_backends_llamacpp_and_openai_equal_hf(tmp_path, target, f32):
+    prompts = write_jsonl(tmp_path / "p.jsonl", _rows(LABEL_TEXTS))
+    run_labels(prompts, target, tmp_path / "hf", max_new_tokens=24, batch_size=1, progress=False)
+    run_labels(prompts, TARGET, tmp_path / "ll", backend="llamacpp", max_new_tokens=24, progress=False)
+    tok = load_tokenizer_target(TARGET)
+    with L.LlamaServer(L.EngineConfig(model=f32, alias=tok.name)) as url:
+        run_labels(prompts, tok, tmp_path / "api", backend="openai", servers=[url], max_new_tokens=24,
+                   progress=False)
+    hf = _texts(tmp_path / "hf")
+    assert len(hf) == len(LABEL_TEXTS)
+    assert _texts(tmp_path / "ll") == hf
+    assert _texts(tmp_path / "api") == hf
+
+
+def _server_process(f32, port, alias):
+    proc = subprocess.Popen([sys.executable, "-m", "dflash_lab.eval.llamacpp", "--model", str(f32), "--port",
+                             str(port), "--alias", alias], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    L.wait_healthy(f"http://127.0.0.1:{port}", timeout=120)
+    return proc
+
+
+def test_kill_9_resume_and_server_stopped_mid_run(tmp_path, f32):
+    tok = load_tokenizer_target(TARGET)
+    n = 12
+    prompts = write_jsonl(tmp_path / "p.jsonl", _rows([f"Count from one to {i + 3}." for i in range(n)]))
+    port = L.free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = _server_process(f32, port, tok.name)
+    try:
+        out = tmp_path / "out"
+        args = ["label", "--prompts", str(prompts), "--target", TARGET, "--backend", "openai", "--server", url,
+                "--concurrency", "1", "--max-new-tokens", "16", "--shard-size", "1", "--flush-seconds", "0",
+                "--no-progress", "--out", str(out)]
+        proc = subprocess.Popen([sys.executable, "-m", "dflash_lab", *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and len(shard_paths(out)) >= 3:
+                break
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+        proc.stderr.close()
+        partial = len(list(iter_records(out)))
+        assert 0 < partial < n
+        assert main(args) == 0  # the same command resumes
+        ids = [r["id"] for r in iter_records(out)]
+        assert len(ids) == len(set(ids)) == n  # every prompt exactly once
+
+        # the server stops mid-run: the requests after it fail (recorded), nothing done is lost
+        out2 = tmp_path / "out2"
+        args2 = [*args[:-1], str(out2)]
+        args2[args2.index("--max-new-tokens") + 1] = "24"
+        proc = subprocess.Popen([sys.executable, "-m", "dflash_lab", *args2, "--retries", "1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out2.exists() and len(shard_paths(out2)) >= 2:
+                break
+            time.sleep(0.05)
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+        stdout, stderr = proc.communicate(timeout=300)
+        done = [r["id"] for r in iter_records(out2)]
+        failed = [json.loads(line)["id"] for line in (out2 / "failed.jsonl").read_text().splitlines()]
+        assert done and failed and len(done) + len(failed) == n and not set(done) & set(failed)
+        assert b"failed" in stdout and b"--retry-failed" in stdout  # says what happened and how to go on
+        assert "connection" in (out2 / "failed.jsonl").read_text().lower()
+        # and the next run without a server is a clear error before any work, losing nothing
+        assert main([*args2]) == 2
+        assert [r["id"] for r in iter_records(out2)] == done
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_missing_files_are_clear_errors(tmp_path, f32):
+    with pytest.raises(DFlashLabError, match="no such GGUF"):
+        L.LlamaServer(L.EngineConfig(model=tmp_path / "none.gguf")).start()
+    with pytest.raises(DFlashLabError, match="draft export"):
+        L.LlamaServer(L.EngineConfig(model=f32, draft=tmp_path / "none.gguf", speculative="dflash")).start()
