@@ -109,9 +109,6 @@ def unsupported_features(cfg, reader) -> list[str]:
         problems.append("attention_bias = true (llama.cpp's DFlash layers have no q/k/v/o biases)")
     if cfg.hidden_act != "silu":
         problems.append(f"hidden_act = {cfg.hidden_act!r} (llama.cpp's DFlash MLP is SwiGLU with silu)")
-    layer_types = getattr(cfg, "layer_types", None) or extra.get("layer_types") or []
-    if any("sliding" in str(t) for t in layer_types):
-        problems.append("sliding-window layers (layer_types): not written by this exporter yet")
     if extra.get("dflash2") or any("dflash2" in str(a).lower() for a in extra.get("architectures", []) or []):
         problems.append("a DFlash2 draft (SPEC section 10): not written by this exporter yet")
     rope_scaling = extra.get("rope_scaling")
@@ -178,7 +175,22 @@ def write_tokenizer(writer, inp: ExportInput) -> None:
     writer.add_uint32("tokenizer.ggml.mask_token_id", inp.cfg.mask_token_id)
 
 
-KEY_SECTIONS: list[Callable] = [write_general, write_hparams, write_dflash, write_tokenizer]
+def write_sliding_window(writer, inp: ExportInput) -> None:
+    """Sliding-window layers (draft `sliding_window` + `layer_types`), as llama.cpp's DFlash loader
+    reads them (src/models/dflash.cpp): the window W (its rule t - j < W is ours) and one bool per
+    layer, true = sliding. Nothing is written for a full-attention draft."""
+    from gguf import GGUFValueType
+
+    cfg = inp.cfg
+    windows = [cfg.layer_window(i) for i in range(cfg.num_hidden_layers)] if hasattr(cfg, "layer_window") else []
+    if not any(w is not None for w in windows):
+        return
+    writer.add_uint32(f"{ARCH}.attention.sliding_window", int(cfg.sliding_window))
+    writer.add_key_value(f"{ARCH}.attention.sliding_window_pattern", [w is not None for w in windows],
+                         GGUFValueType.ARRAY, sub_type=GGUFValueType.BOOL)
+
+
+KEY_SECTIONS: list[Callable] = [write_general, write_hparams, write_dflash, write_sliding_window, write_tokenizer]
 
 
 # -- tensor sections ------------------------------------------------------------------------------

@@ -113,7 +113,6 @@ def test_faults_write_known_wrong_files(files, tmp_path):
     ({"attention_bias": True}, "attention_bias"),
     ({"vocab_size": VOCAB + 8}, "vocab_size"),
     ({"target_layer_ids": [1, TARGET_LAYERS]}, "reach past"),
-    ({"extra": {"layer_types": ["sliding_attention", "full_attention"]}}, "sliding-window"),
 ])
 def test_refuses_what_it_cannot_represent(tmp_path, overrides, message):
     target = _target_gguf(tmp_path / "target.gguf")
@@ -155,3 +154,20 @@ def test_serve_cmd_llamacpp(files, tmp_path):
         serve_commands("llamacpp", str(target), draft=str(draft_dir))
     with pytest.raises(DFlashLabError, match="not a DFlash draft"):
         serve_commands("llamacpp", str(target), draft=str(target))
+
+
+def test_sliding_window_keys(tmp_path):
+    """A draft with sliding-window layers writes the window and the per-layer pattern llama.cpp reads;
+    a full-attention draft writes neither."""
+    from gguf import GGUFReader
+
+    target = _target_gguf(tmp_path / "target.gguf")
+    windowed, _ = _draft(tmp_path / "w", sliding_window=64, layer_types=["sliding_attention", "full_attention"])
+    full, _ = _draft(tmp_path / "f")
+    fields_w = GGUFReader(export_draft_gguf(windowed, target, tmp_path / "w.gguf")).fields
+    fields_f = GGUFReader(export_draft_gguf(full, target, tmp_path / "f.gguf")).fields
+    window = fields_w["dflash.attention.sliding_window"]
+    assert int(window.parts[window.data[0]][0]) == 64
+    pattern = fields_w["dflash.attention.sliding_window_pattern"]
+    assert [bool(pattern.parts[i][0]) for i in pattern.data] == [True, False]
+    assert "dflash.attention.sliding_window" not in fields_f and "dflash.attention.sliding_window_pattern" not in fields_f
