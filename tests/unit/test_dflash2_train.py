@@ -85,7 +85,7 @@ def test_warm_start_from_a_v1_checkpoint_has_the_v1_logits(tmp_path):
     d2, parent = _build_draft(recipe, target, seed=0, device=torch.device("cpu"))
     assert isinstance(d2, DFlash2DraftModel) and parent == path and d2.config.block_size == 8
     assert d2.candidate_selector.predecessor_codebook.requires_grad
-    seeds, kw = [4, 5], dict(num_anchors=4, loss_cfg=None)
+    seeds = [4, 5]
     cfg8 = build_draft_config(target, num_layers=1, block_size=8)
     v1_8 = DFlashDraftModel(cfg8)
     v1_8.load_state_dict(v1.state_dict())

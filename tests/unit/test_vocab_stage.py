@@ -10,7 +10,6 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from dflash_lab.train import losses as L
-from dflash_lab.train.vocab_stage import vocab_statistics
 
 
 # -- the reference: losses.py's slot_statistics before issue 13 --------------------------------------
