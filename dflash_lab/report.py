@@ -13,6 +13,7 @@ closed = (run - first run) / gap. "m1.9 closes 43% of the 1.07-point gap" means
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ METRICS = ("tau_pooled", "tau_per_request")
 class RunSummary:
     name: str
     kind: str
+    draft: str = "-"  # which draft this is ("DFlash2, block 8"), so v1 and DFlash2 runs share one table
     best_label: str | None = None  # checkpoint with the best average
     taus: dict[str, float] = field(default_factory=dict)  # benchmark -> tau of the best checkpoint
     best_per_benchmark: dict[str, tuple[str, float]] = field(default_factory=dict)
@@ -63,8 +65,34 @@ def _load_rows(con, name: str) -> tuple[dict, list[dict]]:
     for ckpt in registry.checkpoints_of(con, run["id"]):
         for result in registry.results_of(con, ckpt["id"]):
             result["label"] = ckpt["label"]
+            result["path"] = ckpt["path"]
             rows.append(result)
     return run, rows
+
+
+ARCH_NAMES = {"dflash": "v1", "dflash2": "DFlash2"}
+
+
+def draft_arch(run: dict, checkpoint_path: str | None) -> str | None:
+    """"v1" or "DFlash2": the run's recipe says (`draft.arch`), else the checkpoint's config.json
+    (a reference draft has no recipe); None when neither is readable (e.g. a moved checkpoint)."""
+    try:
+        recipe = json.loads(run.get("recipe_json") or "null")
+    except json.JSONDecodeError:
+        recipe = None
+    if isinstance(recipe, dict) and isinstance(recipe.get("draft"), dict):
+        return ARCH_NAMES.get(recipe["draft"].get("arch", "dflash"), recipe["draft"].get("arch"))
+    config = Path(checkpoint_path or "") / "config.json"
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    return "DFlash2" if "DFlash2DraftModel" in architectures else "v1"
+
+
+def draft_label(arch: str | None, block_size: int | None) -> str:
+    parts = [arch or "", f"block {block_size}" if block_size else ""]
+    return ", ".join(p for p in parts if p) or "-"
 
 
 def _choose_settings(benchmarks: list[str], named_rows: dict[str, list[dict]]) -> dict[str, dict]:
@@ -118,6 +146,8 @@ def _summarise_run(run: dict, rows: list[dict], benchmarks: list[str], keys: dic
         return summary
     best = max(complete, key=lambda label: sum(summary.per_checkpoint[label].values()))
     summary.best_label = best
+    first_row = complete[best][benchmarks[0]]
+    summary.draft = draft_label(draft_arch(run, first_row.get("path")), first_row.get("block_size"))
     for bench in benchmarks:
         row = complete[best][bench]
         summary.taus[bench] = row[metric]
@@ -184,12 +214,12 @@ def progression_rows(journey: Journey) -> list[list[str]]:
     for run in journey.runs:
         avg = run.avg
         delta = None if previous is None or avg is None else avg - previous
-        rows.append([run.name, run.best_label or "-", *[_f(run.taus.get(b)) for b in journey.benchmarks],
+        rows.append([run.name, run.draft, run.best_label or "-", *[_f(run.taus.get(b)) for b in journey.benchmarks],
                      _f(avg), "-" if delta is None else f"{delta:+.2f}"])
         previous = avg if avg is not None else previous
     if journey.reference is not None:
         ref = journey.reference
-        rows.append([f"{ref.name} (reference)", ref.best_label or "-",
+        rows.append([f"{ref.name} (reference)", ref.draft, ref.best_label or "-",
                      *[_f(ref.taus.get(b)) for b in journey.benchmarks], _f(ref.avg), ""])
     return rows
 
@@ -197,10 +227,13 @@ def progression_rows(journey: Journey) -> list[list[str]]:
 def progression_table(runs=None, db=registry.DEFAULT_DB, reference: str | None = None, *,
                       journey: Journey | None = None, metric: str = "tau_pooled") -> str:
     """The progression table as markdown text: per run each benchmark's tau (best checkpoint),
-    the average and the change of the average from the previous run."""
+    the average and the change of the average from the previous run. The draft column says which
+    architecture and block size each run is, so v1 and DFlash2 runs compare in one table (tau is
+    tokens per verify cycle for both: a block-8 DFlash2 draft can accept at most 8 per cycle)."""
     if journey is None:
         journey = collect(list(runs), reference, db, metric=metric, baselines=False)
-    return _table(["run", "best checkpoint", *journey.benchmarks, "avg", "delta avg"], progression_rows(journey))
+    return _table(["run", "draft", "best checkpoint", *journey.benchmarks, "avg", "delta avg"],
+                  progression_rows(journey))
 
 
 def closed_fraction(first: float, run: float, reference: float) -> float | None:

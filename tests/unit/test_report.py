@@ -68,11 +68,13 @@ def test_progression_numbers_and_best_checkpoint(db):
     assert m19.avg == pytest.approx(avg(M19_EP3))
     text = report.progression_table(["m1", "m1.9"], db, "z-lab-m0")
     lines = text.splitlines()
-    assert lines[0] == "| run | best checkpoint | gsm8k | math500 | humaneval | mbpp | mt-bench | avg | delta avg |"
-    assert lines[2] == f"| m1 | final | 5.00 | 6.50 | 5.00 | 4.50 | 2.50 | {avg(M1):.2f} | - |"
-    assert lines[3] == (f"| m1.9 | ep3 | 6.27 | 7.18 | 5.87 | 5.35 | 3.00 | {avg(M19_EP3):.2f} | "
+    assert lines[0] == ("| run | draft | best checkpoint | gsm8k | math500 | humaneval | mbpp | mt-bench | avg "
+                        "| delta avg |")
+    # no recipe and no readable checkpoint: the architecture is unknown, the block size is recorded
+    assert lines[2] == f"| m1 | block 16 | final | 5.00 | 6.50 | 5.00 | 4.50 | 2.50 | {avg(M1):.2f} | - |"
+    assert lines[3] == (f"| m1.9 | block 16 | ep3 | 6.27 | 7.18 | 5.87 | 5.35 | 3.00 | {avg(M19_EP3):.2f} | "
                         f"{avg(M19_EP3) - avg(M1):+.2f} |")
-    assert lines[4].startswith("| z-lab-m0 (reference) | reference | 6.27 | 8.24 |")
+    assert lines[4].startswith("| z-lab-m0 (reference) | block 16 | reference | 6.27 | 8.24 |")
     # per benchmark best may be another checkpoint than the best average
     assert m19.best_per_benchmark["gsm8k"] == ("ep3", 6.27)
 
@@ -131,7 +133,7 @@ def test_missing_benchmark_and_unknown_run(db):
 def test_report_cli(db, tmp_path, capsys):
     assert main(["report", "--runs", "m1,m1.9", "--reference", "z-lab-m0", "--out", str(tmp_path / "o"),
                  "--db", str(db)]) == 0
-    assert "| m1.9 | ep3 |" in capsys.readouterr().out
+    assert "| m1.9 | block 16 | ep3 |" in capsys.readouterr().out
     assert main(["report", "--runs", "m1", "--out", str(tmp_path / "o"), "--db", str(tmp_path / "none.db")]) == 2
 
 
@@ -148,3 +150,42 @@ def test_acceptance_chart_is_a_histogram_with_a_bar_per_length():
     # side by side inside each length, never overlapping
     assert all(abs(b - a - 0.4) < 1e-9 for a, b in zip(bars[0][1], bars[1][1]))
     assert histogram_bars([]) == []
+
+
+def _training_run(root, name, arch, block_size, taus, db):
+    """A registered training run directory (run.json with its recipe, one final checkpoint) and its
+    results at `block_size`, the way `train` and `eval-run` leave them."""
+    import json
+
+    run_dir = root / name
+    (run_dir / "checkpoints" / "final").mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"name": name, "recipe": {"draft": {"arch": arch,
+                                                                                    "block_size": block_size}}}))
+    registry.register_run(run_dir, db)
+    ckpt = registry.ensure_checkpoint(name, "final", db, path=str(run_dir / "checkpoints" / "final"), sha256=name)
+    results = fake_results(taus)
+    results["block_size"] = block_size
+    registry.record_eval(results, db, checkpoint_id=ckpt)
+
+
+def test_v1_and_dflash2_runs_in_one_table(tmp_path):
+    """Issue 16: the report compares v1 and DFlash2 runs in one table, each row saying which draft
+    it is (the recipe's draft.arch, else the checkpoint's config.json for a reference draft)."""
+    import json
+
+    db = tmp_path / "r.db"
+    _training_run(tmp_path, "m2", "dflash", 16, M1, db)
+    _training_run(tmp_path, "m2-dflash2", "dflash2", 8, M19_EP3, db)
+    ref_dir = tmp_path / "published-dflash2"
+    ref_dir.mkdir()
+    (ref_dir / "config.json").write_text(json.dumps({"architectures": ["DFlash2DraftModel"]}))
+    registry.ensure_run("z-lab-dflash2", "reference", db)
+    ref = registry.ensure_checkpoint("z-lab-dflash2", "reference", db, path=str(ref_dir), sha256="ref")
+    ref_results = fake_results(REFERENCE)
+    ref_results["block_size"] = 8
+    registry.record_eval(ref_results, db, checkpoint_id=ref)
+    lines = report.progression_table(["m2", "m2-dflash2"], db, "z-lab-dflash2").splitlines()
+    assert lines[2].startswith("| m2 | v1, block 16 | final | 5.00 |")
+    assert lines[3].startswith("| m2-dflash2 | DFlash2, block 8 | final | 6.27 |")
+    assert lines[3].endswith(f"| {avg(M19_EP3) - avg(M1):+.2f} |")
+    assert lines[4].startswith("| z-lab-dflash2 (reference) | DFlash2, block 8 | reference |")
