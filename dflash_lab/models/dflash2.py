@@ -49,6 +49,7 @@ from dflash_lab.models.draft import (
     DraftLayer,
     RMSNorm,
     full_attention,
+    init_backbone,
     rope_cos_sin,
 )
 
@@ -270,18 +271,7 @@ class DFlash2DraftModel(DFlashDraftModel):
         """The backbone exactly as v1's `init_weights(seed, std)` draws it (same generator order),
         then the identity conv, N(0, std) predecessor codebook and hidden projection, and a zero
         successor codebook (SpecForge/Automodel; the fresh model then equals the v1 draft)."""
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(0 if seed is None else seed)
-        with torch.no_grad():
-            for name, param in self.named_parameters():
-                if _is_dflash2_only(name):
-                    continue
-                if name.endswith("norm.weight"):
-                    param.fill_(1.0)
-                elif name.endswith(".bias"):
-                    param.zero_()
-                else:
-                    param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
+        init_backbone(self, seed, std, skip=_is_dflash2_only)
         self.reset_dflash2_parts(seed=seed, std=std)
         return self
 

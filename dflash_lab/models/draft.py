@@ -373,6 +373,24 @@ class DraftCache:
         return k, v
 
 
+def init_backbone(model: nn.Module, seed: int | None, std: float, skip=lambda name: False) -> None:
+    """Unit norms, zero biases, N(0, std) for every other parameter, drawn in `named_parameters`
+    order from one generator seeded by `seed`; parameters whose name `skip` accepts are left alone
+    and draw nothing (so a DFlash2 draft's backbone gets exactly the v1 draft's values)."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(0 if seed is None else seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if skip(name):
+                continue
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
+
+
 class DFlashDraftModel(nn.Module):
     activation_checkpointing: bool = False
     """Training: recompute each layer (its context K/V and the layer itself) in backward instead of
@@ -403,16 +421,7 @@ class DFlashDraftModel(nn.Module):
 
     def init_weights(self, seed: int | None = None, std: float = 0.02) -> "DFlashDraftModel":
         """Fresh initialisation (normal(0, std) linears, unit norms), reproducible from `seed`."""
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(0 if seed is None else seed)
-        with torch.no_grad():
-            for name, param in self.named_parameters():
-                if name.endswith("norm.weight"):
-                    param.fill_(1.0)
-                elif name.endswith(".bias"):
-                    param.zero_()
-                else:
-                    param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
+        init_backbone(self, seed, std)
         return self
 
     def fuse_context(self, features: torch.Tensor) -> torch.Tensor:
