@@ -12,11 +12,13 @@ from dflash_lab.errors import DFlashLabError
 
 # Each module has `register(subparsers)`; order is the order `--help` lists them.
 COMMAND_MODULES = [
-    "dflash_lab.models.commands",  # models fetch, draft init, generate
+    "dflash_lab.models.commands",  # models fetch, draft init|export
+    "dflash_lab.decoding.commands",  # generate
     "dflash_lab.data.commands",  # prompts build|stats
     "dflash_lab.labels.commands",  # label, labels audit, serve-cmd
     "dflash_lab.train.commands",  # train
-    "dflash_lab.eval.commands",  # eval, eval-run, runs, report
+    "dflash_lab.eval.commands",  # eval, eval-run, runs
+    "dflash_lab.report_commands",  # report
     "dflash_lab.demo",  # demo
 ]
 

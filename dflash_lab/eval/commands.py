@@ -1,7 +1,8 @@
-"""`dflash-lab eval`, `eval-run`, `runs list|show|register|reference` and `report`.
+"""`dflash-lab eval`, `eval-run` and `runs list|show|register|reference`.
 
 Every eval records its numbers in the run registry (`--db`, default `./dflash-lab.db`; `--no-db`
-to skip), so `eval-run` can skip what is already measured and `report` can compare runs.
+to skip), so `eval-run` can skip what is already measured and `report` (`dflash_lab.report_commands`)
+can compare runs.
 """
 
 from __future__ import annotations
@@ -110,16 +111,6 @@ def register(subparsers) -> None:
     runs_parser = p
     p.set_defaults(handler=lambda args: (runs_parser.print_help(), 2)[1])
 
-    p = subparsers.add_parser("report", help="the journey report: progression, gap to a reference, charts")
-    p.add_argument("--runs", required=True, help="comma list of run names, in journey order")
-    p.add_argument("--reference", help="reference run name (e.g. z-lab-m0)")
-    p.add_argument("--out", required=True, help="output folder (report.md + PNGs)")
-    p.add_argument("--benchmarks", help="comma list (default: every benchmark all runs share)")
-    p.add_argument("--metric", choices=["tau_pooled", "tau_per_request"], default="tau_pooled")
-    p.add_argument("--no-baselines", action="store_true")
-    p.add_argument("--db", default=registry.DEFAULT_DB)
-    p.set_defaults(handler=cmd_report)
-
 
 # -- checks before any work ------------------------------------------------------------------------
 def check_harness_args(args) -> None:
@@ -149,10 +140,6 @@ def is_results_file(path: Path) -> bool:
 
 def _only_results(folder: Path) -> bool:
     return all(p.is_file() and p.suffix == ".json" for p in folder.iterdir())
-
-
-def _has_report(folder: Path) -> bool:
-    return (folder / "report.md").is_file()
 
 
 # -- eval -----------------------------------------------------------------------------------------
@@ -373,20 +360,4 @@ def cmd_runs_register(args) -> int:
 def cmd_runs_reference(args) -> int:
     registry.register_reference(args.name, args.draft_dir, args.db)
     print(f"registered reference {args.name} -> {args.draft_dir} in {args.db}")
-    return 0
-
-
-# -- report ---------------------------------------------------------------------------------------
-def cmd_report(args) -> int:
-    from dflash_lab.report import write_report
-
-    benches = parse_benchmark_names(args.benchmarks) if args.benchmarks else None
-    check_output_dir(args.out, command="report", owned=_has_report, force_flag=None,
-                     fix="choose a new --out folder (it gets report.md and its charts)")
-    if not Path(args.db).exists():
-        raise DFlashLabError(f"registry {args.db} does not exist; pass --db with the database the evals wrote")
-    path = write_report(args.runs, args.reference, args.out, args.db, baselines=not args.no_baselines,
-                        benchmarks=benches, metric=args.metric)
-    print(path.read_text())
-    print(f"wrote {path}")
     return 0

@@ -1,13 +1,17 @@
 """The stateful parts of a training run, each small, with a typed config (torchtitan's layout).
 
-    DraftParts     the draft, its AdamW optimizer and the schedule (cosine_lr); state: weights +
-                   optimizer + the schedule's decided length
-    Progress       step, best held-out tau, and whether the time budget fixed the schedule
-    Checkpointer   writes/reads checkpoints (state.py), prunes, reads the fp32 master weights
+    DraftParts     the draft, its AdamW optimizer and the schedule (cosine_lr); its state is the
+                   checkpoint's tensor files (weights + optimizer), read by `load_checkpoint`
+    Progress       step and the schedule's length (fixed by the time budget or not); state_dict
+    TimeBudget     train.time_budget_s: times the first steps and fixes the schedule's length
+    Evaluator      held-out simulated tau, every `eval_interval` steps and at each checkpoint
+    Checkpointer   when a checkpoint is due, what goes in it (every part's state), writing and
+                   pruning, the best held-out tau so far (state_dict), and resuming every part
     Metrics        step statistics accumulated on the device, read once per log interval;
                    metrics.jsonl, TensorBoard, the progress bar
     RunRecord      run.json
-The data loader (`loader.TrainLoader`) is the fifth; `trainer.train` wires them.
+The data loader (`loader.TrainLoader`, state: the data position) is the last; `trainer.Trainer`
+builds and wires them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import datetime as _dt
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +29,8 @@ import torch
 from dflash_lab.fileio import atomic_write_text
 from dflash_lab.train import distributed as D
 from dflash_lab.train import state as S
+from dflash_lab.train.loader import TrainLoader
+from dflash_lab.train.step import heldout_tau
 
 
 # -- schedule --------------------------------------------------------------------------------------
@@ -83,52 +90,147 @@ class DraftParts:
 
 @dataclass
 class Progress:
-    """Where the run is (the loader holds the data position)."""
+    """Where the run is (the loader holds the data position) and how long its schedule is."""
 
     step: int = 0
     total_steps: int = 0
     budget_fixed: bool = True
-    best_tau: float | None = None
+    """False while train.time_budget_s has not yet decided `total_steps`."""
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "total_steps": self.total_steps, "budget_fixed": self.budget_fixed,
-                "best_heldout_tau": self.best_tau}
+        return {"step": self.step, "total_steps": self.total_steps, "budget_fixed": self.budget_fixed}
 
-    def load_state_dict(self, st: dict, time_budget: bool) -> None:
-        self.step = st["step"]
-        self.best_tau = st.get("best_heldout_tau")
-        if time_budget and st.get("budget_fixed"):
-            self.total_steps, self.budget_fixed = st["total_steps"], True
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        if not self.budget_fixed and state.get("budget_fixed"):  # a length the budget decided stays
+            self.total_steps, self.budget_fixed = state["total_steps"], True
 
-    def record_tau(self, tau: float | None) -> None:
-        if tau is not None:
-            self.best_tau = tau if self.best_tau is None else max(self.best_tau, tau)
+
+@dataclass
+class TimeBudget:
+    """train.time_budget_s: the three steps after the first (which pays warm-up costs) are timed,
+    averaged over ranks so that every rank decides the same length, and the schedule becomes
+    budget / step time steps (never fewer than `min_steps`, never more than it was)."""
+
+    seconds: float | None
+    min_steps: int = 0
+    _mark: tuple[float, int] | None = None  # (time, step) where the timing starts
+
+    def observe(self, progress: Progress, info: D.DistInfo) -> bool:
+        """Called after each step; True when this call fixed `progress.total_steps`."""
+        if progress.budget_fixed:
+            return False
+        if self._mark is None:
+            self._mark = (time.perf_counter(), progress.step)
+            return False
+        timed = progress.step - self._mark[1]
+        if timed < 3:
+            return False
+        seconds = torch.tensor([(time.perf_counter() - self._mark[0]) / timed], dtype=torch.float64)
+        per_step = float(D.all_reduce_sum(seconds, info)[0]) / max(info.world_size, 1)
+        progress.total_steps = min(progress.total_steps,
+                                   max(progress.step, self.min_steps, int(self.seconds / per_step)))
+        progress.budget_fixed = True
+        return True
+
+
+@dataclass
+class EvalConfig:
+    seed: int
+    """The held-out anchors are drawn from it, the same at every evaluation."""
+    every: int = 0
+    """train.eval_interval: evaluate every this many steps (0: only at checkpoints)."""
+    lockstep: bool = False
+    """Every rank runs the target equally often (target.fsdp gathers per layer)."""
+
+
+class Evaluator:
+    """Held-out simulated tau of the draft (`step.heldout_tau`); no state of its own."""
+
+    def __init__(self, cfg: EvalConfig, draft: torch.nn.Module, target, features, heldout, fwd: dict,
+                 info: D.DistInfo):
+        self.cfg, self.draft, self.target, self.features, self.heldout = cfg, draft, target, features, heldout
+        self.fwd, self.info = fwd, info
+
+    def due(self, step: int) -> bool:
+        return bool(self.cfg.every) and step % self.cfg.every == 0
+
+    def evaluate(self) -> float | None:
+        """None when the held-out split is empty."""
+        return heldout_tau(self.draft, self.draft.config, self.target, self.features, self.heldout, self.fwd,
+                           self.info, self.cfg.seed, lockstep=self.cfg.lockstep)
 
 
 @dataclass
 class CheckpointConfig:
     out_dir: Path
+    seed: int = 0
+    """Recorded in trainer_state.json."""
+    save_every: int = 0
+    """A checkpoint every this many steps (0: only at epoch ends, a stop and the end)."""
     keep_last: int | None = None
     dtype: torch.dtype | None = None
     """The served draft's dtype (the target's); training state stays fp32 (master.safetensors)."""
 
 
 class Checkpointer:
-    def __init__(self, cfg: CheckpointConfig, info: D.DistInfo):
-        self.cfg, self.info = cfg, info
+    """Decides when a checkpoint is due, writes every part's state into it (state.py's files:
+    the draft, the optimizer, the RNG and trainer_state.json), prunes the old ones, keeps the
+    best held-out tau so far, and resumes every part from a checkpoint."""
 
-    def save(self, name: str, parts: DraftParts, trainer_state: dict) -> Path:
+    def __init__(self, cfg: CheckpointConfig, info: D.DistInfo, parts: DraftParts, progress: Progress,
+                 loader: TrainLoader):
+        self.cfg, self.info = cfg, info
+        self.parts, self.progress, self.loader = parts, progress, loader
+        self.best_tau: float | None = None
+
+    def state_dict(self) -> dict:
+        return {"best_heldout_tau": self.best_tau}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_tau = state.get("best_heldout_tau")
+
+    def due(self, epoch_end: bool, stopping: bool) -> bool:
+        """A step checkpoint now? Never at the last step: `final` is written then."""
+        step, every = self.progress.step, self.cfg.save_every
+        if step >= self.progress.total_steps:
+            return False
+        return epoch_end or stopping or (bool(every) and step % every == 0)
+
+    def save(self, name: str, metrics: dict, epoch_end: bool) -> Path:
+        """Checkpoint `name` of every part's state now; `metrics` go into trainer_state.json."""
+        tau = metrics.get("heldout_tau")
+        if tau is not None:
+            self.best_tau = tau if self.best_tau is None else max(self.best_tau, tau)
+        position = self.loader.state_dict()
+        state = {**self.progress.state_dict(), **self.state_dict(), "epoch": position["epoch"] + 1,
+                 "epoch_end": epoch_end, "data_position": position, "metrics": metrics, "seed": self.cfg.seed}
         path = self.cfg.out_dir / "checkpoints" / name
         if self.info.is_main:
-            S.save_checkpoint(path, parts.draft, parts.optimizer, trainer_state, dtype=self.cfg.dtype)
+            S.save_checkpoint(path, self.parts.draft, self.parts.optimizer, state, dtype=self.cfg.dtype)
             if name != "final":
-                try:
-                    best = S.best_checkpoint(self.cfg.out_dir)
-                except Exception:
-                    best = None
-                S.prune_checkpoints(self.cfg.out_dir, self.cfg.keep_last, protect=best)
+                self._prune()
         D.barrier(self.info)
         return path
+
+    def _prune(self) -> None:
+        try:
+            best = S.best_checkpoint(self.cfg.out_dir)
+        except Exception:  # an unreadable old checkpoint must not stop the run: prune without protection
+            best = None
+        S.prune_checkpoints(self.cfg.out_dir, self.cfg.keep_last, protect=best)
+
+    def load(self, ckpt: Path) -> None:
+        """Every part as checkpoint `ckpt` left it: weights and optimizer, progress, the data
+        position, this bookkeeping and the RNG states."""
+        from safetensors.torch import load_file
+
+        self.parts.load_checkpoint(ckpt)
+        state = S.read_trainer_state(ckpt)
+        self.progress.load_state_dict(state)
+        self.loader.load_state_dict(state["data_position"])
+        self.load_state_dict(state)
+        S.set_rng_state(json.loads((ckpt / "rng.json").read_text()), load_file(str(ckpt / "rng.safetensors")))
 
 
 # -- metrics ---------------------------------------------------------------------------------------

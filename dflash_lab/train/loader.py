@@ -141,5 +141,14 @@ class TrainLoader:
     def next_epoch(self) -> None:
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
+    def finish_position(self) -> bool:
+        """At the end of the run, before the final checkpoint: an epoch that ended with the run
+        (the position already at the next one's start) goes back to its end, so the checkpoint
+        says which epoch it finished. True when the run ends on an epoch boundary."""
+        on_boundary = self.step_in_epoch == 0 or self.epoch_done
+        if self.step_in_epoch == 0 and self.epoch > 0:
+            self.epoch, self.step_in_epoch = self.epoch - 1, self.steps_per_epoch
+        return on_boundary
+
 
 __all__ = ["InMemorySource", "SubsetSource", "split_indices", "LoaderConfig", "MicroBatch", "TrainLoader"]

@@ -312,7 +312,7 @@ class StepMeasure:
 
 def _forward_kwargs(recipe: Recipe, attention: str, autocast_dtype):
     from dflash_lab.train import losses as L
-    from dflash_lab.train.trainer import forward_batch
+    from dflash_lab.train.step import forward_batch
 
     lc = recipe.loss
     loss_cfg = L.LossConfig(name=lc.name, alpha=lc.alpha, gamma=lc.gamma, eal_mode=lc.eal_mode, kl_weight=lc.kl_weight)

@@ -1,0 +1,305 @@
+"""The math of one optimizer step, shared by the trainer, `plan` and the benchmarks.
+
+    FeatureSource          the frozen target's features (online, or through the feature cache)
+    build_micro_blocks     a micro-batch's anchors and blocks (CPU, a pure function of data and seeds)
+    forward_batch          one micro-batch: blocks -> draft -> vocabulary stage -> its loss share and
+                           statistics (device tensors, no sync)
+    accumulate_gradients   every micro-batch of this rank for one optimizer step, with the global
+                           token-level denominators
+    heldout_tau            simulated tau on the held-out split, over all ranks
+
+Nothing here holds run state: the trainer's components (`components.py`, `loader.py`) do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from dflash_lab.train import blocks as B
+from dflash_lab.train import distributed as D
+from dflash_lab.train import losses as L
+from dflash_lab.train import selector_loss as SL
+from dflash_lab.train.data import FeatureCache, Sample
+from dflash_lab.train.sampler import mix_seed as _mix_seed
+
+__all__ = ["FeatureSource", "build_micro_blocks", "forward_batch", "accumulate_gradients", "heldout_tau"]
+
+
+# -- target features -------------------------------------------------------------------------------
+class _StopForward(Exception):
+    """Raised by a hook once the last feature layer has run (nothing after it is needed)."""
+
+
+class FeatureSource:
+    """Target features [S, n*H] and, when the loss needs p_k, the final hidden states [S, H]
+    (after the target's final norm; lm_head of it = the target's logits), per sample.
+
+    Without `need_final` (ce, held-out scoring) and without a cache (whose entries hold both), the
+    target stops after the last feature layer (`stop_early`): the layers above it never run."""
+
+    def __init__(self, target, layer_ids, need_final: bool, cache: FeatureCache | None, device, stop_early: bool = True):
+        self.target, self.layer_ids, self.need_final, self.cache, self.device = target, layer_ids, need_final, cache, device
+        body = getattr(target.model, "model", target.model)
+        layers = list(getattr(body, "layers", []))
+        # hidden_states[L] is after the final norm: a feature of the last layer needs the whole forward
+        self._layers = layers if (stop_early and not need_final and cache is None and layers
+                                  and max(layer_ids) < len(layers) - 1) else None
+
+    def _forward(self, ids):
+        """(features [N, S, n*H], final hidden [N, S, H] or None)."""
+        model = self.target.model
+        if self._layers is None:
+            out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+            return torch.cat([out.hidden_states[i + 1] for i in self.layer_ids], dim=-1), out.hidden_states[-1]
+        captured = {}
+        last = max(self.layer_ids)
+
+        def hook(index):
+            def fn(module, args, output):
+                captured[index] = output[0] if isinstance(output, tuple) else output
+                if index == last:
+                    raise _StopForward
+            return fn
+
+        handles = [self._layers[i].register_forward_hook(hook(i)) for i in sorted(set(self.layer_ids))]
+        try:
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return torch.cat([captured[i] for i in self.layer_ids], dim=-1), None
+
+    @torch.no_grad()
+    def _run(self, samples: list[Sample]):
+        if self.device.type == "cuda" and len(samples) > 1:  # batched, right-padded (causal: exact)
+            ids = B.pad_sequences([torch.tensor(s.input_ids) for s in samples]).to(self.device)
+            feats, final = self._forward(ids)
+            return [(feats[j, : len(s.input_ids)], None if final is None else final[j, : len(s.input_ids)])
+                    for j, s in enumerate(samples)]
+        result = []
+        for s in samples:
+            feats, final = self._forward(torch.tensor([s.input_ids], device=self.device))
+            result.append((feats[0], None if final is None else final[0]))
+        return result
+
+    def get(self, samples: list[Sample]):
+        if self.cache is None:
+            return self._run(samples)
+        found = [self.cache.get(s) for s in samples]
+        missing = [s for s, f in zip(samples, found) if f is None]
+        if missing:
+            fresh = iter(self._run(missing))
+            for i, f in enumerate(found):
+                if f is None:
+                    feats, final = next(fresh)
+                    self.cache.put(samples[i], feats, final)
+                    # read back: every epoch sees the same (rounded) values, fresh or cached
+                    found[i] = self.cache.get(samples[i])
+                    self.cache.hits -= 1
+        return [(f.to(self.device), fin.to(self.device)) for f, fin in found]
+
+
+# -- one forward over a micro-batch ----------------------------------------------------------------
+def build_micro_blocks(samples, anchor_seeds, *, num_anchors: int, block_size: int, mask_token_id: int,
+                       max_slot: int | None = None) -> dict[str, torch.Tensor]:
+    """The blocks of a micro-batch (CPU): anchors [N, A], block_ids, positions, labels, valid [N, A, B].
+    `max_slot`: slots past it count as invalid (they reach neither the head nor the loss). Depends only
+    on the data and the seeds, so the step's denominators can be summed before any forward."""
+    items = []
+    for s, seed in zip(samples, anchor_seeds):
+        ids = torch.tensor(s.input_ids)
+        mask = torch.tensor(s.loss_mask)
+        gen = torch.Generator().manual_seed(seed)
+        anchors = B.sample_anchors(mask, num_anchors, gen)
+        block_ids, positions, labels, valid = B.build_blocks(ids, mask, anchors, block_size, mask_token_id)
+        items.append({"anchors": anchors, "block_ids": block_ids, "positions": positions, "labels": labels, "valid": valid})
+    batch = B.collate_blocks(items, pad_id=mask_token_id)
+    if max_slot is not None:
+        batch["valid"] = batch["valid"] & (torch.arange(block_size) <= max_slot)
+    return batch
+
+
+def _unwrap(draft_module):
+    return getattr(draft_module, "module", draft_module)  # DDP
+
+
+def _is_dflash2(draft_module) -> bool:
+    from dflash_lab.models.dflash2 import DFlash2DraftModel
+
+    return isinstance(_unwrap(draft_module), DFlash2DraftModel)
+
+
+def _needs_model_denominators(loss_cfg, draft_module) -> bool:
+    """The base loss's draft-dependent sums, or DFlash2's exact `exclude` mean (sum(w * included))."""
+    return L.needs_model_denominators(loss_cfg) or (
+        loss_cfg.selector_alpha > 0 and loss_cfg.selector_gold == "exclude" and _is_dflash2(draft_module))
+
+
+def _selector(draft_module, batch, valid, h_sel, labels, target, loss_cfg, chunk_slots, t_rows, t_index):
+    """DFlash2's selector CE (numerator only: the caller divides by the step's denominator) and its
+    metrics; None for a v1 draft. Held-out (`loss_cfg` None) and selector_alpha 0: metrics only."""
+    if not _is_dflash2(draft_module):
+        return None
+    pred = SL.teacher_forced_predecessors(batch["block_ids"], batch["labels"])[valid]
+    gamma = loss_cfg.gamma if loss_cfg is not None else None
+    gold = loss_cfg.selector_gold if loss_cfg is not None else "replace"
+    grad = loss_cfg is not None and loss_cfg.selector_alpha > 0
+    with contextlib.nullcontext() if grad else torch.no_grad():
+        return SL.selector_loss(_unwrap(draft_module), h_sel, target.lm_head, labels, pred, SL.slot_weights(valid, gamma),
+                                gold, chunk_slots=chunk_slots, denominator=1.0, target_hidden=t_rows,
+                                target_index=t_index)
+
+
+def forward_batch(draft_module, draft_cfg, target, features, samples, anchor_seeds, *, num_anchors, loss_cfg,
+                  attention="auto", anchor_chunk=64, chunk_slots=1024, device=torch.device("cpu"),
+                  autocast_dtype=None, max_slot=None, blocks=None, denominators=None, model_denominators=None,
+                  reduce=None):
+    """This micro-batch's share of the step's loss, and its statistics (device tensors, no sync).
+
+    `denominators` [5] (`losses.DENOMINATORS`): the step's model-independent sums, all-reduced;
+    None = this micro-batch's own (the loss is then its token-level mean). `model_denominators`:
+    the step's draft-dependent sums (survival-eal, dpace) from a pre-pass; None = computed here
+    and passed through `reduce` (an all-reduce over ranks, or None for this batch alone).
+    `blocks`: `build_micro_blocks` of these samples (built here when None). `max_slot`: score only
+    slots 1..max_slot. `loss_cfg` None: held-out scoring only (no loss, no teacher logits)."""
+    bsz = draft_cfg.block_size
+    if blocks is None:
+        blocks = build_micro_blocks(samples, anchor_seeds, num_anchors=num_anchors, block_size=bsz,
+                                    mask_token_id=draft_cfg.mask_token_id, max_slot=max_slot)
+    batch = {k: v.to(device) for k, v in blocks.items()}
+    n, a = batch["anchors"].shape
+    ctx = B.pad_sequences([f for f, _ in features])  # [N, S, n*H]
+    s_max = ctx.shape[1]
+    ctx_pos = torch.arange(s_max, device=device)[None].expand(n, s_max)
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    valid = batch["valid"]
+    with autocast:
+        with torch.no_grad():
+            # fp32 like the draft's master weights: RoPE and norms in fp32, autocast runs the linears in bf16
+            noise = target.embed(batch["block_ids"].view(n, a * bsz)).float()
+        attn = B.make_attention(attention, batch["anchors"], bsz, anchor_chunk)
+        # only the scored slots go through the last layer's query/MLP and the (large) lm_head
+        h_sel = draft_module(noise, batch["positions"].view(n, a * bsz), ctx, ctx_pos, attention=attn,
+                             output_slots=valid.view(n, a * bsz))
+        labels = batch["labels"][valid]
+        t_rows = t_index = None
+        if loss_cfg is not None and L.needs_target_logits(loss_cfg.name, loss_cfg.eal_mode, loss_cfg.alpha, loss_cfg.kl_term):
+            final = B.pad_sequences([fin for _, fin in features])  # [N, S, H]
+            seq_idx = torch.arange(n, device=device)[:, None, None].expand_as(valid)[valid]
+            # flat index of position p+k-1 in [N*S]: slot k's target distribution lives there
+            t_index = seq_idx * final.shape[1] + batch["positions"][valid] - 1
+            t_rows = final.reshape(-1, final.shape[-1]).to(h_sel.dtype)
+        ce, kl, overlap, correct = L.slot_statistics(h_sel, labels, target.lm_head, t_rows, chunk_slots,
+                                                     target_index=t_index,
+                                                     need_overlap=loss_cfg is not None and L.needs_overlap(loss_cfg))
+        sel = _selector(draft_module, batch, valid, h_sel, labels, target, loss_cfg, chunk_slots, t_rows, t_index)
+    # every sequence's blocks at once: [N*A, B] (the reduction is token-level, not per sequence)
+    ce_b, kl_b, ov_b, cor_b = (L.scatter_slots(x, valid).view(n * a, bsz) for x in (ce, kl, overlap, correct))
+    flat_valid = valid.view(n * a, bsz)
+    loss = None
+    local_model = torch.zeros(len(L.DENOMINATORS), dtype=torch.float64, device=device)
+    if loss_cfg is not None:
+        dens = L.static_denominators(loss_cfg, flat_valid) if denominators is None else denominators.to(device)
+        if _needs_model_denominators(loss_cfg, draft_module):
+            local_model = L.model_denominators(loss_cfg, ce_b, ov_b, flat_valid)
+            if sel is not None:
+                local_model[L.DENOMINATORS.index("selector")] = sel.included_weight.double()
+            if model_denominators is None:
+                model_denominators = reduce(local_model.clone()) if reduce is not None else local_model
+            dens = dens + model_denominators.to(device)
+        loss = L.combine(loss_cfg, ce_b, kl_b, ov_b, flat_valid, dens)
+        if sel is not None and loss_cfg.selector_alpha > 0:  # token-level: / the step's sum(w*valid) or sum(w*included)
+            den = dens[L.DENOMINATORS.index("weights" if loss_cfg.selector_gold == "replace" else "selector")]
+            loss = loss + loss_cfg.selector_alpha * sel.loss / den.clamp_min(1e-12).to(sel.loss.dtype)
+    with torch.no_grad():
+        has = flat_valid.any(dim=1)
+        taus = L.simulated_tau(cor_b, flat_valid)[has]
+        vd = flat_valid.double()
+        stats = {
+            "correct_per_slot": (cor_b.double() * vd).sum(dim=0), "valid_per_slot": vd.sum(dim=0),
+            "tau_sum": taus.double().sum(), "blocks": has.double().sum(),
+            "kl_sum": (kl_b.double() * vd).sum(), "ce_sum": (ce_b.double() * vd).sum(),
+            "block_tokens": torch.tensor(float(n * a * bsz), dtype=torch.float64, device=device),
+            "valid_slots": vd.sum(), "model_denominators": local_model,
+        }
+        if sel is not None:
+            stats.update(SL.selector_stats(sel, valid))
+    return loss, stats
+
+
+# -- one optimizer step ---------------------------------------------------------------------------
+def accumulate_gradients(model, draft, draft_cfg, target, features, micro_batches, fwd: dict, info: D.DistInfo,
+                         max_slot=None):
+    """Forward and backward of every micro-batch of this rank for one optimizer step; the draft's
+    .grad then holds the gradient of the step's loss (DDP averages over ranks, hence x world).
+
+    The model-independent denominators of the token-level loss are summed over the micro-batches
+    and all-reduced first. When the loss also divides by a draft-dependent sum (survival-eal,
+    dpace: `losses.needs_model_denominators`), that sum is exact as well: with one micro-batch per
+    rank it is all-reduced inside the forward, before backward; with accumulation a no-grad
+    pre-pass over the micro-batches computes it first (about one extra draft forward; the target
+    features it fetched are kept for the main pass, so the target runs once).
+    Returns (this rank's share of the loss, statistics), device tensors."""
+    loss_cfg = fwd["loss_cfg"]
+    blocks = [build_micro_blocks(mb.samples, mb.anchor_seeds, num_anchors=fwd["num_anchors"],
+                                 block_size=draft_cfg.block_size, mask_token_id=draft_cfg.mask_token_id,
+                                 max_slot=max_slot) for mb in micro_batches]
+    static = sum(L.static_denominators(loss_cfg, b["valid"].flatten(0, 1)) for b in blocks)
+    static = D.all_reduce_sum(static, info)
+    model_dens, reduce = None, None
+    kept = [None] * len(micro_batches)  # the pre-pass's target features, reused by the main pass
+    if _needs_model_denominators(loss_cfg, draft):
+        if len(micro_batches) == 1:
+            reduce = lambda t: D.all_reduce_sum(t, info)  # noqa: E731
+        else:
+            with torch.no_grad():
+                local = None
+                for i, (mb, blk) in enumerate(zip(micro_batches, blocks)):
+                    kept[i] = features.get(mb.samples)
+                    _, st = forward_batch(draft, draft_cfg, target, kept[i], mb.samples, mb.anchor_seeds,
+                                          blocks=blk, denominators=static, model_denominators=static * 0, **fwd)
+                    local = st["model_denominators"] if local is None else local + st["model_denominators"]
+                model_dens = D.all_reduce_sum(local, info)
+    loss_total, agg = None, None
+    for i, (mb, blk) in enumerate(zip(micro_batches, blocks)):
+        feats = kept[i] if kept[i] is not None else features.get(mb.samples)
+        kept[i] = None
+        sync = contextlib.nullcontext() if (i == len(micro_batches) - 1 or not info.enabled) else model.no_sync()
+        with sync:
+            loss, st = forward_batch(model, draft_cfg, target, feats, mb.samples, mb.anchor_seeds, blocks=blk,
+                                     denominators=static, model_denominators=model_dens, reduce=reduce, **fwd)
+            (loss * info.world_size).backward()
+        loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
+        agg = st if agg is None else {k: agg[k] + st[k] for k in agg}
+    return loss_total, agg
+
+
+@torch.no_grad()
+def heldout_tau(draft, draft_cfg, target, features, heldout, fwd: dict, info: D.DistInfo, seed: int,
+                lockstep: bool = False) -> float | None:
+    """Simulated tau on the held-out split (fixed anchors, every slot scored, no teacher logits),
+    over all ranks; for a DFlash2 draft the tau of the selector's own greedy walk. `lockstep`: every rank runs the target equally often (FSDP gathers per layer)."""
+    if len(heldout) == 0:
+        return None
+    draft.eval()
+    rounds = math.ceil(len(heldout) / info.world_size)
+    kw = {**fwd, "loss_cfg": None}
+    sums = torch.zeros(2, dtype=torch.float64)
+    for r in range(rounds):
+        j = r * info.world_size + info.rank
+        if j >= len(heldout):
+            if lockstep:
+                features.get([heldout.sample(0)])
+            continue
+        s = heldout.sample(j)
+        _, st = forward_batch(draft, draft_cfg, target, features.get([s]), [s], [_mix_seed(seed, 424242, j)], **kw)
+        sums += torch.stack([st.get("sel_tau_sum", st["tau_sum"]), st["blocks"]]).cpu()
+    draft.train()
+    totals = D.all_reduce_sum(sums, info)
+    return float(totals[0] / totals[1]) if totals[1] > 0 else None
+
