@@ -197,9 +197,6 @@ def evaluate(
         raise DFlashLabError(f"unknown backend {backend!r}; use {', '.join(backends.BACKENDS)}")
     if max_new_tokens < 1:
         raise DFlashLabError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if backend == "llamacpp" and not sampling.greedy:
-        raise DFlashLabError("--temperature > 0 with --backend llamacpp is not wired yet (its requests are greedy); "
-                             "use the builtin, sglang or vllm backend for sampled evaluation")
     if isinstance(target, (str, os.PathLike)):
         target = load_prompt_target(target, full=backend == "builtin", device=device, dtype=dtype)
     if benchmarks and isinstance(benchmarks, list) and isinstance(benchmarks[0], Benchmark):
@@ -246,7 +243,7 @@ def evaluate(
         elif backend == "llamacpp":
             records = _run_llamacpp(target, drafter, desc, bench, max_new_tokens, servers or [], gguf=gguf,
                                     threads=threads, lossless_check=lossless_check, progress=progress,
-                                    concurrency=concurrency)
+                                    concurrency=concurrency, sampling=sampling)
         else:
             records, counters = backends.run_vllm(target, bench, max_new_tokens, servers or [],
                                                   concurrency=concurrency, progress=progress, sampling=sampling)
@@ -284,14 +281,14 @@ def _llamacpp_gguf(target, gguf: str) -> Path:
 
 
 def _run_llamacpp(target, drafter, desc, bench, max_new_tokens, servers, *, gguf, threads, lossless_check,
-                  progress, concurrency):
+                  progress, concurrency, sampling):
     """llama.cpp: running servers (--server), or one in-process server per drafter, started and stopped here."""
     from dflash_lab.eval import llamacpp
     from dflash_lab.models.embedded import cache_root
 
     if servers:
         return llamacpp.run_llamacpp(target, bench, max_new_tokens, servers, concurrency=concurrency,
-                                     progress=progress)
+                                     progress=progress, sampling=sampling)
     target_gguf = _llamacpp_gguf(target, gguf)
     draft_gguf = None
     if desc["drafter"] == "dflash":
@@ -300,7 +297,8 @@ def _run_llamacpp(target, drafter, desc, bench, max_new_tokens, servers, *, gguf
             raise DFlashLabError("the llamacpp backend needs a draft directory (it exports it to GGUF)")
         draft_gguf = llamacpp.export_for_serving(draft_dir, target_gguf, cache_root() / "gguf-drafts")
     return llamacpp.evaluate_in_process(target, target_gguf, desc, bench, max_new_tokens, draft_gguf=draft_gguf,
-                                        lossless_check=lossless_check, progress=progress, threads=threads)
+                                        lossless_check=lossless_check, progress=progress, threads=threads,
+                                        sampling=sampling)
 
 
 def load_prompt_target(spec, *, full: bool = True, device: str | None = None, dtype: str | None = None):

@@ -29,9 +29,11 @@ import socket
 import time
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from dflash_lab.decoding.sampling import GREEDY, SamplingParams
 from dflash_lab.errors import DFlashLabError
 
 SPECULATIVE = ("dflash", "ngram", "none")
@@ -156,10 +158,27 @@ def wait_healthy(url: str, timeout: float = 120.0) -> None:
 
 
 # -- requests -------------------------------------------------------------------------------------
-def completion_request(prompt_ids: list[int], max_new_tokens: int) -> dict:
-    """Body of llama.cpp's `/completion`: greedy, the exact prompt tokens, the generated ids back."""
-    return {"prompt": list(prompt_ids), "n_predict": max_new_tokens, "temperature": 0, "top_k": 1,
-            "return_tokens": True, "cache_prompt": False, "stream": False}
+# llama.cpp's own sampler chain has more stages than ours, some on by default (min_p 0.05): every
+# one of them is switched off, and the three we use run in our order (temperature, top-k, top-p;
+# decoding/sampling.py), so the engine samples from the same processed distribution as our loop.
+LLAMACPP_SAMPLERS_OFF = {"min_p": 0.0, "typical_p": 1.0, "repeat_penalty": 1.0, "presence_penalty": 0.0,
+                         "frequency_penalty": 0.0, "dry_multiplier": 0.0, "xtc_probability": 0.0,
+                         "mirostat": 0, "top_n_sigma": -1.0}
+
+
+def completion_request(prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams = GREEDY,
+                       seed: int | None = None) -> dict:
+    """Body of llama.cpp's `/completion`: the exact prompt tokens, the generated ids back; greedy,
+    or `sampling` with `seed` (llama.cpp's speculative verify at T > 0 samples the target and keeps
+    drafted tokens while they match the sample: for a one-hot proposal that is the lossless rule of
+    decoding/sampling.py)."""
+    body = {"prompt": list(prompt_ids), "n_predict": max_new_tokens, "return_tokens": True,
+            "cache_prompt": False, "stream": False}
+    if sampling.greedy:
+        return {**body, "temperature": 0, "top_k": 1}
+    return {**body, **LLAMACPP_SAMPLERS_OFF, "temperature": sampling.temperature, "top_k": sampling.top_k,
+            "top_p": sampling.top_p, "samplers": ["temperature", "top_k", "top_p"],
+            **({"seed": seed} if seed is not None else {})}
 
 
 def parse_completion(body: dict) -> dict:
@@ -194,22 +213,36 @@ def llamacpp_tau(records: list[dict]) -> tuple[float | None, float | None]:
     return pooled, (sum(per) / len(per) if per else None)
 
 
-def post_completion(url: str, prompt_ids: list[int], max_new_tokens: int, timeout: float = 1800.0) -> dict:
+def post_completion(url: str, prompt_ids: list[int], max_new_tokens: int, timeout: float = 1800.0,
+                    sampling: SamplingParams = GREEDY, seed: int | None = None) -> dict:
     from dflash_lab.eval.backends import _post_json
 
-    return parse_completion(_post_json(url.rstrip("/") + "/completion",
-                                       completion_request(prompt_ids, max_new_tokens), timeout))
+    record = parse_completion(_post_json(url.rstrip("/") + "/completion",
+                                         completion_request(prompt_ids, max_new_tokens, sampling, seed), timeout))
+    if not sampling.greedy:
+        record["seed"] = seed
+    return record
 
 
 # -- the evaluation backend -----------------------------------------------------------------------
+def request_seed(sampling: SamplingParams, prompt_ids: list[int]) -> int | None:
+    """A sampled request's seed: the eval's seed mixed with the prompt, so a response's draw does not
+    depend on which server or thread sent it (None: the engine picks one)."""
+    if sampling.greedy or sampling.seed is None:
+        return None
+    return (sampling.seed + zlib.crc32(json.dumps(list(prompt_ids)).encode())) % (1 << 31)
+
+
 def run_llamacpp(target, benchmark, max_new_tokens: int, servers: list[str], *, concurrency: int = 1,
-                 progress: bool = True) -> list[dict]:
-    """Every response of `benchmark` from running llama.cpp servers (greedy, the exact prompt tokens)."""
+                 progress: bool = True, sampling: SamplingParams = GREEDY) -> list[dict]:
+    """Every response of `benchmark` from running llama.cpp servers (the exact prompt tokens;
+    greedy, or `sampling` with a per-prompt seed)."""
     from dflash_lab.eval.backends import _run_servers
 
     def make_send(server):
         def send(prompt_text, prompt_ids):
-            return post_completion(server, prompt_ids, max_new_tokens)
+            return post_completion(server, prompt_ids, max_new_tokens, sampling=sampling,
+                                   seed=request_seed(sampling, prompt_ids))
         return send
 
     return _run_servers(benchmark, target, servers, concurrency, progress, make_send)
@@ -250,7 +283,7 @@ def export_for_serving(draft_dir, target_gguf: Path, out_dir: Path) -> Path:
 
 def evaluate_in_process(target, target_gguf: Path, desc: dict, benchmark, max_new_tokens: int, *,
                         draft_gguf: Path | None, lossless_check: bool = True, progress: bool = True,
-                        threads: int = 1) -> list[dict]:
+                        threads: int = 1, sampling: SamplingParams = GREEDY) -> list[dict]:
     """Start a llama.cpp server with the drafter, run the benchmark, stop it; with `lossless_check`,
     run the same prompts on a plain server (no drafter) and compare texts. Tokens/s with and without
     the drafter come from the same engine in the same run."""
@@ -259,7 +292,7 @@ def evaluate_in_process(target, target_gguf: Path, desc: dict, benchmark, max_ne
     cfg = EngineConfig(model=Path(target_gguf), draft=draft_gguf, speculative=kind, draft_n_max=n_max,
                        threads=threads, ctx_size=_ctx_for(benchmark, target, max_new_tokens))
     with LlamaServer(cfg) as url:
-        records = run_llamacpp(target, benchmark, max_new_tokens, [url], progress=progress)
+        records = run_llamacpp(target, benchmark, max_new_tokens, [url], progress=progress, sampling=sampling)
     if lossless_check:
         plain_cfg = EngineConfig(model=Path(target_gguf), threads=threads, ctx_size=cfg.ctx_size)
         with LlamaServer(plain_cfg) as url:
