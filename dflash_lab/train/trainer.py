@@ -156,6 +156,7 @@ class Trainer:
             log_every=tcfg.log_every, progress=run.progress, total_steps=self.progress.total_steps,
             initial_step=self.progress.step), info)
         self.last_metrics: dict = {}  # the last logged row: checkpoints record it
+        self.tau_step: int | None = None  # the step whose weights the last held-out tau measured
         self.lr = 0.0
 
     def _build_data(self) -> None:
@@ -244,8 +245,10 @@ class Trainer:
                     return S.latest_checkpoint(self.run.out_dir)
             if loader.epoch_done:
                 loader.next_epoch()
-        self.metrics.close()
-        return self.finish()
+        try:
+            return self.finish()
+        finally:  # after the final checkpoint's event: closing first left a second, unclosed events file
+            self.metrics.close()
 
     def train_step(self) -> None:
         """One optimizer step: every micro-batch of this rank, then clip, AdamW and the schedule."""
@@ -275,7 +278,7 @@ class Trainer:
             if evaluate:
                 tau = self.evaluator.evaluate()
                 if tau is not None:
-                    row["heldout_tau"] = tau
+                    row["heldout_tau"], self.tau_step = tau, step
             self.metrics.write(step, row)
         self.metrics.tick(row)
 
@@ -291,12 +294,14 @@ class Trainer:
 
     def checkpoint(self, name: str, epoch_end: bool) -> Path:
         """Checkpoint `name` with the last logged metrics and a held-out tau (reused when the last
-        log measured one, else measured now) and a checkpoint event in metrics.jsonl."""
+        log measured these very weights, else measured now: a tau from an earlier step would let
+        `best` pick a checkpoint by another one's score) and a checkpoint event in metrics.jsonl."""
         metrics = dict(self.last_metrics)
-        if "heldout_tau" not in metrics:
+        if self.tau_step != self.progress.step:
+            metrics.pop("heldout_tau", None)
             tau = self.evaluator.evaluate()
             if tau is not None:
-                metrics["heldout_tau"] = tau
+                metrics["heldout_tau"], self.tau_step = tau, self.progress.step
         path = self.checkpointer.save(name, metrics, epoch_end)
         self.metrics.write_event(self.progress.step, {"event": "checkpoint", "name": name, **metrics})
         return path

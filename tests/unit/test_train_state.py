@@ -88,3 +88,30 @@ def test_checkpoint_in_target_dtype_keeps_fp32_master(tmp_path):
         assert master[name].dtype == torch.float32 and torch.equal(master[name], tensor)
     fp32 = S.save_checkpoint(tmp_path / "fp32", draft, opt, {"step": 1}, dtype=torch.float32)
     assert S.master_weights(fp32) is None  # no duplicate when the served copy is already fp32
+
+
+def test_checkpoint_never_records_a_held_out_tau_of_earlier_weights():
+    """A checkpoint reuses the last log's held-out tau only when that log measured the same step;
+    otherwise it measures its own (a stale tau would let `best` pick by another step's score)."""
+    from types import SimpleNamespace
+
+    from dflash_lab.train.trainer import Trainer
+
+    measured, saved = [], []
+
+    class Evaluator:
+        def evaluate(self):
+            measured.append(fake.progress.step)
+            return 1.0 + fake.progress.step
+
+    fake = SimpleNamespace(
+        last_metrics={"loss": 1.0, "heldout_tau": 3.0}, tau_step=2, progress=SimpleNamespace(step=2),
+        evaluator=Evaluator(),
+        checkpointer=SimpleNamespace(save=lambda name, metrics, epoch_end: saved.append((name, metrics)) or name),
+        metrics=SimpleNamespace(write_event=lambda step, row: None))
+    Trainer.checkpoint(fake, "step-2", False)  # the log at step 2 measured these weights: reused
+    fake.progress.step = 5
+    Trainer.checkpoint(fake, "step-5", False)  # the last tau is step 2's: measured anew
+    assert measured == [5]
+    assert saved == [("step-2", {"loss": 1.0, "heldout_tau": 3.0}), ("step-5", {"loss": 1.0, "heldout_tau": 6.0})]
+    assert fake.tau_step == 5
