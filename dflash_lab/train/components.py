@@ -182,6 +182,7 @@ class Checkpointer:
                  loader: TrainLoader):
         self.cfg, self.info = cfg, info
         self.parts, self.progress, self.loader = parts, progress, loader
+        self.metrics: Metrics | None = None  # set once built (it opens its writer at the resumed step)
         self.best_tau: float | None = None
 
     def state_dict(self) -> dict:
@@ -203,8 +204,10 @@ class Checkpointer:
         if tau is not None:
             self.best_tau = tau if self.best_tau is None else max(self.best_tau, tau)
         position = self.loader.state_dict()
+        window = self.metrics.state_dict() if self.metrics is not None else {}
         state = {**self.progress.state_dict(), **self.state_dict(), "epoch": position["epoch"] + 1,
-                 "epoch_end": epoch_end, "data_position": position, "metrics": metrics, "seed": self.cfg.seed}
+                 "epoch_end": epoch_end, "data_position": position, "metrics": metrics, "seed": self.cfg.seed,
+                 "metrics_window": window}
         path = self.cfg.out_dir / "checkpoints" / name
         if self.info.is_main:
             S.save_checkpoint(path, self.parts.draft, self.parts.optimizer, state, dtype=self.cfg.dtype)
@@ -294,7 +297,7 @@ class Metrics:
         if self.extra_keys:
             vec = torch.cat([vec, torch.stack([stats[k].to(vec) for k in self.extra_keys])])
         w = self.window
-        w.vec = vec if w.vec is None else w.vec + vec
+        w.vec = vec if w.vec is None else w.vec.to(vec) + vec
         w.steps += 1
         w.seconds += seconds
         w.grad_norm = grad_norm.detach()
@@ -320,6 +323,26 @@ class Metrics:
             out.update(summarise_stats(dict(zip(self.extra_keys, vec[7 + 2 * bsz:].tolist()))))
         self.window = _Window()
         return out
+
+    def state_dict(self) -> dict:
+        """The open interval (steps since the last log), summed over ranks: a collective, so every
+        rank calls it (Checkpointer.save does). Empty when the last step was logged."""
+        w = self.window
+        if w.vec is None:
+            return {}
+        vec = D.all_reduce_sum(w.vec.detach().cpu(), self.info)
+        return {"sums": vec.tolist(), "steps": w.steps, "seconds": w.seconds,
+                "grad_norm": float(w.grad_norm), "extra_keys": list(self.extra_keys)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A resumed run's first log covers the whole interval, as the uninterrupted run's: the
+        summed window goes to rank 0 only (`read` sums over ranks again)."""
+        if not state:
+            return
+        sums = torch.tensor(state["sums"], dtype=torch.float64)
+        self.window = _Window(vec=sums if self.info.is_main else torch.zeros_like(sums), steps=state["steps"],
+                              seconds=state["seconds"], grad_norm=torch.tensor(state["grad_norm"]))
+        self.extra_keys = list(state.get("extra_keys", []))
 
     def due(self, step: int) -> bool:
         return step % self.cfg.log_every == 0

@@ -155,6 +155,9 @@ class Trainer:
             out_dir=run.out_dir, block_size=self.draft.config.block_size, global_batch=self.global_batch,
             log_every=tcfg.log_every, progress=run.progress, total_steps=self.progress.total_steps,
             initial_step=self.progress.step), info)
+        if run.resume_from is not None:
+            self.metrics.load_state_dict(S.read_trainer_state(run.resume_from).get("metrics_window") or {})
+        self.checkpointer.metrics = self.metrics
         self.last_metrics: dict = {}  # the last logged row: checkpoints record it
         self.tau_step: int | None = None  # the step whose weights the last held-out tau measured
         self.lr = 0.0

@@ -140,6 +140,25 @@ def test_resume_is_bit_identical(setup, full_run, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]  # rows after the checkpoint were dropped and recomputed
 
 
+def test_resume_mid_log_interval_logs_the_whole_interval(setup, tmp_path):
+    """With log_every 2, a run stopped at step 5 keeps step 5's statistics in its checkpoint
+    (Metrics.state_dict): the resumed run's row at step 6 equals the uninterrupted run's."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    _train(setup, full, "train.log_every=2")
+    _train(setup, part, "train.log_every=2", "--stop-after", "5")
+    assert json.loads((part / "checkpoints" / "step-5" / "trainer_state.json").read_text())["metrics_window"]["steps"] == 1
+    assert main(["train", "--out", str(part), "--resume", "--no-progress"]) == 0
+
+    def rows(run):
+        timing = {"step_s", "sequences_per_s", "block_tokens_per_s"}
+        return {r["step"]: {k: v for k, v in r.items() if k not in timing}
+                for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "event" not in r}
+
+    a, b = rows(full), rows(part)
+    assert 5 not in a and 6 in a and sorted(a) == sorted(b)
+    assert a[6] == b[6] and a == b
+
+
 def test_warm_start_records_parent(setup, full_run, tmp_path):
     out = tmp_path / "warm"
     parent = full_run / "checkpoints" / "step-3"
