@@ -286,7 +286,8 @@ def test_dflash2_cli_and_serve_cmd(tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
     llama = serve_commands("llamacpp", str(target), draft=str(out))
     assert "--spec-draft-n-max 7" in llama[0] and "--spec-draft-n-max 7" in llama[1]  # block 8 - 1
-    vllm = serve_commands("vllm", "Qwen/Qwen3-4B", draft=str(draft_dir))[0]
+    assert main(["serve-cmd", "--engine", "vllm", "--target", "Qwen/Qwen3-4B", "--draft", str(draft_dir)]) == 0
+    vllm = capsys.readouterr().out
     assert '"num_speculative_tokens": 7' in vllm and '"method": "dflash"' in vllm
     sglang = serve_commands("sglang", "Qwen/Qwen3-4B", draft=str(draft_dir))[0]
     assert "--speculative-algorithm DFLASH" in sglang and f"--speculative-draft-model-path {draft_dir}" in sglang
