@@ -37,18 +37,22 @@ MAX_NEW = 40
 GATE_MAX_NEW = 16  # the memorised answers: short, so a few minutes of training memorise them
 
 # The v1 gate recipe (tests/integration/test_llamacpp.py) with a DFlash2 draft: block 8, the
-# selector CE beside the base CE (selector_alpha 1.0). Measured: loss 0.07, train tau 6.1 of 7 and
-# teacher-forced selector accuracy 1.0 after 40 steps; the trained conv and selector are far enough
-# from identity / zero that the walk leaves the unary argmax on about half the drafted slots.
+# selector CE beside the base CE (selector_alpha 1.0), 40 steps of 2 sequences. The records are
+# repeated GATE_STEPS times in ONE epoch rather than trained for 40 epochs: every epoch end keeps a
+# checkpoint (never pruned), and a DFlash2 checkpoint with its two [49152, 256] codebooks and their
+# AdamW state is 350 MB (40 epochs wrote 14 GB). Random order: length-grouped batches would pair
+# copies of the same record (measured: loss 2.0, tau 1.8 after 40 steps, against 0.56 and 5.5).
+# The trained conv and selector are off identity / zero: the walk leaves the unary argmax on 273
+# of 597 drafted slots of the parity prompts (2026-12-02).
 GATE_RECIPE = """\
 target: {name: smollm2-135m-instruct, dtype: float32}
 draft: {arch: dflash2, num_layers: 1, block_size: 8, mask_token_id: 16, init: scratch, init_from_target_layers: true}
-data: {max_length: 64, num_anchors: 32, heldout: 0}
+data: {max_length: 64, num_anchors: 32, heldout: 0, group_by_length: false}
 loss: {name: ce, chunk_slots: 8192, selector_alpha: 1.0}
-train: {lr: 2.0e-3, epochs: EPOCHS, micro_batch: 2, global_batch: 2, warmup_ratio: 0.0, seed: 0, device: cpu,
-        cpu_threads: 1, save_every: 1000, eval_interval: 0, keep_last: 1}
+train: {lr: 2.0e-3, epochs: 1, micro_batch: 2, global_batch: 2, warmup_ratio: 0.0, seed: 0, device: cpu,
+        cpu_threads: 1, save_every: 0, eval_interval: 0, keep_last: 1}
 """
-GATE_EPOCHS = 40
+GATE_STEPS = 40  # optimizer steps of 2 sequences
 
 pytestmark = pytest.mark.slow
 
@@ -77,12 +81,13 @@ def gate_draft(tmp_path_factory, target):
     for i, text in enumerate(GATE_PROMPTS):
         messages = [{"role": "user", "content": text}]
         result = greedy_generate(target, _prompt_ids(target, text), GATE_MAX_NEW, target.stop_token_ids)
-        rows.append({"id": f"g{i}", "category": "chat", "source": "gate", "finish_reason": result.finish_reason,
-                     "messages": messages + [{"role": "assistant", "content": target.decode(result.output_ids)}]})
+        answer = {"role": "assistant", "content": target.decode(result.output_ids)}
+        rows += [{"id": f"g{i}-{r}", "category": "chat", "source": "gate", "finish_reason": result.finish_reason,
+                  "messages": messages + [answer]} for r in range(GATE_STEPS)]
     write_jsonl(root / "labels" / "shard-00000.jsonl", rows)
     (root / "labels" / "meta.json").write_text('{"kind": "labels"}')
     recipe = root / "gate.yaml"
-    recipe.write_text(GATE_RECIPE.replace("EPOCHS", str(GATE_EPOCHS)))
+    recipe.write_text(GATE_RECIPE)
     assert main(["train", "--config", str(recipe), "--data", str(root / "labels"), "--out", str(root / "run"),
                  "--no-progress"]) == 0
     return root / "run" / "checkpoints" / "final"
@@ -180,7 +185,8 @@ def test_parity_with_builtin_loop(builtin, gate_draft, target, f32, tmp_path):
                                    ExportFault.SELECTOR_CODEBOOKS_SWAPPED])
 def test_parity_catches_a_wrong_dflash2_export(builtin, gate_draft, target, f32, tmp_path, fault):
     # the memorised prompts, where the right file's counts are high: measured, each fault loses
-    # accepted tokens on both (2026-12-02: right 7/21, faults 5/17, 1/12, 5/18 at 40 new tokens)
+    # accepted tokens on both (2026-12-02, 40 new tokens: right 7 / 21; side/tap 5 / 14,
+    # group-major 1 / 0, codebooks swapped 5 / 14)
     bad = parity_mismatches(builtin, target, gate_draft, f32, tmp_path / f"{fault.value}.gguf",
                             prompts=GATE_PROMPTS, fault=fault)
     assert bad, f"the parity check did not catch a DFlash2 export with {fault.value}"
