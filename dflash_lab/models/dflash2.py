@@ -34,7 +34,7 @@ settings in `dflash_config`, codebooks saved as bare tensors (no `.weight`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -132,11 +132,17 @@ class DFlash2Config(DraftConfig):
             if key in dflash:  # dflash_config wins over the top level
                 raw[key] = dflash.pop(key)
         raw["dflash_config"] = dflash
-        for key in ("is_causal", "layer_types"):
+        # The window is DFlash2's own pair of fields (every layer slides, or none does). v1's reader
+        # resolves window keys from layer_types and drops them otherwise, which lost a saved window
+        # (any value came back as 2048) and `use_sliding_window: false`; so they are read here.
+        window = raw.pop("sliding_window", None)
+        use_window = bool(raw.pop("use_sliding_window", window is not None)) and window is not None
+        dflash.pop("causal", None)
+        for key in ("is_causal", "layer_types", "max_window_layers"):
             raw.pop(key, None)  # derived from the fields when written
-        if raw.get("sliding_window") is None:
-            raw["use_sliding_window"] = False
-        return super().from_json_dict(raw, source=source)
+        cfg = super().from_json_dict(raw, source=source)
+        return replace(cfg, use_sliding_window=use_window, sliding_window=window if use_window else None,
+                       layer_types=None)
 
     @classmethod
     def from_v1(cls, v1: DraftConfig, **overrides) -> "DFlash2Config":
@@ -412,16 +418,40 @@ def build_dflash2_config(target, *, num_layers: int, block_size: int = 8, **kwar
     return DFlash2Config.from_v1(v1, **dflash2)
 
 
-def gguf_dflash2_extras(model: DFlash2DraftModel) -> tuple[dict, dict]:
-    """The GGUF keys (without the `dflash.` prefix) and tensors that a DFlash2 draft adds to a v1
-    DFlash GGUF (SPEC 2b), as llama.cpp's loader (src/models/dflash.cpp) reads them. Torch arrays
-    are written as they are: ggml lists dims fastest-first, so torch [2, K, H] is ggml {H, K, 2}.
+# GGUF names of the DFlash2-only tensors, as llama.cpp's loader (src/models/dflash.cpp) creates them.
+# Torch arrays are written as they are: ggml lists dims fastest-first, so torch [2, K, H] is ggml
+# {H, K, 2} (side outermost, then tap, then channel: the loader views side s at offset s * nb[2]),
+# and the projection's 2*K*G output rows are read as ggml (G, K, 2): row = side*K*G + tap*G + group,
+# our `unflatten(-1, (2, K, G))`. The codebooks [V, r] are ggml {r, V}: `get_rows` by token id.
+GGUF_DFLASH2_LAYER_TENSORS = {
+    "attention_conv.base_kernel": "attn_conv_base",  # no `.weight`: the loader's name has none
+    "attention_conv.kernel_projection.weight": "attn_conv_proj.weight",  # ggml {H, 2*K*G}
+    "mlp_conv.base_kernel": "ffn_conv_base",
+    "mlp_conv.kernel_projection.weight": "ffn_conv_proj.weight",
+}
+GGUF_DFLASH2_TOP_TENSORS = {
+    "candidate_selector.hidden_projection.weight": "selector_hidden.weight",  # ggml {H, r}
+    "candidate_selector.predecessor_codebook": "selector_predecessor.weight",  # ggml {r, V}
+    "candidate_selector.successor_codebook": "selector_successor.weight",  # ggml {r, V}
+}
 
-    keys: block_size, conv_kernel_size, conv_group_size, selector_rank, selector_top_k (u32),
+
+def gguf_dflash2_tensor_name(name: str) -> str | None:
+    """Checkpoint name of a DFlash2-only tensor -> its GGUF name (None for any other tensor)."""
+    if name in GGUF_DFLASH2_TOP_TENSORS:
+        return GGUF_DFLASH2_TOP_TENSORS[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit() and parts[2] in GGUF_DFLASH2_LAYER_TENSORS:
+        return f"blk.{int(parts[1])}.{GGUF_DFLASH2_LAYER_TENSORS[parts[2]]}"
+    return None
+
+
+def gguf_dflash2_keys(cfg: DFlash2Config) -> dict:
+    """The GGUF keys (without the `dflash.` prefix) that a DFlash2 draft adds to a v1 DFlash GGUF
+    (SPEC 2b): block_size, conv_kernel_size, conv_group_size, selector_rank, selector_top_k (u32),
     attention.causal (false), attention.sliding_window (u32) + attention.sliding_window_pattern
-    (bool per layer) when the window is on, logit_scale / final_logit_softcapping when set.
-    tensors: name -> fp32 CPU tensor."""
-    cfg = model.config
+    (bool per layer) when the window is on, logit_scale / final_logit_softcapping when set
+    (llama.cpp applies them to the selector's unary logits)."""
     keys: dict = {
         "block_size": cfg.block_size, "conv_kernel_size": cfg.conv_kernel_size,
         "conv_group_size": cfg.conv_group_size, "selector_rank": cfg.selector_rank,
@@ -434,17 +464,18 @@ def gguf_dflash2_extras(model: DFlash2DraftModel) -> tuple[dict, dict]:
         keys["logit_scale"] = cfg.output_multiplier
     if cfg.final_logit_softcapping:
         keys["final_logit_softcapping"] = cfg.final_logit_softcapping
+    return keys
+
+
+def gguf_dflash2_extras(model: DFlash2DraftModel) -> tuple[dict, dict]:
+    """`gguf_dflash2_keys(model.config)` and the DFlash2-only tensors by GGUF name (fp32 CPU,
+    torch layout: see GGUF_DFLASH2_LAYER_TENSORS for how ggml reads it)."""
     tensors = {}
-    for i, layer in enumerate(model.layers):
-        for ours, theirs in (("attention_conv", "attn_conv"), ("mlp_conv", "ffn_conv")):
-            conv = getattr(layer, ours)
-            tensors[f"blk.{i}.{theirs}_base"] = conv.base_kernel  # ggml {H, K, 2}: side outermost
-            tensors[f"blk.{i}.{theirs}_proj.weight"] = conv.kernel_projection.weight  # ggml {H, 2*K*G}
-    sel = model.candidate_selector
-    tensors["selector_hidden.weight"] = sel.hidden_projection.weight  # ggml {H, r}
-    tensors["selector_predecessor.weight"] = sel.predecessor_codebook  # ggml {r, V}
-    tensors["selector_successor.weight"] = sel.successor_codebook  # ggml {r, V}
-    return keys, {name: t.detach().float().contiguous().cpu() for name, t in tensors.items()}
+    for name, t in model.state_dict().items():
+        gguf_name = gguf_dflash2_tensor_name(name)
+        if gguf_name is not None:
+            tensors[gguf_name] = t.detach().float().contiguous().cpu()
+    return gguf_dflash2_keys(model.config), tensors
 
 
 def is_dflash2_config_dict(raw: dict) -> bool:
@@ -454,4 +485,5 @@ def is_dflash2_config_dict(raw: dict) -> bool:
 __all__ = [
     "ARCHITECTURE", "DFlash2Config", "DFlash2DraftModel", "DFlash2Layer", "DynamicDepthwiseConv", "CandidateSelector",
     "shift_within_blocks", "build_dflash2_config", "is_dflash2_config_dict", "gguf_dflash2_extras",
+    "gguf_dflash2_keys", "gguf_dflash2_tensor_name", "GGUF_DFLASH2_LAYER_TENSORS", "GGUF_DFLASH2_TOP_TENSORS",
 ]

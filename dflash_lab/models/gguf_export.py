@@ -11,7 +11,11 @@ The file is written section by section, one small function each, so that later a
                  attention.*, rope.*} - the Qwen3 layer shape of the draft
     dflash       dflash.{block_size, target_hidden_size, vocab_size, target_layers}
     tokenizer    every `tokenizer.*` key of the target GGUF + `tokenizer.ggml.mask_token_id`
-    tensors      fc, enc.output_norm (= hidden_norm), output_norm (= norm), blk.N.*
+    dflash2      DFlash2 drafts only: dflash.{conv_kernel_size, conv_group_size, selector_rank,
+                 selector_top_k, attention.causal, logit_scale, final_logit_softcapping}
+    tensors      fc, enc.output_norm (= hidden_norm), output_norm (= norm), blk.N.*; DFlash2 adds
+                 blk.N.{attn,ffn}_conv_base, blk.N.{attn,ffn}_conv_proj.weight, selector_{hidden,
+                 predecessor,successor}.weight (models/dflash2.py GGUF_DFLASH2_*, docs/dflash2.md)
 
 Facts that fail silently when wrong (each has a negative test through `ExportFault`):
 - `dflash.target_layers` = our `target_layer_ids` + 1: llama.cpp taps a layer's INPUT, our id i
@@ -21,6 +25,9 @@ Facts that fail silently when wrong (each has a negative test through `ExportFau
   llama.cpp abort the whole process).
 Torch `[out, in]` weights are written as they are (GGUF reverses the shape); q/k are NOT permuted
 (NeoX RoPE, as ours; llama.cpp's Llama converter permutes, this one must not).
+DFlash2's silent failures (same shapes, wrong numbers; the DFlash2 parity test catches each through
+`ExportFault`): the conv base's side and tap axes swapped ([2, K, H] with K = 2), the kernel
+projection's rows in group-major order, the two selector codebooks swapped.
 """
 
 from __future__ import annotations
@@ -46,6 +53,10 @@ class ExportFault(enum.Enum):
     NONE = "none"
     LAYER_IDS_WITHOUT_PLUS_ONE = "layer-ids-without-plus-one"
     NO_ROPE_FREQ_BASE = "no-rope-freq-base"
+    # DFlash2 (each loads and runs in llama.cpp: same shapes as the right file)
+    CONV_BASE_SIDE_TAP_SWAPPED = "conv-base-side-tap-swapped"  # base [2, K, H] written as [K, 2, H]
+    CONV_PROJ_GROUP_MAJOR = "conv-proj-group-major"  # projection rows as (G, K, 2) instead of (2, K, G)
+    SELECTOR_CODEBOOKS_SWAPPED = "selector-codebooks-swapped"  # predecessor <-> successor
 
 
 @dataclass
@@ -104,13 +115,14 @@ def resolve_target_gguf(spec: str, kind: str = "q4_1") -> Path:
 def unsupported_features(cfg, reader) -> list[str]:
     """Reasons the draft cannot be written as a llama.cpp DFlash GGUF (empty when it can)."""
     extra = getattr(cfg, "extra", {}) or {}
-    problems = []
+    problems = dflash2_problems(cfg) if is_dflash2(cfg) else []
     if cfg.attention_bias:
         problems.append("attention_bias = true (llama.cpp's DFlash layers have no q/k/v/o biases)")
     if cfg.hidden_act != "silu":
         problems.append(f"hidden_act = {cfg.hidden_act!r} (llama.cpp's DFlash MLP is SwiGLU with silu)")
-    if extra.get("dflash2") or any("dflash2" in str(a).lower() for a in extra.get("architectures", []) or []):
-        problems.append("a DFlash2 draft (SPEC section 10): not written by this exporter yet")
+    if not is_dflash2(cfg) and (extra.get("dflash2")
+                                or any("dflash2" in str(a).lower() for a in extra.get("architectures", []) or [])):
+        problems.append("its config names DFlash2 but was not read as a DFlash2 draft (re-save it with this version)")
     rope_scaling = extra.get("rope_scaling")
     if rope_scaling:
         problems.append(f"rope_scaling {rope_scaling!r} (the exporter writes plain RoPE only)")
@@ -128,6 +140,26 @@ def unsupported_features(cfg, reader) -> list[str]:
         problems.append(f"mask_token_id {cfg.mask_token_id} is outside the target's vocabulary of {vocab} tokens")
     if vocab is not None and cfg.vocab_size != vocab:
         problems.append(f"the draft's vocab_size {cfg.vocab_size} differs from the target GGUF's {vocab} tokens")
+    return problems
+
+
+def is_dflash2(cfg) -> bool:
+    from dflash_lab.models.dflash2 import DFlash2Config
+
+    return isinstance(cfg, DFlash2Config)
+
+
+def dflash2_problems(cfg) -> list[str]:
+    """What llama.cpp's DFlash2 loader and graph (src/models/dflash.cpp) cannot represent."""
+    problems = []
+    lattice = cfg.selector_top_k * (cfg.selector_top_k + 1)
+    if cfg.hidden_size < lattice:
+        # the selector's lattice (top_k ids + top_k^2 scores) is packed into one hidden-size row
+        problems.append(f"hidden_size {cfg.hidden_size} < selector_top_k * (selector_top_k + 1) = {lattice} "
+                        "(llama.cpp's DFlash2 loader refuses it; use a smaller selector_top_k)")
+    if cfg.input_embedding_scale is not None:
+        problems.append(f"input_embedding_scale {cfg.input_embedding_scale} (llama.cpp's DFlash2 graph "
+                        "does not scale the block embeddings)")
     return problems
 
 
@@ -190,7 +222,34 @@ def write_sliding_window(writer, inp: ExportInput) -> None:
                          GGUFValueType.ARRAY, sub_type=GGUFValueType.BOOL)
 
 
-KEY_SECTIONS: list[Callable] = [write_general, write_hparams, write_dflash, write_sliding_window, write_tokenizer]
+# written by write_dflash / write_sliding_window for every draft, so not again by write_dflash2
+_DFLASH2_KEYS_WRITTEN_ELSEWHERE = ("block_size", "attention.sliding_window", "attention.sliding_window_pattern")
+
+
+def write_dflash2(writer, inp: ExportInput) -> None:
+    """DFlash2 drafts: the conv and selector settings (llama.cpp treats the file as DFlash2 when
+    `selector_hidden.weight` is present and then needs every one of them > 0)."""
+    from gguf import GGUFValueType
+
+    from dflash_lab.models.dflash2 import gguf_dflash2_keys
+
+    if not is_dflash2(inp.cfg):
+        return
+    for key, value in gguf_dflash2_keys(inp.cfg).items():
+        if key in _DFLASH2_KEYS_WRITTEN_ELSEWHERE:
+            continue
+        if isinstance(value, bool):
+            writer.add_bool(f"{ARCH}.{key}", value)
+        elif isinstance(value, int):
+            writer.add_uint32(f"{ARCH}.{key}", value)
+        elif isinstance(value, float):
+            writer.add_float32(f"{ARCH}.{key}", value)
+        else:
+            raise TypeError(f"GGUF key {key}: no writer for {value!r}")
+
+
+KEY_SECTIONS: list[Callable] = [write_general, write_hparams, write_dflash, write_sliding_window, write_dflash2,
+                                write_tokenizer]
 
 
 # -- tensor sections ------------------------------------------------------------------------------
@@ -212,7 +271,12 @@ LAYER_TENSORS = {
 
 
 def gguf_tensor_name(name: str) -> str:
-    """Checkpoint tensor name -> GGUF tensor name (SPEC 2 -> SPEC 2b)."""
+    """Checkpoint tensor name -> GGUF tensor name (SPEC 2 -> SPEC 2b; DFlash2: SPEC 10)."""
+    from dflash_lab.models.dflash2 import gguf_dflash2_tensor_name
+
+    dflash2_name = gguf_dflash2_tensor_name(name)
+    if dflash2_name is not None:
+        return dflash2_name
     if name in TOP_TENSORS:
         return TOP_TENSORS[name]
     parts = name.split(".", 2)
@@ -221,23 +285,45 @@ def gguf_tensor_name(name: str) -> str:
     raise DFlashLabError(f"draft tensor {name!r} has no llama.cpp DFlash counterpart; the exporter cannot write it")
 
 
-def _array(tensor, dtype: str) -> np.ndarray:
+def _array(tensor, dtype: str, *, keep_f32: bool = False) -> np.ndarray:
     # norms stay f32 in an f16 file (llama.cpp's converters do the same: 1-D tensors are tiny and
-    # precision-sensitive)
+    # precision-sensitive); so do DFlash2's conv base kernels (`keep_f32`: tiny, and added in the
+    # graph to the f32 dynamic taps)
     arr = tensor.detach().float().cpu().numpy()
-    if dtype == "f16" and arr.ndim > 1:
+    if dtype == "f16" and arr.ndim > 1 and not keep_f32:
         return arr.astype(np.float16)
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+def _is_conv_base(name: str) -> bool:
+    return name.endswith("_conv.base_kernel")
+
+
+def faulted_tensor(name: str, tensor, fault: ExportFault, tensors: dict):
+    """The tensor a known-wrong export writes under `name` (tests only; `tensor` when no fault applies)."""
+    if fault is ExportFault.CONV_BASE_SIDE_TAP_SWAPPED and _is_conv_base(name):
+        return tensor.transpose(0, 1).contiguous()  # [2, K, H] -> [K, 2, H]: same shape when K = 2
+    if fault is ExportFault.CONV_PROJ_GROUP_MAJOR and name.endswith("_conv.kernel_projection.weight"):
+        k = tensors[name.replace("kernel_projection.weight", "base_kernel")].shape[1]
+        rows = tensor.unflatten(0, (2, k, -1))  # (side, tap, group)
+        return rows.permute(2, 1, 0, 3).reshape(tensor.shape).contiguous()  # (group, tap, side)
+    if fault is ExportFault.SELECTOR_CODEBOOKS_SWAPPED and name.endswith("_codebook"):
+        other = "successor" if "predecessor" in name else "predecessor"
+        return tensors[f"candidate_selector.{other}_codebook"]
+    return tensor
+
+
 def write_draft_tensors(writer, inp: ExportInput) -> None:
     for name in sorted(inp.tensors, key=_tensor_order):
-        writer.add_tensor(gguf_tensor_name(name), _array(inp.tensors[name], inp.dtype))
+        tensor = faulted_tensor(name, inp.tensors[name], inp.fault, inp.tensors)
+        writer.add_tensor(gguf_tensor_name(name), _array(tensor, inp.dtype, keep_f32=_is_conv_base(name)))
 
 
 def _tensor_order(name: str):
     parts = name.split(".")
-    return (1, int(parts[1]), name) if parts[0] == "layers" else (0, 0, name)
+    if parts[0] == "layers":
+        return (1, int(parts[1]), name)
+    return (2, 0, name) if parts[0] == "candidate_selector" else (0, 0, name)
 
 
 TENSOR_SECTIONS: list[Callable] = [write_draft_tensors]
