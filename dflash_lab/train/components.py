@@ -169,6 +169,7 @@ class CheckpointConfig:
     save_every: int = 0
     """A checkpoint every this many steps (0: only at epoch ends, a stop and the end)."""
     keep_last: int | None = None
+    keep_epoch_ends: bool = True
     dtype: torch.dtype | None = None
     """The served draft's dtype (the target's); training state stays fp32 (master.safetensors)."""
 
@@ -221,7 +222,8 @@ class Checkpointer:
             best = S.best_checkpoint(self.cfg.out_dir)
         except Exception:  # an unreadable old checkpoint must not stop the run: prune without protection
             best = None
-        S.prune_checkpoints(self.cfg.out_dir, self.cfg.keep_last, protect=best)
+        S.prune_checkpoints(self.cfg.out_dir, self.cfg.keep_last, protect=best,
+                            keep_epoch_ends=self.cfg.keep_epoch_ends)
 
     def load(self, ckpt: Path) -> None:
         """Every part as checkpoint `ckpt` left it: weights and optimizer, progress, the data

@@ -147,6 +147,9 @@ class TrainSection(_Section):
     save_every: int = Field(0, ge=0)
     eval_interval: int = Field(0, ge=0)
     keep_last: int | None = Field(None, ge=1)
+    keep_epoch_ends: bool = True
+    """keep_last never prunes an epoch-end checkpoint (a later stage's `init: epoch-E:RUN` may name
+    it); false prunes them like any step checkpoint (many short epochs, e.g. a memorisation test)."""
     max_steps: int | None = Field(None, ge=1)
     """Length of the schedule: min(epochs * steps_per_epoch, max_steps)."""
     time_budget_s: float | None = Field(None, gt=0)

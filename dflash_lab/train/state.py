@@ -269,13 +269,15 @@ def resolve_init(init: str) -> Path | None:
     return path
 
 
-def prune_checkpoints(run_dir: Path, keep_last: int | None, protect: Path | None = None) -> None:
-    """Keep the `keep_last` newest step checkpoints (never `protect`, e.g. the best so far, and never
-    an epoch-end checkpoint: a later stage's `init: epoch-E:RUN` may name it)."""
+def prune_checkpoints(run_dir: Path, keep_last: int | None, protect: Path | None = None,
+                      keep_epoch_ends: bool = True) -> None:
+    """Keep the `keep_last` newest step checkpoints (never `protect`, e.g. the best so far, and,
+    with `keep_epoch_ends`, never an epoch-end checkpoint: a later stage's `init: epoch-E:RUN` may
+    name it)."""
     if not keep_last:
         return
     steps = [(s, p) for s, p in list_checkpoints(run_dir)
-             if p.name != "final" and not read_trainer_state(p).get("epoch_end")]
+             if p.name != "final" and not (keep_epoch_ends and read_trainer_state(p).get("epoch_end"))]
     for _, path in steps[:-keep_last]:
         if protect is not None and path.resolve() == Path(protect).resolve():
             continue

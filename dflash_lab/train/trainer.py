@@ -142,6 +142,7 @@ class Trainer:
             min_lr_ratio=tcfg.min_lr_ratio, clip=tcfg.clip))
         self.checkpointer = Checkpointer(CheckpointConfig(
             out_dir=run.out_dir, seed=tcfg.seed, save_every=tcfg.save_every, keep_last=tcfg.keep_last,
+            keep_epoch_ends=tcfg.keep_epoch_ends,
             dtype=self.target.dtype), info, self.parts, self.progress, self.loader)
         if run.resume_from is not None:
             self.checkpointer.load(run.resume_from)

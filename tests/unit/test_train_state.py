@@ -71,6 +71,8 @@ def test_best_epoch_and_prune(tmp_path):
     S.prune_checkpoints(tmp_path, 1)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["final", "step-20", "step-40", "step-45"]
     assert S.latest_checkpoint(tmp_path).name == "final"
+    S.prune_checkpoints(tmp_path, 1, keep_epoch_ends=False)  # epoch ends pruned like the rest
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["final", "step-45"]
 
 
 def test_checkpoint_in_target_dtype_keeps_fp32_master(tmp_path):
