@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--concurrency", type=int, default=16, help="openai backend: requests in flight per server")
     p.add_argument("--timeout", type=float, default=600.0, help="openai backend: seconds per request")
     p.add_argument("--retries", type=int, default=4, help="openai backend: retries per request (5xx, timeouts)")
-    p.add_argument("--batch-size", type=int, default=8, help="hf backend: prompts per generate() batch")
+    p.add_argument("--batch-size", type=int, default=8, help="hf backend: prompts per generate() batch; "
+                                                               "llamacpp: requests decoded together (parallel slots)")
     p.add_argument("--device", default="cpu", help="hf backend: cpu or cuda[:i]")
     p.add_argument("--dtype", default="auto", help="hf backend: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16")
     p.add_argument("--retry-failed", action="store_true", help="re-attempt exactly the ids in OUT/failed.jsonl")

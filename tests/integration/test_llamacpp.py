@@ -228,7 +228,11 @@ def _texts(out):
 def test_label_backends_llamacpp_and_openai_equal_hf(tmp_path, target, f32):
     prompts = write_jsonl(tmp_path / "p.jsonl", _rows(LABEL_TEXTS))
     run_labels(prompts, target, tmp_path / "hf", max_new_tokens=24, batch_size=1, progress=False)
-    run_labels(prompts, TARGET, tmp_path / "ll", backend="llamacpp", max_new_tokens=24, progress=False)
+    run_labels(prompts, TARGET, tmp_path / "ll", backend="llamacpp", max_new_tokens=24, batch_size=1, progress=False)
+    # batch 4: four llama.cpp slots decoded together (batched arithmetic may flip a near-tie, so
+    # this run is checked for completeness; batch 1 above is the exact comparison)
+    run_labels(prompts, TARGET, tmp_path / "ll4", backend="llamacpp", max_new_tokens=24, batch_size=4,
+               progress=False)
     tok = load_tokenizer_target(TARGET)
     with L.LlamaServer(L.EngineConfig(model=f32, alias=tok.name)) as url:
         run_labels(prompts, tok, tmp_path / "api", backend="openai", servers=[url], max_new_tokens=24,
@@ -236,6 +240,9 @@ def test_label_backends_llamacpp_and_openai_equal_hf(tmp_path, target, f32):
     hf = _texts(tmp_path / "hf")
     assert len(hf) == len(LABEL_TEXTS)
     assert _texts(tmp_path / "ll") == hf
+    batched = _texts(tmp_path / "ll4")
+    assert batched.keys() == hf.keys() and all(text for text, _ in batched.values())
+    assert json.loads((tmp_path / "ll4" / "meta.json").read_text())["backend_info"]["parallel"] == 4
     assert _texts(tmp_path / "api") == hf
 
 
