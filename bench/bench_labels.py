@@ -11,8 +11,8 @@ openai: requests/s the async client sustains against a loopback server (its own 
 instantly, i.e. the client's own overhead (HTTP, JSON, journal writes, token counting, progress bar).
 llamacpp: the demo's label step both ways, in one run: the first N prompts of the demo's prompt pack
 (default preset sizes, seed 0, or a demo's own OUT/prompts), `hf` at the demo's batch size vs the
-in-process `llamacpp` backend (F32 GGUF) at batch (parallel slots) 1 and the demo's; tokens/s and how
-many texts differ from `hf`'s (near-ties of batched arithmetic).
+in-process `llamacpp` backend (F32 GGUF) at batch (parallel slots) 1 and the demo's, on one thread
+and on two; tokens/s and how many texts differ from `hf`'s (near-ties of batched arithmetic).
 """
 
 from __future__ import annotations
@@ -102,6 +102,12 @@ def bench_openai(args, tmp: Path) -> dict:
     return row
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def demo_prompt_rows(args, tmp: Path) -> list[dict]:
     from dflash_lab.data.demo_pack import build_demo_pack
     from dflash_lab.demo import PRESETS
@@ -120,17 +126,26 @@ def bench_llamacpp(args, tmp: Path) -> list[dict]:
     from dflash_lab.models.target import load_target
     from dflash_lab.testing import write_jsonl
 
+    from dflash_lab.eval.llamacpp import target_gguf_for
+    from dflash_lab.labels.backends import LlamaCppBackend
+
     batch = PRESETS["default"].label_batch_size
     prompts = write_jsonl(tmp / "demo.jsonl", demo_prompt_rows(args, tmp))
     target = load_target(args.target)
+    gguf = target_gguf_for(args.target)
     results, reference = [], None
-    for backend, size in (("hf", batch), ("llamacpp", 1), ("llamacpp", batch)):
-        out = tmp / f"{backend}-b{size}"
-        stats = run_labels(prompts, target if backend == "hf" else args.target, out, backend=backend,
+    # (backend, batch, llama.cpp threads): the backend's default is one thread; the last row is two
+    for backend, size, threads in (("hf", batch, None), ("llamacpp", 1, 1), ("llamacpp", batch, 1),
+                                   ("llamacpp", batch, 2)):
+        out = tmp / f"{backend}-b{size}-t{threads}"
+        engine = (LlamaCppBackend(gguf, args.new_tokens, threads=threads, parallel=size) if backend == "llamacpp"
+                  else backend)
+        stats = run_labels(prompts, target if backend == "hf" else args.target, out, backend=engine,
                            max_new_tokens=args.new_tokens, batch_size=size, progress=False)
         texts = {r["id"]: r["messages"][-1]["content"] for r in iter_records(out)}
         reference = reference or texts
-        row = {"backend": backend, "batch_size": size, "prompts": stats.done, "tokens": stats.completion_tokens,
+        row = {"backend": backend, "batch_size": size, "threads": threads or torch_threads(),
+               "prompts": stats.done, "tokens": stats.completion_tokens,
                "seconds": round(stats.seconds, 1), "tokens_per_s": round(stats.tokens_per_s, 1),
                "differ_from_hf": sum(texts[k] != reference[k] for k in reference)}
         print(json.dumps(row), flush=True)

@@ -120,25 +120,37 @@ def tap0_draft(tmp_path_factory, gate_labels):
     return _train_memorising_draft(gate_labels, tmp_path_factory.mktemp("tap0"), [0])
 
 
-def _accepted_ours(target, drafter, ids):
-    result = speculative_generate(target, drafter, ids, MAX_NEW, target.stop_token_ids)
-    return result, sum(c - 1 for c in result.cycle_acceptance)
+PARITY_PROMPTS = GATE_PROMPTS + OTHER_PROMPTS
 
 
-def parity_mismatches(target, draft_dir, f32, out: Path, fault=ExportFault.NONE) -> list[str]:
+@pytest.fixture(scope="module")
+def builtin_runs() -> dict:
+    """draft dir -> our builtin loop's results on PARITY_PROMPTS, computed once per draft: the
+    positive and negative parity cases compare llama.cpp runs of different files with one reference."""
+    return {}
+
+
+def builtin_results(target, draft_dir, runs: dict) -> list:
+    key = str(draft_dir)
+    if key not in runs:
+        drafter = make_drafter("dflash", target=target, draft=load_draft(draft_dir, target), block_size=16)
+        runs[key] = [speculative_generate(target, drafter, _prompt_ids(target, text), MAX_NEW, target.stop_token_ids)
+                     for text in PARITY_PROMPTS]
+    return runs[key]
+
+
+def parity_mismatches(target, draft_dir, f32, out: Path, runs: dict, fault=ExportFault.NONE) -> list[str]:
     """Per prompt, llama.cpp's accepted count vs our builtin loop's; returns the mismatches.
 
     One accounting difference is not a mismatch: when a response ends on a stop token that the
     DRAFT proposed, llama.cpp counts that token as accepted, our loop counts it as its cycle's own
     token (so ours has one more cycle and one fewer accepted, the same tokens in total)."""
     gguf = export_draft_gguf(draft_dir, f32, out, fault=fault)
-    drafter = make_drafter("dflash", target=target, draft=load_draft(draft_dir, target), block_size=16)
     bad = []
     with L.LlamaServer(L.EngineConfig(model=f32, draft=gguf, speculative="dflash")) as url:
-        for text in GATE_PROMPTS + OTHER_PROMPTS:
-            ids = _prompt_ids(target, text)
-            ours, accepted = _accepted_ours(target, drafter, ids)
-            theirs = L.post_completion(url, ids, MAX_NEW)
+        for text, ours in zip(PARITY_PROMPTS, builtin_results(target, draft_dir, runs)):
+            accepted = sum(c - 1 for c in ours.cycle_acceptance)
+            theirs = L.post_completion(url, _prompt_ids(target, text), MAX_NEW)
             if theirs["output_ids"] != ours.output_ids:
                 bad.append(f"{text!r}: different text")
                 continue
@@ -166,8 +178,8 @@ def test_serving_gate_memorised_draft(gate_draft, target, f32, tmp_path):
 
 
 @pytest.mark.parametrize("draft", ["gate_draft", "tap0_draft"])
-def test_parity_with_builtin_loop(draft, request, target, f32, tmp_path):
-    assert parity_mismatches(target, request.getfixturevalue(draft), f32, tmp_path / "ok.gguf") == []
+def test_parity_with_builtin_loop(draft, request, target, f32, builtin_runs, tmp_path):
+    assert parity_mismatches(target, request.getfixturevalue(draft), f32, tmp_path / "ok.gguf", builtin_runs) == []
 
 
 @pytest.mark.parametrize("fault, draft", [
@@ -176,8 +188,9 @@ def test_parity_with_builtin_loop(draft, request, target, f32, tmp_path):
     # test_parity_with_builtin_loop[tap0_draft] shows the same check passes on the right file
     (ExportFault.LAYER_IDS_WITHOUT_PLUS_ONE, "tap0_draft"),
 ])
-def test_parity_catches_a_wrong_export(fault, draft, request, target, f32, tmp_path):
-    bad = parity_mismatches(target, request.getfixturevalue(draft), f32, tmp_path / f"{fault.value}.gguf", fault=fault)
+def test_parity_catches_a_wrong_export(fault, draft, request, target, f32, builtin_runs, tmp_path):
+    bad = parity_mismatches(target, request.getfixturevalue(draft), f32, tmp_path / f"{fault.value}.gguf",
+                            builtin_runs, fault=fault)
     assert bad, f"the parity check did not catch an export with {fault.value}"
 
 
@@ -218,7 +231,7 @@ def _rows(texts):
             for i, t in enumerate(texts)]
 
 
-LABEL_TEXTS = GATE_PROMPTS + OTHER_PROMPTS
+LABEL_TEXTS = PARITY_PROMPTS
 
 
 def _texts(out):
