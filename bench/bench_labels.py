@@ -3,11 +3,16 @@
     python bench/bench_labels.py                      # both parts
     python bench/bench_labels.py --part hf --prompts 16 --new-tokens 64 --batch-sizes 1 8 16
     python bench/bench_labels.py --part openai --requests 3000 --concurrency 64
+    python bench/bench_labels.py --part llamacpp --prompts 48 --new-tokens 96 [--demo-prompts DIR]
 
 hf: tokens/s of the in-process backend on the embedded target (CPU), per batch size, and how many
 records differ from the batch-size-1 run (batched padded attention may flip near-ties).
 openai: requests/s the async client sustains against a loopback server (its own process) that answers
 instantly, i.e. the client's own overhead (HTTP, JSON, journal writes, token counting, progress bar).
+llamacpp: the demo's label step both ways, in one run: the first N prompts of the demo's prompt pack
+(default preset sizes, seed 0, or a demo's own OUT/prompts), `hf` at the demo's batch size vs the
+in-process `llamacpp` backend (F32 GGUF) at batch (parallel slots) 1 and the demo's, on one thread
+and on two; tokens/s and how many texts differ from `hf`'s (near-ties of batched arithmetic).
 """
 
 from __future__ import annotations
@@ -97,13 +102,65 @@ def bench_openai(args, tmp: Path) -> dict:
     return row
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def demo_prompt_rows(args, tmp: Path) -> list[dict]:
+    from dflash_lab.data.demo_pack import build_demo_pack
+    from dflash_lab.demo import PRESETS
+
+    folder = Path(args.demo_prompts) if args.demo_prompts else None
+    if folder is None:
+        sizes = PRESETS["default"]
+        folder = build_demo_pack(tmp / "demo-pack", sizes.n_math, sizes.n_code, sizes.n_chat, seed=0)
+    with open(folder / "prompts.jsonl") as handle:
+        return [json.loads(line) for line in handle][: args.prompts]
+
+
+def bench_llamacpp(args, tmp: Path) -> list[dict]:
+    from dflash_lab.demo import PRESETS
+    from dflash_lab.labels.runner import iter_records, run_labels
+    from dflash_lab.models.target import load_target
+    from dflash_lab.testing import write_jsonl
+
+    from dflash_lab.eval.llamacpp import target_gguf_for
+    from dflash_lab.labels.backends import LlamaCppBackend
+
+    batch = PRESETS["default"].label_batch_size
+    prompts = write_jsonl(tmp / "demo.jsonl", demo_prompt_rows(args, tmp))
+    target = load_target(args.target)
+    gguf = target_gguf_for(args.target)
+    results, reference = [], None
+    # (backend, batch, llama.cpp threads): the backend's default is one thread; the last row is two
+    for backend, size, threads in (("hf", batch, None), ("llamacpp", 1, 1), ("llamacpp", batch, 1),
+                                   ("llamacpp", batch, 2)):
+        out = tmp / f"{backend}-b{size}-t{threads}"
+        engine = (LlamaCppBackend(gguf, args.new_tokens, threads=threads, parallel=size) if backend == "llamacpp"
+                  else backend)
+        stats = run_labels(prompts, target if backend == "hf" else args.target, out, backend=engine,
+                           max_new_tokens=args.new_tokens, batch_size=size, progress=False)
+        texts = {r["id"]: r["messages"][-1]["content"] for r in iter_records(out)}
+        reference = reference or texts
+        row = {"backend": backend, "batch_size": size, "threads": threads or torch_threads(),
+               "prompts": stats.done, "tokens": stats.completion_tokens,
+               "seconds": round(stats.seconds, 1), "tokens_per_s": round(stats.tokens_per_s, 1),
+               "differ_from_hf": sum(texts[k] != reference[k] for k in reference)}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["hf", "openai", "all"], default="all")
+    parser.add_argument("--part", choices=["hf", "openai", "llamacpp", "all"], default="all")
     parser.add_argument("--target", default="smollm2-135m-instruct")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16])
+    parser.add_argument("--demo-prompts", default=None, help="llamacpp part: a demo's OUT/prompts folder")
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None,
@@ -121,6 +178,8 @@ def main() -> None:
             bench_openai(args, Path(tmp))
         if args.part in ("hf", "all"):
             bench_hf(args, Path(tmp))
+        if args.part in ("llamacpp", "all"):
+            bench_llamacpp(args, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -335,9 +335,9 @@ def llamacpp_available() -> bool:
 
 
 def label_backend() -> str:
-    """`llamacpp` (in-process, F32 GGUF: the same text as `hf`) when xllamacpp is installed: it
-    labelled the demo's prompts about 3x faster than `hf` here (BENCHMARKS.md, llama.cpp), so more
-    of the demo's time goes to training; else `hf`."""
+    """`llamacpp` (in-process, F32 GGUF: the same text as `hf` but for near-ties) when xllamacpp is
+    installed: at the demo's batch size it labelled the demo's prompts 4.2x faster than `hf` here
+    (BENCHMARKS.md, section 4), so more of the demo's time goes to training; else `hf`."""
     return "llamacpp" if llamacpp_available() else "hf"
 
 
@@ -349,10 +349,11 @@ def _append_llamacpp_rows(report_dir: Path, results: dict, engine: dict) -> None
     report = report_dir / "report.md" if report_dir.is_dir() else report_dir
     final = STAGES[-1]
     rows = []
-    for bench, r in results[final]["benchmarks"].items():
-        rows.append(f"| builtin loop | {final} | {bench} | HF safetensors (fp32, dequantised Q4_1) | "
-                    f"{_fmt(r['tau_pooled'])} | {_fmt(r.get('tokens_per_s'), 1)} | "
-                    f"{_fmt(r.get('greedy_tokens_per_s'), 1)} | {_fmt(r.get('speedup'))} |")
+    for drafter in (final, "prompt-lookup"):  # the builtin loop's rows of the same two drafters
+        for bench, r in results[drafter]["benchmarks"].items():
+            rows.append(f"| builtin loop | {drafter} | {bench} | HF safetensors (fp32, dequantised Q4_1) | "
+                        f"{_fmt(r['tau_pooled'])} | {_fmt(r.get('tokens_per_s'), 1)} | "
+                        f"{_fmt(r.get('greedy_tokens_per_s'), 1)} | {_fmt(r.get('speedup'))} |")
     for (drafter, gguf), res in engine.items():
         for bench, r in res["benchmarks"].items():
             rows.append(f"| llama.cpp | {final if drafter == 'final' else drafter} | {bench} | "

@@ -347,8 +347,10 @@ class LlamaCppBackend:
     """llama.cpp in-process (xllamacpp): one server on a free loopback port, started by `check()`
     and stopped when `generate()` ends, so there is no URL to manage. Prompts go to `/completion` as
     the exact tokens our template rendered (`Job.prompt_ids`), so the text equals the `hf` backend's
-    on the F32 GGUF target (tests/integration/test_llamacpp.py). `threads` CPU threads per request,
-    `parallel` requests at once."""
+    on the F32 GGUF target (tests/integration/test_llamacpp.py). `threads`: the server's CPU threads;
+    `parallel`: requests in flight, which llama.cpp decodes together in one batch (its slots), so
+    batch 16 labels about 2x faster than batch 1 here (BENCHMARKS.md, section 4). Batched and
+    single decoding may differ at near-ties, as hf's batches do."""
 
     name = "llamacpp"
 

@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--concurrency", type=int, default=16, help="openai backend: requests in flight per server")
     p.add_argument("--timeout", type=float, default=600.0, help="openai backend: seconds per request")
     p.add_argument("--retries", type=int, default=4, help="openai backend: retries per request (5xx, timeouts)")
-    p.add_argument("--batch-size", type=int, default=8, help="hf backend: prompts per generate() batch")
+    p.add_argument("--batch-size", type=int, default=8, help="hf backend: prompts per generate() batch; "
+                                                               "llamacpp: requests decoded together (parallel slots)")
     p.add_argument("--device", default="cpu", help="hf backend: cpu or cuda[:i]")
     p.add_argument("--dtype", default="auto", help="hf backend: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16")
     p.add_argument("--retry-failed", action="store_true", help="re-attempt exactly the ids in OUT/failed.jsonl")
@@ -44,16 +45,20 @@ def register(subparsers) -> None:
     a.set_defaults(handler=_audit)
     labels.set_defaults(handler=lambda args: (labels.print_help(), 2)[1])
 
-    s = subparsers.add_parser("serve-cmd", help="print the commands that start one SGLang/vLLM server per GPU",
+    s = subparsers.add_parser("serve-cmd", help="print the commands that start one SGLang/vLLM server per GPU, "
+                                                "or a llama.cpp server (CPU)",
                               description="Print launch commands for N OpenAI-compatible servers (one per GPU, "
-                                          "ports P..P+N-1) and the matching `dflash-lab label` command.")
+                                          "ports P..P+N-1), or for one llama.cpp server, and the matching "
+                                          "`dflash-lab label` / `eval` command.")
     s.add_argument("--engine", choices=["sglang", "vllm", "llamacpp"], required=True,
                    help="llamacpp: llama-server for a target GGUF and an exported draft GGUF (CPU is enough)")
-    s.add_argument("--target", required=True, help="model path or hub id the servers load")
-    s.add_argument("--gpus", type=int, default=1)
-    s.add_argument("--port", type=int, default=None, help="first port (sglang 30000, vllm 8000)")
+    s.add_argument("--target", required=True, help="model path or hub id the servers load (llamacpp: a .gguf file, "
+                                                   "or the embedded name for its F32 GGUF)")
+    s.add_argument("--gpus", type=int, default=1, help="sglang/vllm: one server per GPU (llamacpp: one server)")
+    s.add_argument("--port", type=int, default=None, help="first port (sglang 30000, vllm 8000, llamacpp 8080)")
     s.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0 to serve other machines)")
-    s.add_argument("--draft", default=None, help="a DFlash draft directory: serve with speculative decoding")
+    s.add_argument("--draft", default=None, help="serve with speculative decoding: a DFlash draft directory "
+                                                 "(sglang/vllm), an exported draft GGUF (llamacpp)")
     s.set_defaults(handler=_serve_cmd)
 
 
@@ -104,7 +109,7 @@ def _audit(args) -> int:
 
 
 def _serve_cmd(args) -> int:
-    from dflash_lab.labels.serve import serve_commands, server_urls
+    from dflash_lab.labels.serve import next_step_hint, serve_commands
     from dflash_lab.models import embedded
 
     target = args.target
@@ -113,15 +118,12 @@ def _serve_cmd(args) -> int:
         if target in embedded.EMBEDDED_TARGETS:
             target = str(embedded.gguf_path(target, "f32"))  # the numbers our own loop computes with
         extra = ["--alias", served_name]
-    elif target in embedded.EMBEDDED_TARGETS:
-        target = str(embedded.fetch(target))  # the servers need the converted directory
-    if args.engine != "llamacpp":
+    else:
+        if target in embedded.EMBEDDED_TARGETS:
+            target = str(embedded.fetch(target))  # the servers need the converted directory
         extra = ["--served-model-name", served_name]
     for line in serve_commands(args.engine, target, args.gpus, args.port, draft=args.draft, host=args.host,
                                extra_args=extra):
         print(line)
-    if args.draft is None and args.engine != "llamacpp":
-        servers = " ".join(f"--server {url}" for url in server_urls(args.engine, args.gpus, args.port, args.host))
-        print(f"# then: dflash-lab label --backend openai {servers} --target {args.target} --prompts PROMPTS --out OUT",
-              file=sys.stderr)
+    print(next_step_hint(args.engine, args.target, args.gpus, args.port, args.host, draft=args.draft), file=sys.stderr)
     return 0

@@ -439,7 +439,10 @@ def make_backend(name: str, target, max_new_tokens: int, *, batch_size: int = 8,
         from dflash_lab.eval.llamacpp import target_gguf_for
         from dflash_lab.labels.backends import LlamaCppBackend
 
-        return LlamaCppBackend(target_gguf_for(target.name), max_new_tokens)
+        # batch_size = llama.cpp's parallel slots: the server decodes every active slot in one batch,
+        # as hf decodes its padded batch. One thread: llama.cpp's threads spin-wait for each other at
+        # every step, and on a shared 2-core box two of them stalled the demo's labels (BENCHMARKS.md, 4)
+        return LlamaCppBackend(target_gguf_for(target.name), max_new_tokens, threads=1, parallel=batch_size)
     raise DFlashLabError(f"--backend {name!r}: choose hf, openai, vllm or llamacpp")
 
 

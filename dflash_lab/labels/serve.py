@@ -47,6 +47,9 @@ def serve_commands(engine: str, target: str, gpus: int = 1, port: int | None = N
     if engine not in DEFAULT_PORTS:
         raise DFlashLabError(f"--engine {engine!r}: choose sglang, vllm or llamacpp")
     if engine == "llamacpp":
+        if gpus != 1:
+            raise DFlashLabError(f"--gpus {gpus}: llama.cpp serves on the CPU, one server per command; drop --gpus "
+                                 "(run the command again with another --port for a second server)")
         return llamacpp_commands(target, port, draft=draft, host=host, extra_args=extra_args)
     if gpus < 1:
         raise DFlashLabError(f"--gpus must be >= 1, got {gpus}")
@@ -75,6 +78,20 @@ def serve_commands(engine: str, target: str, gpus: int = 1, port: int | None = N
 def server_urls(engine: str, gpus: int = 1, port: int | None = None, host: str = "127.0.0.1") -> list[str]:
     port = DEFAULT_PORTS[engine] if port is None else port
     return [f"http://{host}:{port + gpu}" for gpu in range(gpus)]
+
+
+def next_step_hint(engine: str, target: str, gpus: int = 1, port: int | None = None, host: str = "127.0.0.1", *,
+                   draft: str | None = None) -> str:
+    """What to run against the printed servers: labels from plain servers; with a draft, the
+    evaluation (llama.cpp: `eval --backend llamacpp` reads tau from its timings)."""
+    servers = " ".join(f"--server {url}" for url in server_urls(engine, gpus, port, host))
+    if draft is None:
+        return f"# then: dflash-lab label --backend openai {servers} --target {target} --prompts PROMPTS --out OUT"
+    if engine == "llamacpp":
+        return (f"# then: dflash-lab eval --backend llamacpp {servers} --target {target} --draft DRAFT_DIR "
+                "--out OUT.json\n# (DRAFT_DIR: the checkpoint exported to the GGUF; without --server, eval starts "
+                "its own servers, with and without the draft, and checks that the texts are equal)")
+    return f"# then: dflash-lab eval --backend {engine} {servers} --target {target} --draft {draft} --out OUT.json"
 
 
 def gguf_draft_block_size(draft_gguf: str | Path) -> int:

@@ -9,6 +9,17 @@
 - labels: the `llamacpp` backend and the `openai` backend against a real llama.cpp server give the
   `hf` backend's text; kill -9 mid-run resumes with every prompt exactly once; a server stopped
   mid-run is a clear error and loses nothing.
+
+Two drafts, trained once per module on the same two memorised records (about 30-45 s each here):
+- the gate draft has the demo's draft shape (one layer, block 16, the default tap `[L // 2]` = 15,
+  initialised from the target's last layer); the demo itself takes 30 minutes, too long for a test;
+- the tap-0 draft is the same but taps layer 0. It exists for the layer-ids negative case: without
+  the +1, llama.cpp feeds a draft the INPUT of its tapped layer, i.e. the previous layer's output.
+  For tap 15 that is layer 14's output, whose residual stream is nearly layer 15's (cosine 0.97 on
+  these prompts), and the memorised gate draft proposes exactly the same tokens from either (its
+  per-cycle acceptance is identical in our own loop with the taps moved one layer down), so no
+  accepted count can tell them apart. For tap 0 the wrong file feeds the raw token embeddings
+  (cosine 0.03 to layer 0's output): measured in our loop, 20 memorised tokens accepted become 1.
 """
 
 from __future__ import annotations
@@ -41,16 +52,18 @@ MAX_NEW = 40
 GATE_MAX_NEW = 16  # the memorised answers: short, so a few minutes of training memorise them
 
 # A recipe that memorises two short records in a few minutes on this CPU: every position an
-# anchor, all 15 slots scored, a high learning rate, no held-out split.
+# anchor, all 15 slots scored, a high learning rate, no held-out split. TAPS: the draft's
+# target_layer_ids (null: the default for one layer, [L // 2]).
 GATE_RECIPE = """\
 target: {name: smollm2-135m-instruct, dtype: float32}
-draft: {num_layers: 1, block_size: 16, mask_token_id: 16, init: scratch, init_from_target_layers: true}
+draft: {num_layers: 1, block_size: 16, mask_token_id: 16, init: scratch, init_from_target_layers: true,
+        target_layer_ids: TAPS}
 data: {max_length: 64, num_anchors: 32, heldout: 0}
 loss: {name: ce, chunk_slots: 8192}
 train: {lr: 2.0e-3, epochs: EPOCHS, micro_batch: 2, global_batch: 2, warmup_ratio: 0.0, seed: 0, device: cpu,
-        cpu_threads: 1, save_every: 1000, eval_interval: 0, keep_last: 1}
+        cpu_threads: 1, save_every: 1000, eval_interval: 0, keep_last: 1, keep_epoch_ends: false}
 """
-GATE_EPOCHS = 40  # measured: loss 0.03 and 20 of 20 drafted tokens accepted after 33 steps
+GATE_EPOCHS = 40  # measured: loss 0.05 and every slot's training accuracy 1.0 after 40 steps
 
 pytestmark = pytest.mark.slow
 
@@ -72,43 +85,72 @@ def _prompt_ids(target, text):
 
 
 @pytest.fixture(scope="module")
-def gate_draft(tmp_path_factory, target):
-    """Train with the real CLI on the target's own greedy answers to GATE_PROMPTS until memorised."""
-    root = tmp_path_factory.mktemp("gate")
+def gate_labels(tmp_path_factory, target) -> Path:
+    """The target's own greedy answers (GATE_MAX_NEW tokens) to GATE_PROMPTS, as a label directory."""
+    labels = tmp_path_factory.mktemp("gate-labels") / "labels"
     rows = []
     for i, text in enumerate(GATE_PROMPTS):
         messages = [{"role": "user", "content": text}]
         result = greedy_generate(target, _prompt_ids(target, text), GATE_MAX_NEW, target.stop_token_ids)
         rows.append({"id": f"g{i}", "category": "chat", "source": "gate", "finish_reason": result.finish_reason,
                      "messages": messages + [{"role": "assistant", "content": target.decode(result.output_ids)}]})
-    write_jsonl(root / "labels" / "shard-00000.jsonl", rows)
-    (root / "labels" / "meta.json").write_text('{"kind": "labels"}')
+    write_jsonl(labels / "shard-00000.jsonl", rows)
+    (labels / "meta.json").write_text('{"kind": "labels"}')
+    return labels
+
+
+def _train_memorising_draft(labels: Path, root: Path, taps: list[int] | None) -> Path:
+    """Train with the real CLI on `labels` until memorised; returns the final checkpoint."""
     recipe = root / "gate.yaml"
-    recipe.write_text(GATE_RECIPE.replace("EPOCHS", str(GATE_EPOCHS)))
-    assert main(["train", "--config", str(recipe), "--data", str(root / "labels"), "--out", str(root / "run"),
+    recipe.write_text(GATE_RECIPE.replace("EPOCHS", str(GATE_EPOCHS)).replace("TAPS", json.dumps(taps)))
+    assert main(["train", "--config", str(recipe), "--data", str(labels), "--out", str(root / "run"),
                  "--no-progress"]) == 0
     return root / "run" / "checkpoints" / "final"
 
 
-def _accepted_ours(target, drafter, ids):
-    result = speculative_generate(target, drafter, ids, MAX_NEW, target.stop_token_ids)
-    return result, sum(c - 1 for c in result.cycle_acceptance)
+@pytest.fixture(scope="module")
+def gate_draft(tmp_path_factory, gate_labels):
+    """The demo's draft shape (default tap 15), memorising GATE_PROMPTS' answers."""
+    return _train_memorising_draft(gate_labels, tmp_path_factory.mktemp("gate"), None)
 
 
-def parity_mismatches(target, draft_dir, f32, out: Path, fault=ExportFault.NONE) -> list[str]:
+@pytest.fixture(scope="module")
+def tap0_draft(tmp_path_factory, gate_labels):
+    """The same draft tapping layer 0: the one whose features a wrong layer mapping changes (docstring)."""
+    return _train_memorising_draft(gate_labels, tmp_path_factory.mktemp("tap0"), [0])
+
+
+PARITY_PROMPTS = GATE_PROMPTS + OTHER_PROMPTS
+
+
+@pytest.fixture(scope="module")
+def builtin_runs() -> dict:
+    """draft dir -> our builtin loop's results on PARITY_PROMPTS, computed once per draft: the
+    positive and negative parity cases compare llama.cpp runs of different files with one reference."""
+    return {}
+
+
+def builtin_results(target, draft_dir, runs: dict) -> list:
+    key = str(draft_dir)
+    if key not in runs:
+        drafter = make_drafter("dflash", target=target, draft=load_draft(draft_dir, target), block_size=16)
+        runs[key] = [speculative_generate(target, drafter, _prompt_ids(target, text), MAX_NEW, target.stop_token_ids)
+                     for text in PARITY_PROMPTS]
+    return runs[key]
+
+
+def parity_mismatches(target, draft_dir, f32, out: Path, runs: dict, fault=ExportFault.NONE) -> list[str]:
     """Per prompt, llama.cpp's accepted count vs our builtin loop's; returns the mismatches.
 
     One accounting difference is not a mismatch: when a response ends on a stop token that the
     DRAFT proposed, llama.cpp counts that token as accepted, our loop counts it as its cycle's own
     token (so ours has one more cycle and one fewer accepted, the same tokens in total)."""
     gguf = export_draft_gguf(draft_dir, f32, out, fault=fault)
-    drafter = make_drafter("dflash", target=target, draft=load_draft(draft_dir, target), block_size=16)
     bad = []
     with L.LlamaServer(L.EngineConfig(model=f32, draft=gguf, speculative="dflash")) as url:
-        for text in GATE_PROMPTS + OTHER_PROMPTS:
-            ids = _prompt_ids(target, text)
-            ours, accepted = _accepted_ours(target, drafter, ids)
-            theirs = L.post_completion(url, ids, MAX_NEW)
+        for text, ours in zip(PARITY_PROMPTS, builtin_results(target, draft_dir, runs)):
+            accepted = sum(c - 1 for c in ours.cycle_acceptance)
+            theirs = L.post_completion(url, _prompt_ids(target, text), MAX_NEW)
             if theirs["output_ids"] != ours.output_ids:
                 bad.append(f"{text!r}: different text")
                 continue
@@ -135,22 +177,28 @@ def test_serving_gate_memorised_draft(gate_draft, target, f32, tmp_path):
     assert all(p["draft_n"] == 0 for p in plain)
 
 
-def test_parity_with_builtin_loop(gate_draft, target, f32, tmp_path):
-    assert parity_mismatches(target, gate_draft, f32, tmp_path / "ok.gguf") == []
+@pytest.mark.parametrize("draft", ["gate_draft", "tap0_draft"])
+def test_parity_with_builtin_loop(draft, request, target, f32, builtin_runs, tmp_path):
+    assert parity_mismatches(target, request.getfixturevalue(draft), f32, tmp_path / "ok.gguf", builtin_runs) == []
 
 
-@pytest.mark.parametrize("fault", [
-    ExportFault.NO_ROPE_FREQ_BASE,
-    # Known open defect (2026-12-02): since the token-level trainer, token store and anchor rule
-    # landed, the gate draft's accepted counts are identical with layer ids written with and without
-    # the +1 (6/15/2/1 on the four prompts), so parity no longer catches this fault. strict: the
-    # test fails as soon as the check catches it again, so the marker cannot outlive the fix.
-    pytest.param(ExportFault.LAYER_IDS_WITHOUT_PLUS_ONE, marks=pytest.mark.xfail(
-        strict=True, reason="the gate draft's acceptance does not depend on the tapped layer (open)")),
+@pytest.mark.parametrize("fault, draft", [
+    (ExportFault.NO_ROPE_FREQ_BASE, "gate_draft"),
+    # the tap-0 draft: the gate draft's acceptance does not depend on the tapped layer (docstring);
+    # test_parity_with_builtin_loop[tap0_draft] shows the same check passes on the right file
+    (ExportFault.LAYER_IDS_WITHOUT_PLUS_ONE, "tap0_draft"),
 ])
-def test_parity_catches_a_wrong_export(gate_draft, target, f32, tmp_path, fault):
-    bad = parity_mismatches(target, gate_draft, f32, tmp_path / f"{fault.value}.gguf", fault=fault)
+def test_parity_catches_a_wrong_export(fault, draft, request, target, f32, builtin_runs, tmp_path):
+    bad = parity_mismatches(target, request.getfixturevalue(draft), f32, tmp_path / f"{fault.value}.gguf",
+                            builtin_runs, fault=fault)
     assert bad, f"the parity check did not catch an export with {fault.value}"
+
+
+def _one_cycle_per_block_tau(responses, block_size: int = 16) -> float:
+    """The best tau a draft can reach on these responses: every verify step commits a whole block
+    (the first token comes from the prefill, so n tokens need ceil((n - 1) / block_size) steps)."""
+    committed = [len(r["output_ids"]) - 1 for r in responses]
+    return sum(committed) / sum(-(-c // block_size) for c in committed)
 
 
 def test_eval_backend_in_process_tau_equals_builtin(gate_draft, target, tmp_path):
@@ -159,14 +207,18 @@ def test_eval_backend_in_process_tau_equals_builtin(gate_draft, target, tmp_path
 
     bench = Benchmark(name="gate", samples=[Sample(id=str(i), index=i, turns=(t,)) for i, t in enumerate(GATE_PROMPTS)],
                       source="test", selection="first", selected=True)
-    ours = evaluate(target, str(gate_draft), [bench], max_new_tokens=MAX_NEW, progress=False)
-    ll = evaluate(target, str(gate_draft), [bench], max_new_tokens=MAX_NEW, progress=False, backend="llamacpp")
+    # the memorised answers (GATE_MAX_NEW tokens): past them the draft was never trained, and its tau
+    # there (about 1) says nothing about the engine (at 40 tokens the pooled tau is about 2)
+    ours = evaluate(target, str(gate_draft), [bench], max_new_tokens=GATE_MAX_NEW, progress=False)
+    ll = evaluate(target, str(gate_draft), [bench], max_new_tokens=GATE_MAX_NEW, progress=False, backend="llamacpp")
     a, b = ours["benchmarks"]["gate"], ll["benchmarks"]["gate"]
     assert b["lossless"] is True and a["lossless"] is True
     assert [r["output_ids"] for r in b["responses"]] == [r["output_ids"] for r in a["responses"]]
-    assert b["tau_pooled"] == pytest.approx(a["tau_pooled"], abs=0.35)
-    # 40 new tokens, of which the draft memorised the first 16: measured 1.9-2.0 after the merge (3+ before)
-    assert b["tau_pooled"] > 1.5 and b["greedy_tokens_per_s"] and b["tokens_per_s"]
+    assert b["tau_pooled"] == pytest.approx(a["tau_pooled"], rel=0.05)
+    best = _one_cycle_per_block_tau(a["responses"])
+    # the serving gate's bar in tau: the memorised draft reaches >= 90% of the best possible
+    assert a["tau_pooled"] >= 0.9 * best and b["tau_pooled"] >= 0.9 * best, (a["tau_pooled"], b["tau_pooled"], best)
+    assert b["greedy_tokens_per_s"] and b["tokens_per_s"]
     assert ll["llamacpp_target"].endswith(".f32.gguf")
     ngram = evaluate(target, "prompt-lookup", [bench], max_new_tokens=MAX_NEW, progress=False, backend="llamacpp")
     assert ngram["benchmarks"]["gate"]["lossless"] is True
@@ -179,7 +231,7 @@ def _rows(texts):
             for i, t in enumerate(texts)]
 
 
-LABEL_TEXTS = GATE_PROMPTS + OTHER_PROMPTS
+LABEL_TEXTS = PARITY_PROMPTS
 
 
 def _texts(out):
@@ -189,7 +241,11 @@ def _texts(out):
 def test_label_backends_llamacpp_and_openai_equal_hf(tmp_path, target, f32):
     prompts = write_jsonl(tmp_path / "p.jsonl", _rows(LABEL_TEXTS))
     run_labels(prompts, target, tmp_path / "hf", max_new_tokens=24, batch_size=1, progress=False)
-    run_labels(prompts, TARGET, tmp_path / "ll", backend="llamacpp", max_new_tokens=24, progress=False)
+    run_labels(prompts, TARGET, tmp_path / "ll", backend="llamacpp", max_new_tokens=24, batch_size=1, progress=False)
+    # batch 4: four llama.cpp slots decoded together (batched arithmetic may flip a near-tie, so
+    # this run is checked for completeness; batch 1 above is the exact comparison)
+    run_labels(prompts, TARGET, tmp_path / "ll4", backend="llamacpp", max_new_tokens=24, batch_size=4,
+               progress=False)
     tok = load_tokenizer_target(TARGET)
     with L.LlamaServer(L.EngineConfig(model=f32, alias=tok.name)) as url:
         run_labels(prompts, tok, tmp_path / "api", backend="openai", servers=[url], max_new_tokens=24,
@@ -197,6 +253,9 @@ def test_label_backends_llamacpp_and_openai_equal_hf(tmp_path, target, f32):
     hf = _texts(tmp_path / "hf")
     assert len(hf) == len(LABEL_TEXTS)
     assert _texts(tmp_path / "ll") == hf
+    batched = _texts(tmp_path / "ll4")
+    assert batched.keys() == hf.keys() and all(text for text, _ in batched.values())
+    assert json.loads((tmp_path / "ll4" / "meta.json").read_text())["backend_info"]["parallel"] == 4
     assert _texts(tmp_path / "api") == hf
 
 

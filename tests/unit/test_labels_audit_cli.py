@@ -72,6 +72,40 @@ def test_serve_cmd_lines(tmp_path):
         serve_commands("sglang", "T", draft=str(tmp_path / "missing"))
 
 
+def test_serve_cmd_llamacpp_cli(tmp_path, capsys):
+    """serve-cmd --engine llamacpp: llama-server and the in-process equivalent with the draft GGUF's
+    block size, the next command on stderr, and clear errors for what llama.cpp cannot take."""
+    from gguf import GGUFWriter
+
+    draft = tmp_path / "draft.gguf"
+    writer = GGUFWriter(str(draft), "dflash")  # the two keys serve-cmd reads from an exported draft
+    writer.add_uint32("dflash.block_size", 8)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    target = tmp_path / "target.gguf"
+    assert main(["serve-cmd", "--engine", "llamacpp", "--target", str(target), "--draft", str(draft)]) == 0
+    printed = capsys.readouterr()
+    server, comment, module = printed.out.splitlines()
+    assert shlex.split(server) == ["llama-server", "-m", str(target), "-md", str(draft), "--spec-type", "draft-dflash",
+                                   "--spec-draft-n-max", "7", "--host", "127.0.0.1", "--port", "8080",
+                                   "--alias", str(target)]
+    assert comment.startswith("# or, without a llama-server binary")
+    assert shlex.split(module)[:3] == ["python", "-m", "dflash_lab.eval.llamacpp"] and "--spec-draft-n-max 7" in module
+    assert "dflash-lab eval --backend llamacpp --server http://127.0.0.1:8080" in printed.err
+    assert main(["serve-cmd", "--engine", "llamacpp", "--target", str(target), "--port", "9000"]) == 0
+    printed = capsys.readouterr()
+    assert "-md" not in printed.out and "--port 9000" in printed.out
+    assert "dflash-lab label --backend openai --server http://127.0.0.1:9000" in printed.err
+    assert main(["serve-cmd", "--engine", "llamacpp", "--target", str(target), "--gpus", "2"]) == 2
+    assert "--gpus 2" in capsys.readouterr().err
+    assert main(["serve-cmd", "--engine", "llamacpp", "--target", str(tmp_path / "model-dir")]) == 2
+    assert ".gguf" in capsys.readouterr().err
+    assert main(["serve-cmd", "--engine", "llamacpp", "--target", str(target), "--draft", str(tmp_path)]) == 2
+    assert "draft export" in capsys.readouterr().err
+
+
 def test_cli_label_audit_and_errors(tmp_path, capsys):
     target = tiny_target_dir(tmp_path / "t", "llama")
     prompts = tmp_path / "set"
