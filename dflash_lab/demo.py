@@ -336,7 +336,7 @@ def llamacpp_available() -> bool:
 
 def label_backend() -> str:
     """`llamacpp` (in-process, F32 GGUF: the same text as `hf` but for near-ties) when xllamacpp is
-    installed: at the demo's batch size it labelled the demo's prompts 4.2x faster than `hf` here
+    installed: at the demo's batch size it labelled the demo's prompts 3.3x faster than `hf` here
     (BENCHMARKS.md, section 4), so more of the demo's time goes to training; else `hf`."""
     return "llamacpp" if llamacpp_available() else "hf"
 

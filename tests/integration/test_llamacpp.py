@@ -19,7 +19,8 @@ Two drafts, trained once per module on the same two memorised records (about 30-
   these prompts), and the memorised gate draft proposes exactly the same tokens from either (its
   per-cycle acceptance is identical in our own loop with the taps moved one layer down), so no
   accepted count can tell them apart. For tap 0 the wrong file feeds the raw token embeddings
-  (cosine 0.03 to layer 0's output): measured in our loop, 20 memorised tokens accepted become 1.
+  (cosine 0.03 to layer 0's output): measured with llama.cpp, 22 accepted tokens on the four
+  prompts become 1 (the gate draft: 25 with either file).
 """
 
 from __future__ import annotations
