@@ -19,6 +19,9 @@ Options for measuring a lever against noise and from a warm start (issues 15 and
     python bench/bench_levers.py --labels L --minutes 4 --seeds 0,1 --heldout 32 \
         --feature-cache W/cache --init W/losses/warm-start/checkpoints/final --work W/dflash2 \
         --variants v1,dflash2,dflash2-exclude --real-tau --bench-dir BENCH_DIR
+    # both in one run: `v1` IS `survival-eal` from a warm start (the stage-2 recipe's loss)
+    ... --variants survival-eal,dpace-anchors,dpace-weights,ce,dflash2,dflash2-exclude \
+        --real-tau survival-eal,dflash2,dflash2-exclude --bench-dir BENCH_DIR
 
 - `--seeds 0,1` repeats every variant with `train.seed` = each seed. The seed also draws the
   held-out split, so the spread between seeds is the noise of one run (training and held-out set
@@ -31,8 +34,9 @@ Options for measuring a lever against noise and from a warm start (issues 15 and
 - `--feature-cache DIR` shares one cache of target features between the runs (the same for v1 and
   DFlash2: both read layer 15); `--prefill` fills it for every labelled sequence first, so no run
   spends its budget on target forwards.
-- `--real-tau` evaluates every final checkpoint with the builtin harness (`dflash-lab eval`) on the
-  demo's eval prompts: the paper's selection, 2 prompts per benchmark, 64 new tokens, lossless check on.
+- `--real-tau [VARIANTS]` evaluates the final checkpoints (of all variants, or of those listed) with
+  the builtin harness (`dflash-lab eval`) on the demo's eval prompts: the paper's selection, 2 prompts
+  per benchmark, 64 new tokens, lossless check on.
 """
 
 from __future__ import annotations
@@ -252,7 +256,7 @@ def run_all(args, work: Path, names: list[str], seeds: list[int]) -> tuple[dict,
                        **summarise(work / job["run"])}
                 rows[job["run"]] = row
                 print(f"done {job['run']}: {json.dumps(row)}", flush=True)
-                if args.real_tau and (work / job["run"] / "checkpoints" / "final").is_dir():
+                if wants_real_tau(args, job["name"]) and (work / job["run"] / "checkpoints" / "final").is_dir():
                     job.update(phase="eval", started=time.time(),
                                proc=subprocess.Popen(eval_command(args, work, job["run"]), stdout=job["log"],
                                                      stderr=subprocess.STDOUT, env=_env()))
@@ -267,12 +271,15 @@ def run_all(args, work: Path, names: list[str], seeds: list[int]) -> tuple[dict,
     return rows, loads
 
 
+def wants_real_tau(args, name: str) -> bool:
+    return bool(args.real_tau) and (args.real_tau == "all" or name in args.real_tau.split(","))
+
+
 def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
 def print_tables(rows: dict, names: list[str], seeds: list[int], args, loads: list[float]) -> None:
-    real = args.real_tau
     print(f"\n{'run':<22}{'steps':>7}{'held-out tau':>14}{'train acc@1':>13}{'loss':>9}"
           f"{'sel/unary tau (train)':>24}{'real tau':>10}{'wall s':>8}"
           f"   ({args.minutes} min budget each, {args.parallel} at a time, 1 thread each)")
@@ -284,7 +291,7 @@ def print_tables(rows: dict, names: list[str], seeds: list[int], args, loads: li
             sel = (f"{_fmt(r['train_selector_tau'])} / {_fmt(r['train_unary_tau'])}"
                    if r.get("train_selector_tau") is not None else "-")
             print(f"{name + '-s' + str(seed):<22}{r['steps']:>7}{_fmt(r['heldout_tau']):>14}{_fmt(r['acc1']):>13}"
-                  f"{_fmt(r['loss']):>9}{sel:>24}{_fmt(r.get('real_tau') if real else None, 2):>10}{r['wall_s']:>8.0f}")
+                  f"{_fmt(r['loss']):>9}{sel:>24}{_fmt(r.get('real_tau'), 2):>10}{r['wall_s']:>8.0f}")
     # the noise: how far one variant's runs spread over seeds, and the paired differences
     print(f"\n{'variant':<18}{'mean held-out tau':>18}{'seed spread':>13}{'diff vs ' + names[0] + ' per seed':>32}"
           f"{'mean real tau':>15}")
@@ -318,13 +325,16 @@ def main() -> None:
                         help="the demo stage whose recipe the variants change (default: 2 with a warm start, else 1)")
     parser.add_argument("--feature-cache", default=None, help="one feature cache for every run (default: one per run)")
     parser.add_argument("--prefill", action="store_true", help="fill --feature-cache for every sequence first")
-    parser.add_argument("--real-tau", action="store_true", help="also evaluate each final checkpoint on the demo's prompts")
+    parser.add_argument("--real-tau", nargs="?", const="all", default=None, metavar="VARIANTS",
+                        help="also evaluate the final checkpoints on the demo's eval prompts (all variants, or a comma list)")
     parser.add_argument("--bench-dir", default=None, help="the benchmark files, for --real-tau")
     args = parser.parse_args()
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if args.real_tau not in (None, "all") and set(args.real_tau.split(",")) - set(names):
+        parser.error(f"--real-tau {args.real_tau}: name variants of --variants ({args.variants})")
     if args.real_tau and not args.bench_dir:
         parser.error("--real-tau needs --bench-dir (the folder with the five benchmark files)")
     if args.prefill and not args.feature_cache:
