@@ -109,12 +109,14 @@ def expand(overrides: list[str]) -> list[str]:
 
 
 def recipe(cache: str, minutes: float, stage: str = "stage1-kd", init: str = "scratch", heldout: int = 16,
-           threads: int = 1) -> dict:
+           threads: int = 1, wall_budget: bool = True) -> dict:
+    """The demo's `stage` recipe for one run: `minutes` of training sized by the trainer's time
+    budget (`wall_budget`), or the schedule left to a `train.max_steps` override (`--budget cpu`)."""
     from dflash_lab.demo import PRESETS, demo_recipe
 
     r = demo_recipe(PRESETS["default"], stage, Path(cache), init=init)
     # the schedule is sized to the time budget; one held-out evaluation, at the end
-    r["train"].update(max_steps=100000, time_budget_s=minutes * 60, min_steps=None, eval_interval=0,
+    r["train"].update(max_steps=100000, time_budget_s=minutes * 60 if wall_budget else None, min_steps=None, eval_interval=0,
                       save_every=0, cpu_threads=threads, keep_last=1)
     # a count (not the demo's 5%): more held-out blocks, less noise in the tau of one run
     r["data"].update(heldout=heldout, heldout_max=heldout)
@@ -187,8 +189,8 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def train_command(args, work: Path, name: str, seed: int) -> list[str]:
-    run = f"{name}-s{seed}"
+def train_command(args, work: Path, name: str, seed: int, run: str | None = None) -> list[str]:
+    run = run or f"{name}-s{seed}"
     # without a shared cache each run fills its own inside its budget: the same footing for all
     cache = args.feature_cache or work / "cache" / run
     return [sys.executable, "-m", "dflash_lab", "train", "--config", str(work / "base.yaml"),
@@ -217,7 +219,9 @@ def summarise(run_dir: Path) -> dict:
         values = [m[key] if index is None else m[key][index] for m in steps if key in m]
         return sum(values) / len(values) if values else None
 
+    step_s = [m["step_s"] for m in metrics if "step_s" in m]
     return {"steps": metrics[-1]["step"], "heldout_tau": final[-1].get("heldout_tau") if final else None,
+            "train_wall_s": sum(step_s),
             "acc1": mean("acc_per_slot", 0), "loss": mean("loss"),
             "train_selector_tau": mean("selector_tau"), "train_unary_tau": mean("unary_tau")}
 
@@ -230,45 +234,137 @@ def real_tau(path: Path) -> dict:
     return {"real_tau": sum(taus.values()) / len(taus), "real_tau_by_bench": taus, "lossless": lossless}
 
 
-def run_all(args, work: Path, names: list[str], seeds: list[int]) -> tuple[dict, list[float]]:
-    """Every (variant, seed), `--parallel` at a time: training, then (with --real-tau) evaluation
-    in the same slot. Returns the rows and the 1-minute load averages sampled meanwhile."""
-    jobs = [(name, seed) for seed in seeds for name in names]  # one seed's variants side by side
-    running, rows, loads = [], {}, []
-    while jobs or running:
-        while jobs and len(running) < args.parallel:
-            name, seed = jobs.pop(0)
-            run = f"{name}-s{seed}"
-            log = open(work / f"{run}.log", "w")
-            proc = subprocess.Popen(train_command(args, work, name, seed), stdout=log, stderr=subprocess.STDOUT,
-                                    env=_env())
-            running.append({"run": run, "name": name, "seed": seed, "proc": proc, "log": log, "phase": "train",
-                            "started": time.time()})
-        time.sleep(5)
-        loads.append(os.getloadavg()[0])
-        for job in list(running):
-            if job["proc"].poll() is None and time.time() - job["started"] < args.minutes * 120 + 900:
-                continue
-            job["proc"].kill()
-            job["proc"].wait()
-            if job["phase"] == "train":
-                row = {"variant": job["name"], "seed": job["seed"], "wall_s": time.time() - job["started"],
-                       **summarise(work / job["run"])}
-                rows[job["run"]] = row
-                print(f"done {job['run']}: {json.dumps(row)}", flush=True)
-                if wants_real_tau(args, job["name"]) and (work / job["run"] / "checkpoints" / "final").is_dir():
-                    job.update(phase="eval", started=time.time(),
-                               proc=subprocess.Popen(eval_command(args, work, job["run"]), stdout=job["log"],
-                                                     stderr=subprocess.STDOUT, env=_env()))
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a running process (all its threads), from /proc; None once gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def last_step(run_dir: Path) -> int:
+    """The last training step written to metrics.jsonl (one row per step on CPU), 0 before the first."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+class Job:
+    """One child process (a training or an evaluation) and the CPU time it spent per training step."""
+
+    def __init__(self, name: str, seed: int, run: str, cmd: list[str], log: Path, run_dir: Path | None = None):
+        self.name, self.seed, self.run, self.run_dir = name, seed, run, run_dir
+        self.log = open(log, "a")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=_env())
+        self.started = time.time()
+        self.samples: list[tuple[int, float]] = []  # (step, CPU seconds) while training
+
+    def poll(self) -> bool:
+        """True while running; samples (step, CPU time) of a training."""
+        if self.proc.poll() is not None:
+            return False
+        if self.run_dir is not None:
+            step, cpu = last_step(self.run_dir), cpu_seconds(self.proc.pid)
+            if step and cpu is not None and (not self.samples or self.samples[-1][0] != step):
+                self.samples.append((step, cpu))
+        return True
+
+    def cpu_per_step(self) -> float | None:
+        """CPU seconds per step between the first step seen and the last one (set-up and the first
+        step's warm-up excluded)."""
+        first = next((x for x in self.samples if x[0] >= 2), None)
+        if first is None or self.samples[-1][0] <= first[0]:
+            return None
+        return (self.samples[-1][1] - first[1]) / (self.samples[-1][0] - first[0])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
+
+def run_rounds(jobs: list[tuple], parallel: int, start, loads: list[float], finished=None, until_step=None,
+               timeout_s: float = 3600.0) -> None:
+    """Start `parallel` jobs together and wait for all of them before the next round, so that the
+    runs compared side by side share the machine the same way. `until_step`: stop a training once
+    it has written that step (the calibration)."""
+    jobs = list(jobs)
+    while jobs:
+        running = [start(*jobs.pop(0)) for _ in range(min(parallel, len(jobs)))]
+        while running:
+            time.sleep(2)
+            loads.append(os.getloadavg()[0])
+            for job in list(running):
+                alive = job.poll()
+                done = until_step is not None and job.samples and job.samples[-1][0] >= until_step
+                if alive and not done and time.time() - job.started < timeout_s:
                     continue
-            else:
-                path = work / f"{job['run']}.eval.json"
-                if path.is_file():
-                    rows[job["run"]].update(real_tau(path))
-                print(f"evaluated {job['run']}: {rows[job['run']].get('real_tau')}", flush=True)
-            job["log"].close()
-            running.remove(job)
-    return rows, loads
+                job.stop()
+                running.remove(job)
+                if finished is not None:
+                    finished(job)
+
+
+def calibrate(args, work: Path, names: list[str], loads: list[float]) -> dict[str, int]:
+    """`--budget cpu`: each variant's CPU seconds per step (steps 2..2+CALIBRATION_STEPS, two variants
+    side by side as in the runs), and the schedule length that spends `--minutes` of CPU time."""
+    per_step = {}
+
+    def start(name):
+        run = f"calibrate-{name}"
+        return Job(name, 0, run, train_command(args, work, name, 0, run=run), work / f"{run}.log", work / run)
+
+    def finished(job):
+        per_step[job.name] = job.cpu_per_step()
+        print(f"calibrated {job.name}: {per_step[job.name]:.2f} CPU s per step", flush=True)
+
+    run_rounds([(n,) for n in names], args.parallel, start, loads, finished, until_step=2 + CALIBRATION_STEPS)
+    return {name: max(1, round(args.minutes * 60 / sec)) for name, sec in per_step.items()}
+
+
+CALIBRATION_STEPS = 5
+
+
+def run_all(args, work: Path, names: list[str], seeds: list[int], loads: list[float],
+            steps: dict[str, int] | None = None) -> dict:
+    """Every (variant, seed), `--parallel` at a time in rounds, one seed's variants side by side;
+    then (with --real-tau) the evaluations, also `--parallel` at a time. `steps`: a fixed schedule
+    per variant (`--budget cpu`) instead of the trainer's time budget."""
+    rows = {}
+
+    def start_training(name, seed):
+        extra = [f"train.max_steps={steps[name]}"] if steps else []
+        run = f"{name}-s{seed}"
+        return Job(name, seed, run, train_command(args, work, name, seed) + extra, work / f"{run}.log", work / run)
+
+    def trained(job):
+        cps = job.cpu_per_step()
+        rows[job.run] = {"variant": job.name, "seed": job.seed, "wall_s": time.time() - job.started,
+                         **summarise(work / job.run), "cpu_per_step": cps}
+        rows[job.run]["train_cpu_s"] = cps * rows[job.run]["steps"] if cps else None
+        print(f"done {job.run}: {json.dumps(rows[job.run])}", flush=True)
+
+    run_rounds([(n, s) for s in seeds for n in names], args.parallel, start_training, loads, trained,
+               timeout_s=args.minutes * 180 + 900)
+    evals = [(r["variant"], r["seed"]) for r in rows.values()
+             if wants_real_tau(args, r["variant"]) and (work / f"{r['variant']}-s{r['seed']}" / "checkpoints" / "final").is_dir()]
+
+    def start_eval(name, seed):
+        run = f"{name}-s{seed}"
+        return Job(name, seed, run, eval_command(args, work, run), work / f"{run}.log")
+
+    def evaluated(job):
+        path = work / f"{job.run}.eval.json"
+        if path.is_file():
+            rows[job.run].update(real_tau(path))
+        print(f"evaluated {job.run}: {rows[job.run].get('real_tau')}", flush=True)
+
+    run_rounds(evals, args.parallel, start_eval, loads, evaluated)
+    return rows
 
 
 def wants_real_tau(args, name: str) -> bool:
@@ -280,9 +376,9 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def print_tables(rows: dict, names: list[str], seeds: list[int], args, loads: list[float]) -> None:
-    print(f"\n{'run':<22}{'steps':>7}{'held-out tau':>14}{'train acc@1':>13}{'loss':>9}"
+    print(f"\n{'run':<22}{'steps':>7}{'train s':>9}{'train CPU s':>13}{'held-out tau':>14}{'train acc@1':>13}{'loss':>9}"
           f"{'sel/unary tau (train)':>24}{'real tau':>10}{'wall s':>8}"
-          f"   ({args.minutes} min budget each, {args.parallel} at a time, 1 thread each)")
+          f"   ({args.minutes} min of {args.budget} time each, {args.parallel} at a time, 1 thread each)")
     for seed in seeds:
         for name in names:
             r = rows.get(f"{name}-s{seed}")
@@ -290,7 +386,8 @@ def print_tables(rows: dict, names: list[str], seeds: list[int], args, loads: li
                 continue
             sel = (f"{_fmt(r['train_selector_tau'])} / {_fmt(r['train_unary_tau'])}"
                    if r.get("train_selector_tau") is not None else "-")
-            print(f"{name + '-s' + str(seed):<22}{r['steps']:>7}{_fmt(r['heldout_tau']):>14}{_fmt(r['acc1']):>13}"
+            print(f"{name + '-s' + str(seed):<22}{r['steps']:>7}{r['train_wall_s']:>9.0f}{_fmt(r.get('train_cpu_s'), 0):>13}"
+                  f"{_fmt(r['heldout_tau']):>14}{_fmt(r['acc1']):>13}"
                   f"{_fmt(r['loss']):>9}{sel:>24}{_fmt(r.get('real_tau'), 2):>10}{r['wall_s']:>8.0f}")
     # the noise: how far one variant's runs spread over seeds, and the paired differences
     print(f"\n{'variant':<18}{'mean held-out tau':>18}{'seed spread':>13}{'diff vs ' + names[0] + ' per seed':>32}"
@@ -328,6 +425,10 @@ def main() -> None:
     parser.add_argument("--real-tau", nargs="?", const="all", default=None, metavar="VARIANTS",
                         help="also evaluate the final checkpoints on the demo's eval prompts (all variants, or a comma list)")
     parser.add_argument("--bench-dir", default=None, help="the benchmark files, for --real-tau")
+    parser.add_argument("--budget", choices=["wall", "cpu"], default="wall",
+                        help="wall: the trainer sizes each schedule to --minutes from three timed steps; cpu: a "
+                             "calibration measures each variant's CPU seconds per step and fixes its schedule to "
+                             "--minutes of CPU time (the same on an idle core, steadier on a shared machine)")
     args = parser.parse_args()
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -354,12 +455,16 @@ def main() -> None:
     init = args.init or (warm_start(args, work, seeds) if args.warm_start_minutes else None)
     stage = STAGE_NAMES[args.stage or ("2" if init else "1")]
     base = recipe(str(work), args.minutes, stage=stage, init=str(Path(init).resolve()) if init else "scratch",
-                  heldout=args.heldout)
+                  heldout=args.heldout, wall_budget=args.budget == "wall")
     (work / "base.yaml").write_text(yaml.safe_dump(base))
-    rows, loads = run_all(args, work, names, seeds)
-    (work / "results.json").write_text(json.dumps({"args": vars(args), "stage": stage, "init": init, "rows": rows,
-                                                   "load_average": loads, "wall_s": time.time() - started}, indent=2))
-    print(f"stage recipe: {stage}; init: {init or 'scratch'}; held-out sequences: {args.heldout}; "
+    loads: list[float] = []
+    steps = calibrate(args, work, names, loads) if args.budget == "cpu" else None
+    rows = run_all(args, work, names, seeds, loads, steps)
+    (work / "results.json").write_text(json.dumps({"args": vars(args), "stage": stage, "init": init, "steps": steps,
+                                                   "rows": rows, "load_average": loads,
+                                                   "wall_s": time.time() - started}, indent=2))
+    print(f"stage recipe: {stage}; init: {init or 'scratch'}; held-out sequences: {args.heldout}; budget: "
+          f"{args.minutes} min of {args.budget} time (schedules {steps or 'sized by the trainer'}); "
           f"total wall {time.time() - started:.0f} s; results: {work / 'results.json'}")
     print_tables(rows, names, seeds, args, loads)
 
