@@ -117,13 +117,18 @@ def build_target(config, dtype: torch.dtype, name: str, fake: bool):
 
 
 def build_draft(recipe: Recipe, target, fake: bool):
+    from dflash_lab.models.dflash2 import DFlash2DraftModel, build_dflash2_config
     from dflash_lab.models.draft import DFlashDraftModel, build_draft_config
 
     d = recipe.draft
-    cfg = build_draft_config(target, num_layers=d.num_layers, block_size=d.block_size, mask_token_id=d.mask_token_id,
-                             target_layer_ids=d.target_layer_ids, intermediate_size=d.intermediate_size,
-                             rope_theta=d.rope_theta)
-    draft = DFlashDraftModel(cfg)  # fake: shapes only
+    dflash2 = d.arch == "dflash2"  # the conv in every layer and the selector: their memory and FLOPs count too
+    cfg = (build_dflash2_config if dflash2 else build_draft_config)(
+        target, num_layers=d.num_layers, block_size=d.block_size, mask_token_id=d.mask_token_id,
+        target_layer_ids=d.target_layer_ids, intermediate_size=d.intermediate_size, rope_theta=d.rope_theta,
+        sliding_window=d.sliding_window, layer_types=d.layer_types)
+    draft = (DFlash2DraftModel if dflash2 else DFlashDraftModel)(cfg)  # fake: shapes only
+    if dflash2 and recipe.loss.selector_alpha == 0:
+        draft.candidate_selector.requires_grad_(False)  # as the trainer: no gradient, no optimizer state
     if not fake:
         draft.init_weights(recipe.train.seed)
     draft.train()  # fp32 master weights, as the trainer keeps them (nn.Linear's default dtype)
@@ -315,7 +320,10 @@ def _forward_kwargs(recipe: Recipe, attention: str, autocast_dtype):
     from dflash_lab.train.step import forward_batch
 
     lc = recipe.loss
-    loss_cfg = L.LossConfig(name=lc.name, alpha=lc.alpha, gamma=lc.gamma, eal_mode=lc.eal_mode, kl_weight=lc.kl_weight)
+    # every loss setting the trainer passes (D-PACE's and DFlash2's selector term change the step too)
+    loss_cfg = L.LossConfig(name=lc.name, alpha=lc.alpha, gamma=lc.gamma, eal_mode=lc.eal_mode, kl_weight=lc.kl_weight,
+                            dpace_alpha=lc.dpace_alpha, normalize=lc.normalize, selector_alpha=lc.selector_alpha,
+                            selector_gold=lc.selector_gold)
     wanted = dict(num_anchors=recipe.data.num_anchors, loss_cfg=loss_cfg, attention=attention,
                   anchor_chunk=recipe.train.anchor_chunk, chunk_slots=lc.chunk_slots, device=torch.device("cpu"),
                   autocast_dtype=autocast_dtype, max_slot=lc.max_slot)

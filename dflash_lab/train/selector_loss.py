@@ -82,7 +82,8 @@ def _selector_chunk(draft, hidden, head_weight, head_bias, gold, predecessor, re
             target_mass = p.gather(-1, ids).sum(-1)
         train_ids = ids.clone()
         if replace:
-            train_ids[~in_top, -1] = gold[~in_top]
+            # a where, not a boolean-mask write: no data-dependent shape (`dflash-lab plan` runs this on fake tensors)
+            train_ids[:, -1] = torch.where(in_top, train_ids[:, -1], gold)
         gold_col = (train_ids == gold[:, None]).float().argmax(-1)  # any column when absent (excluded)
     # the k unary logits with gradient: rows of the lm_head, not the whole vocabulary
     rows = head_weight[train_ids]  # [m, k, H]
