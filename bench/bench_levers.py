@@ -1,4 +1,4 @@
-"""Small-budget training levers on the embedded target, at equal wall time (issues: the demo, 15, 16).
+"""Small-budget training levers on the embedded target, at equal wall or CPU time (issues: the demo, 15, 16).
 
     python bench/bench_levers.py --labels DEMO_OUT/labels --minutes 6 --variants base,layers5,slots4x128,ce
 
@@ -12,11 +12,11 @@ slot-1 training accuracy over the last 10 steps.
 Options for measuring a lever against noise and from a warm start (issues 15 and 16):
 
     # issue 15: the base loss, from one v1 stage-1 warm start, two seeds, a shared feature cache
-    python bench/bench_levers.py --labels L --minutes 4 --seeds 0,1 --heldout 32 \
+    python bench/bench_levers.py --labels L --minutes 2.5 --budget cpu --seeds 0,1 --heldout 24 \
         --feature-cache W/cache --prefill --warm-start-minutes 6 --work W/losses \
         --variants survival-eal,dpace-anchors,dpace-weights,ce
     # issue 16: v1 vs DFlash2 from the same warm start, with real tau on the demo's eval prompts
-    python bench/bench_levers.py --labels L --minutes 4 --seeds 0,1 --heldout 32 \
+    python bench/bench_levers.py --labels L --minutes 2.5 --budget cpu --seeds 0,1 --heldout 24 \
         --feature-cache W/cache --init W/losses/warm-start/checkpoints/final --work W/dflash2 \
         --variants v1,dflash2,dflash2-exclude --real-tau --bench-dir BENCH_DIR
     # both in one run: `v1` IS `survival-eal` from a warm start (the stage-2 recipe's loss)
@@ -34,6 +34,12 @@ Options for measuring a lever against noise and from a warm start (issues 15 and
 - `--feature-cache DIR` shares one cache of target features between the runs (the same for v1 and
   DFlash2: both read layer 15); `--prefill` fills it for every labelled sequence first, so no run
   spends its budget on target forwards.
+- `--budget cpu`: the trainer's time budget times three steps once, so on a shared machine a run
+  whose timed steps fell in a quiet moment trains far longer (BENCHMARKS.md section 8: 2x). With
+  `cpu` a calibration measures each variant's CPU seconds per step (`--calibration-steps`, two
+  variants side by side) and fixes its schedule (`train.max_steps`) to `--minutes` of CPU time; the
+  table reports the training CPU seconds each run really spent (from /proc), which is the figure to
+  check (with 5 calibration steps the v1 runs spent 1.4-1.6x their calibrated time, DFlash2 1.0x).
 - `--real-tau [VARIANTS]` evaluates the final checkpoints (of all variants, or of those listed) with
   the builtin harness (`dflash-lab eval`) on the demo's eval prompts: the paper's selection, 2 prompts
   per benchmark, 64 new tokens, lossless check on.
@@ -310,7 +316,7 @@ def run_rounds(jobs: list[tuple], parallel: int, start, loads: list[float], fini
 
 
 def calibrate(args, work: Path, names: list[str], loads: list[float]) -> dict[str, int]:
-    """`--budget cpu`: each variant's CPU seconds per step (steps 2..2+CALIBRATION_STEPS, two variants
+    """`--budget cpu`: each variant's CPU seconds per step (`--calibration-steps` after step 2, two variants
     side by side as in the runs), and the schedule length that spends `--minutes` of CPU time."""
     per_step = {}
 
@@ -320,13 +326,14 @@ def calibrate(args, work: Path, names: list[str], loads: list[float]) -> dict[st
 
     def finished(job):
         per_step[job.name] = job.cpu_per_step()
-        print(f"calibrated {job.name}: {per_step[job.name]:.2f} CPU s per step", flush=True)
+        print(f"calibrated {job.name}: {per_step[job.name]} CPU s per step", flush=True)
 
-    run_rounds([(n,) for n in names], args.parallel, start, loads, finished, until_step=2 + CALIBRATION_STEPS)
+    run_rounds([(n,) for n in names], args.parallel, start, loads, finished, until_step=2 + args.calibration_steps)
+    failed = [name for name, sec in per_step.items() if sec is None]
+    if failed:
+        sys.exit(f"calibration of {failed} wrote fewer than {2 + args.calibration_steps} steps; "
+                 f"see {work}/calibrate-NAME.log")
     return {name: max(1, round(args.minutes * 60 / sec)) for name, sec in per_step.items()}
-
-
-CALIBRATION_STEPS = 5
 
 
 def run_all(args, work: Path, names: list[str], seeds: list[int], loads: list[float],
@@ -429,6 +436,8 @@ def main() -> None:
                         help="wall: the trainer sizes each schedule to --minutes from three timed steps; cpu: a "
                              "calibration measures each variant's CPU seconds per step and fixes its schedule to "
                              "--minutes of CPU time (the same on an idle core, steadier on a shared machine)")
+    parser.add_argument("--calibration-steps", type=int, default=5,
+                        help="--budget cpu: steps timed per variant (after two warm-up steps)")
     args = parser.parse_args()
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]

@@ -111,6 +111,7 @@ def demo_recipe(preset: Preset, stage: str, out: Path, init: str = "scratch", ar
         # one chunk for all slots of a step (a few hundred slots x 49K fits easily)
         "loss": {"name": "kd" if kd else "survival-eal", "alpha": 0.0, "gamma": 4.0 if dflash2 else 7.0,
                  "chunk_slots": 8192, "max_slot": preset.max_slot,
+                 # replace: measured better than exclude on these labels (BENCHMARKS.md section 8)
                  **({"selector_alpha": 1.0, "selector_gold": "replace"} if dflash2 else {})},
         "train": {
             "lr": preset.lr1 if kd else preset.lr2,
