@@ -227,6 +227,7 @@ def summarise(run_dir: Path) -> dict:
 
     step_s = [m["step_s"] for m in metrics if "step_s" in m]
     return {"steps": metrics[-1]["step"], "heldout_tau": final[-1].get("heldout_tau") if final else None,
+            "heldout_unary_tau": final[-1].get("heldout_unary_tau") if final else None,
             "train_wall_s": sum(step_s),
             "acc1": mean("acc_per_slot", 0), "loss": mean("loss"),
             "train_selector_tau": mean("selector_tau"), "train_unary_tau": mean("unary_tau")}
@@ -384,7 +385,7 @@ def _fmt(value, digits: int = 3) -> str:
 
 def print_tables(rows: dict, names: list[str], seeds: list[int], args, loads: list[float]) -> None:
     print(f"\n{'run':<22}{'steps':>7}{'train s':>9}{'train CPU s':>13}{'held-out tau':>14}{'train acc@1':>13}{'loss':>9}"
-          f"{'sel/unary tau (train)':>24}{'real tau':>10}{'wall s':>8}"
+          f"{'sel/unary tau (train)':>24}{'held-out unary':>16}{'real tau':>10}{'wall s':>8}"
           f"   ({args.minutes} min of {args.budget} time each, {args.parallel} at a time, 1 thread each)")
     for seed in seeds:
         for name in names:
@@ -395,7 +396,8 @@ def print_tables(rows: dict, names: list[str], seeds: list[int], args, loads: li
                    if r.get("train_selector_tau") is not None else "-")
             print(f"{name + '-s' + str(seed):<22}{r['steps']:>7}{r['train_wall_s']:>9.0f}{_fmt(r.get('train_cpu_s'), 0):>13}"
                   f"{_fmt(r['heldout_tau']):>14}{_fmt(r['acc1']):>13}"
-                  f"{_fmt(r['loss']):>9}{sel:>24}{_fmt(r.get('real_tau'), 2):>10}{r['wall_s']:>8.0f}")
+                  f"{_fmt(r['loss']):>9}{sel:>24}{_fmt(r.get('heldout_unary_tau')):>16}"
+                  f"{_fmt(r.get('real_tau'), 2):>10}{r['wall_s']:>8.0f}")
     # the noise: how far one variant's runs spread over seeds, and the paired differences
     print(f"\n{'variant':<18}{'mean held-out tau':>18}{'seed spread':>13}{'diff vs ' + names[0] + ' per seed':>32}"
           f"{'mean real tau':>15}")

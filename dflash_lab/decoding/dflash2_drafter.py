@@ -12,42 +12,16 @@ The walk conditions slot t on the token actually drafted at t - 1, which is what
 chain: q_t is the distribution of d_t given d_1..d_{t-1}, exactly what chain rejection sampling needs.
 
 Sliding window: with `use_sliding_window`, a block query at position i sees context position j only
-when i - j < sliding_window (as the reference's sliding-attention layers); short contexts are unaffected.
+when i - j < sliding_window (as the reference's sliding-attention layers); the draft applies it, as
+a v1 draft's sliding layers do (its cache keeps only the context a block can still see).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from dflash_lab.decoding.drafters import DFlashDrafter
+from dflash_lab.decoding.drafters import DFlashDrafter, Proposal
 from dflash_lab.models.dflash2 import DFlash2DraftModel
-
-try:  # the T > 0 loop's proposal type (the `sampling` branch); a compatible stand-in until it lands
-    from dflash_lab.decoding.drafters import Proposal
-except ImportError:  # pragma: no cover - depends on merge order
-    from dataclasses import dataclass
-
-    @dataclass
-    class Proposal:
-        tokens: torch.Tensor  # [n]
-        q: torch.Tensor | None = None  # [n, V] the proposal distribution of each token, or None (one-hot)
-
-
-def windowed_block_attention(window: int, block_start: int):
-    """Decoding attention for one block at positions block_start.. over a cached context at positions
-    0..S-1: context key j is visible to the query at position i iff i - j < window."""
-
-    def attention(q, k_ctx, v_ctx, k_blk, v_blk, scale):
-        s, qlen = k_ctx.shape[2], q.shape[2]
-        q_pos = block_start + torch.arange(qlen, device=q.device)
-        ctx_ok = (q_pos[:, None] - torch.arange(s, device=q.device)[None, :]) < window  # [Q, S]
-        mask = torch.cat([ctx_ok, torch.ones(qlen, qlen, dtype=torch.bool, device=q.device)], dim=1)
-        k = torch.cat([k_ctx, k_blk], dim=2)
-        v = torch.cat([v_ctx, v_blk], dim=2)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-
-    return attention
 
 
 class DFlash2Drafter(DFlashDrafter):
@@ -66,12 +40,8 @@ class DFlash2Drafter(DFlashDrafter):
         block[0, 0] = tokens[start]
         positions = torch.arange(start, start + n + 1, device=tokens.device)[None]
         features, feature_positions = self.pending
-        cfg = self.draft.config
-        attention = {}
-        if cfg.use_sliding_window and start + n >= cfg.sliding_window:  # some context leaves the window
-            attention["attention"] = windowed_block_attention(cfg.sliding_window, start)
-        hidden = self.draft(self.target.embed(block), positions, features, feature_positions, cache=self.cache,
-                            **attention)
+        # the draft applies its window: its cache keeps only the context a block can still see
+        hidden = self.draft(self.target.embed(block), positions, features, feature_positions, cache=self.cache)
         self.pending = (None, None)  # the cache now holds them
         return hidden[:, 1:]  # [1, n, H]: the predicted slots
 
@@ -109,4 +79,4 @@ def drafter_for(draft, target, temperature: float = 0.0, generator: torch.Genera
     return DFlashDrafter(draft, target)
 
 
-__all__ = ["DFlash2Drafter", "Proposal", "drafter_for", "windowed_block_attention"]
+__all__ = ["DFlash2Drafter", "Proposal", "drafter_for"]

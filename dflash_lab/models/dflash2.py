@@ -47,10 +47,8 @@ from dflash_lab.models.draft import (
     DraftCache,
     DraftConfig,
     DraftLayer,
-    RMSNorm,
     full_attention,
     init_backbone,
-    rope_cos_sin,
 )
 
 ARCHITECTURE = "DFlash2DraftModel"
@@ -220,7 +218,9 @@ class DFlash2Layer(DraftLayer):
         self.attention_conv = DynamicDepthwiseConv(*args)
         self.mlp_conv = DynamicDepthwiseConv(*args)
 
-    def forward(self, x, cos, sin, k_ctx, v_ctx, attention):
+    def forward(self, x, cos, sin, k_ctx, v_ctx, attention, query_columns: torch.Tensor | None = None):
+        if query_columns is not None:  # the conv after each sublayer reads the previous slot's output
+            raise ValueError("a DFlash2 layer runs every block slot (no query_columns)")
         h, taps = self.attention_conv.prepare(self.input_layernorm(x))
         x = x + self.attention_conv.finish(self.self_attn(h, cos, sin, k_ctx, v_ctx, attention), taps)
         h, taps = self.mlp_conv.prepare(self.post_attention_layernorm(x))
@@ -255,16 +255,12 @@ class DFlash2DraftModel(DFlashDraftModel):
     """The DFlash2 draft. `forward` has v1's signature and returns the final-normed hidden states;
     `candidates`, `selector_scores` and `greedy_walk` add the selector on top."""
 
+    layer_class = DFlash2Layer
+
     def __init__(self, cfg: DFlash2Config):
         if not isinstance(cfg, DFlash2Config):
             raise TypeError(f"DFlash2DraftModel needs a DFlash2Config, got {type(cfg).__name__}")
-        nn.Module.__init__(self)  # v1's __init__ would build v1 layers; the module names are the same
-        self.config = cfg
-        n_features = len(cfg.target_layer_ids)
-        self.fc = nn.Linear(n_features * cfg.hidden_size, cfg.hidden_size, bias=False)
-        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.layers = nn.ModuleList(DFlash2Layer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        super().__init__(cfg)  # v1's modules (same names, each layer's window), DFlash2 layers
         self.candidate_selector = CandidateSelector(cfg.hidden_size, cfg.vocab_size, cfg.selector_rank,
                                                     cfg.selector_top_k)
 
@@ -334,25 +330,8 @@ class DFlash2DraftModel(DFlashDraftModel):
         x = noise_embedding
         if cfg.input_embedding_scale is not None:
             x = x * cfg.input_embedding_scale
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        c = None
-        if context_features is not None and context_features.shape[1] > 0:
-            c = self.fuse_context(context_features.to(self.fc.weight.dtype))
-            ccos, csin = rope_cos_sin(context_positions, cfg.head_dim, cfg.rope_theta, c.dtype)
-        # Training attention takes the layer's window as a keyword; in decoding the DFlash2 drafter
-        # applies the window itself (windowed_block_attention), so the keyword is dropped there.
-        layer_attention = attention
-        if cache is not None or attention is full_attention:
-            layer_attention = lambda *args, window=None: attention(*args)  # noqa: E731
-        for i, layer in enumerate(self.layers):
-            if c is not None:  # the context path: no norm, no conv
-                k_ctx, v_ctx = layer.self_attn.key_value(c, ccos, csin)
-            else:
-                k_ctx = v_ctx = x.new_zeros(x.shape[0], cfg.num_key_value_heads, 0, cfg.head_dim)
-            if cache is not None:
-                k_ctx, v_ctx = cache.extend(i, k_ctx, v_ctx)
-            x = layer(x, cos, sin, k_ctx, v_ctx, layer_attention)
-        out = self.norm(x)
+        # v1's layer loop: the window (training and decoding), the cache, activation checkpointing
+        out = self.norm(self._run_layers(x, positions, context_features, context_positions, cache, attention))
         return out if output_slots is None else out[output_slots]
 
     # -- the selector ----------------------------------------------------------------------------

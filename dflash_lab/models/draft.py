@@ -392,6 +392,7 @@ def init_backbone(model: nn.Module, seed: int | None, std: float, skip=lambda na
 
 
 class DFlashDraftModel(nn.Module):
+    layer_class: type[nn.Module] = DraftLayer  # DFlash2 swaps in its conv layer; the rest is shared
     activation_checkpointing: bool = False
     """Training: recompute each layer (its context K/V and the layer itself) in backward instead of
     keeping its activations. Only with grad enabled; decoding never checkpoints."""
@@ -402,7 +403,7 @@ class DFlashDraftModel(nn.Module):
         n_features = len(cfg.target_layer_ids)
         self.fc = nn.Linear(n_features * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(self.layer_class(cfg) for _ in range(cfg.num_hidden_layers))
         for i, layer in enumerate(self.layers):
             layer.self_attn.window = cfg.layer_window(i)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -454,26 +455,33 @@ class DFlashDraftModel(nn.Module):
             if columns.numel() == 0 or self.layers[-1].self_attn.window is not None:
                 # a windowed last layer needs every slot as a query: the slot gives its position
                 columns = torch.arange(cfg.block_size, device=output_slots.device)
-        dtype = noise_embedding.dtype
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype)
+        x = self.norm(self._run_layers(noise_embedding, positions, context_features, context_positions,
+                                       cache, attention, last_layer_columns=columns))
+        if needed is None:
+            return x
+        return x.view(*needed.shape[:2], columns.numel(), x.shape[-1])[needed[:, :, columns]]
+
+    def _run_layers(self, x, positions, context_features, context_positions, cache, attention,
+                    last_layer_columns=None):
+        """Every layer on the block slots x [N, Q, H] (before the final norm). Each layer's window
+        applies here: training attention takes it as a keyword (blocks rule 4); decoding (plain
+        attention, with or without a cache) masks context positions by the query positions."""
+        cfg = self.config
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         if context_features is not None and context_features.shape[1] > 0:
             c = self.fuse_context(context_features.to(self.fc.weight.dtype))
             ccos, csin = rope_cos_sin(context_positions, cfg.head_dim, cfg.rope_theta, c.dtype)
         else:
             c = ccos = csin = None
-        x = noise_embedding
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for i in range(len(self.layers)):
-            cols = columns if i == len(self.layers) - 1 else None  # the last layer: scored columns only
+            cols = last_layer_columns if i == len(self.layers) - 1 else None
             if recompute:
                 x = checkpoint(self._layer_step, i, x, c, ccos, csin, cos, sin, None, attention, cols,
                                positions, context_positions, use_reentrant=False)
             else:
                 x = self._layer_step(i, x, c, ccos, csin, cos, sin, cache, attention, cols, positions, context_positions)
-        x = self.norm(x)
-        if needed is None:
-            return x
-        return x.view(*needed.shape[:2], columns.numel(), x.shape[-1])[needed[:, :, columns]]
+        return x
 
     def _layer_step(self, i, x, c, ccos, csin, cos, sin, cache, attention, query_columns, positions, context_positions):
         """Layer i: its keys/values over the context (or none), then the layer on the block. A

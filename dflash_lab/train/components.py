@@ -30,7 +30,7 @@ from dflash_lab.fileio import atomic_write_text
 from dflash_lab.train import distributed as D
 from dflash_lab.train import state as S
 from dflash_lab.train.loader import TrainLoader
-from dflash_lab.train.step import heldout_tau
+from dflash_lab.train.step import heldout_metrics
 
 
 # -- schedule --------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ class EvalConfig:
 
 
 class Evaluator:
-    """Held-out simulated tau of the draft (`step.heldout_tau`); no state of its own."""
+    """Held-out simulated tau of the draft (`step.heldout_metrics`); no state of its own."""
 
     def __init__(self, cfg: EvalConfig, draft: torch.nn.Module, target, features, heldout, fwd: dict,
                  info: D.DistInfo):
@@ -155,9 +155,9 @@ class Evaluator:
     def due(self, step: int) -> bool:
         return bool(self.cfg.every) and step % self.cfg.every == 0
 
-    def evaluate(self) -> float | None:
-        """None when the held-out split is empty."""
-        return heldout_tau(self.draft, self.draft.config, self.target, self.features, self.heldout, self.fwd,
+    def evaluate(self) -> dict[str, float]:
+        """`heldout_tau` (and DFlash2's `heldout_unary_tau`); empty when the held-out split is."""
+        return heldout_metrics(self.draft, self.draft.config, self.target, self.features, self.heldout, self.fwd,
                            self.info, self.cfg.seed, lockstep=self.cfg.lockstep)
 
 
@@ -240,6 +240,7 @@ class Checkpointer:
 
 # -- metrics ---------------------------------------------------------------------------------------
 STAT_KEYS = ("loss", "tau_sum", "blocks", "block_tokens", "valid_slots", "kl_sum", "ce_sum")
+HELDOUT_KEYS = ("heldout_tau", "heldout_unary_tau")  # Evaluator.evaluate's keys (the second: DFlash2)
 
 
 def selector_keys(stats: dict) -> list[str]:
@@ -354,9 +355,10 @@ class Metrics:
             return
         append_metrics(self.cfg.out_dir / "metrics.jsonl", {"step": step, **metrics})
         if self.writer is not None:
-            for key in ("loss", "train_tau", "ce", "kl", "lr", "grad_norm", "sequences_per_s", "block_tokens_per_s", "heldout_tau"):
+            for key in ("loss", "train_tau", "ce", "kl", "lr", "grad_norm", "sequences_per_s", "block_tokens_per_s"):
                 if key in metrics:
-                    self.writer.add_scalar(("eval/" if key == "heldout_tau" else "train/") + key, metrics[key], step)
+                    self.writer.add_scalar(f"train/{key}", metrics[key], step)
+            self._write_heldout(step, metrics)
             for key in sorted(k for k in metrics if k.startswith("selector_") or k == "unary_tau"):
                 self.writer.add_scalar(f"selector/{key}", metrics[key], step)
             for k, a in enumerate(metrics.get("acc_per_slot", []), 1):
@@ -365,9 +367,14 @@ class Metrics:
     def write_event(self, step: int, row: dict) -> None:
         if not self.info.is_main:
             return
-        if self.writer is not None and row.get("heldout_tau") is not None:
-            self.writer.add_scalar("eval/heldout_tau", row["heldout_tau"], step)
+        if self.writer is not None:
+            self._write_heldout(step, row)
         append_metrics(self.cfg.out_dir / "metrics.jsonl", {"step": step, **row})
+
+    def _write_heldout(self, step: int, metrics: dict) -> None:
+        for key in HELDOUT_KEYS:
+            if metrics.get(key) is not None:
+                self.writer.add_scalar(f"eval/{key}", metrics[key], step)
 
     def tick(self, metrics: dict | None) -> None:
         if self.bar is None:

@@ -212,6 +212,18 @@ class FlopTally:
         self.flops = 0
 
 
+def visible_attention_pairs(anchor_pos: torch.Tensor, block_size: int, window: int | None) -> int:
+    """(query, key) pairs per head the training mask keeps: slot k of anchor p sees its B own keys
+    and the context keys j < p with p + k - j < W (blocks rule 4), i.e. min(p, W - 1 - k) of them."""
+    if not anchor_pos.numel():
+        return 0
+    slots = torch.arange(block_size, device=anchor_pos.device)
+    context = anchor_pos[..., None].expand(*anchor_pos.shape, block_size)
+    if window is not None:
+        context = context.clamp(max=window - 1 - slots)
+    return int((context + block_size).sum())
+
+
 def _flex_stand_in(tally: FlopTally):
     class _FlexStandIn(torch.autograd.Function):
         @staticmethod
@@ -230,16 +242,14 @@ def _flex_stand_in(tally: FlopTally):
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
 
     def attention_for(anchor_pos: torch.Tensor, block_size: int):
-        # visible (query, key) pairs: a block of anchor p sees p context keys and its B own keys
         pos = anchor_pos.detach()
-        per_head_pairs = int((block_size * (pos + block_size)).sum()) if pos.numel() else 0
 
-        def attention(q, k_ctx, v_ctx, k_blk, v_blk, scale):
+        def attention(q, k_ctx, v_ctx, k_blk, v_blk, scale, window=None):
             # as flex_block_attention: q, k, v in v's dtype, keys = [context ; blocks]
             dt = v_ctx.dtype
             k = torch.cat([k_ctx, k_blk], dim=2).to(dt)
             v = torch.cat([v_ctx, v_blk], dim=2).to(dt)
-            out = _FlexStandIn.apply(q.to(dt), k, v, per_head_pairs * q.shape[1])
+            out = _FlexStandIn.apply(q.to(dt), k, v, visible_attention_pairs(pos, block_size, window) * q.shape[1])
             return out.to(q.dtype)
 
         return attention

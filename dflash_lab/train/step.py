@@ -25,7 +25,7 @@ from dflash_lab.train import selector_loss as SL
 from dflash_lab.train.data import FeatureCache, Sample
 from dflash_lab.train.sampler import mix_seed as _mix_seed
 
-__all__ = ["FeatureSource", "build_micro_blocks", "forward_batch", "accumulate_gradients", "heldout_tau"]
+__all__ = ["FeatureSource", "build_micro_blocks", "forward_batch", "accumulate_gradients", "heldout_metrics"]
 
 
 # -- target features -------------------------------------------------------------------------------
@@ -149,6 +149,8 @@ def _selector(draft_module, batch, valid, h_sel, labels, target, loss_cfg, chunk
     gamma = loss_cfg.gamma if loss_cfg is not None else None
     gold = loss_cfg.selector_gold if loss_cfg is not None else "replace"
     grad = loss_cfg is not None and loss_cfg.selector_alpha > 0
+    if not grad:  # a view made under no_grad keeps requires_grad with no grad_fn: autograd hooks fail on it
+        h_sel = h_sel.detach()
     with contextlib.nullcontext() if grad else torch.no_grad():
         return SL.selector_loss(_unwrap(draft_module), h_sel, target.lm_head, labels, pred, SL.slot_weights(valid, gamma),
                                 gold, chunk_slots=chunk_slots, denominator=1.0, target_hidden=t_rows,
@@ -280,16 +282,18 @@ def accumulate_gradients(model, draft, draft_cfg, target, features, micro_batche
 
 
 @torch.no_grad()
-def heldout_tau(draft, draft_cfg, target, features, heldout, fwd: dict, info: D.DistInfo, seed: int,
-                lockstep: bool = False) -> float | None:
-    """Simulated tau on the held-out split (fixed anchors, every slot scored, no teacher logits),
-    over all ranks; for a DFlash2 draft the tau of the selector's own greedy walk. `lockstep`: every rank runs the target equally often (FSDP gathers per layer)."""
+def heldout_metrics(draft, draft_cfg, target, features, heldout, fwd: dict, info: D.DistInfo, seed: int,
+                    lockstep: bool = False) -> dict[str, float]:
+    """Simulated tau on the held-out split (fixed anchors, every slot scored, no teacher logits), over
+    all ranks: `heldout_tau`, for a DFlash2 draft the tau of the selector's own greedy walk, with
+    `heldout_unary_tau` beside it (the unary argmax alone: what the selector adds is the difference).
+    Empty when the split is. `lockstep`: every rank runs the target equally often (FSDP gathers per layer)."""
     if len(heldout) == 0:
-        return None
+        return {}
     draft.eval()
     rounds = math.ceil(len(heldout) / info.world_size)
     kw = {**fwd, "loss_cfg": None}
-    sums = torch.zeros(2, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64)  # walk tau, unary tau, blocks
     for r in range(rounds):
         j = r * info.world_size + info.rank
         if j >= len(heldout):
@@ -298,8 +302,12 @@ def heldout_tau(draft, draft_cfg, target, features, heldout, fwd: dict, info: D.
             continue
         s = heldout.sample(j)
         _, st = forward_batch(draft, draft_cfg, target, features.get([s]), [s], [_mix_seed(seed, 424242, j)], **kw)
-        sums += torch.stack([st.get("sel_tau_sum", st["tau_sum"]), st["blocks"]]).cpu()
+        sums += torch.stack([st.get("sel_tau_sum", st["tau_sum"]), st["tau_sum"], st["blocks"]]).cpu()
     draft.train()
-    totals = D.all_reduce_sum(sums, info)
-    return float(totals[0] / totals[1]) if totals[1] > 0 else None
-
+    walk, unary, blocks = D.all_reduce_sum(sums, info).tolist()
+    if blocks == 0:
+        return {}
+    out = {"heldout_tau": walk / blocks}
+    if _is_dflash2(draft):
+        out["heldout_unary_tau"] = unary / blocks
+    return out

@@ -31,18 +31,18 @@ from dflash_lab.fileio import atomic_write_text
 from dflash_lab.train import distributed as D
 from dflash_lab.train import losses as L
 from dflash_lab.train import state as S
-from dflash_lab.train.components import (CheckpointConfig, Checkpointer, DraftParts, EvalConfig, Evaluator, Metrics,
-                                         MetricsConfig, OptimConfig, Progress, RunRecord, TimeBudget, cosine_lr,
-                                         now_iso, truncate_metrics, warn)
+from dflash_lab.train.components import (HELDOUT_KEYS, CheckpointConfig, Checkpointer, DraftParts, EvalConfig,
+                                         Evaluator, Metrics, MetricsConfig, OptimConfig, Progress, RunRecord,
+                                         TimeBudget, cosine_lr, now_iso, truncate_metrics, warn)
 from dflash_lab.train.data import FeatureCache, manifest_sha256
 from dflash_lab.train.loader import LoaderConfig, SubsetSource, TrainLoader, split_indices
 from dflash_lab.train.recipe import Recipe, load_recipe, parse_recipe, recipe_to_yaml, resolve_batch
 # The step's math lives in step.py; plan.py, the bench scripts and tests import it from here too.
 from dflash_lab.train.step import (FeatureSource, accumulate_gradients, build_micro_blocks, forward_batch,  # noqa: F401
-                                   heldout_tau)
+                                   heldout_metrics)
 
 __all__ = ["train", "Trainer", "RunOptions", "forward_batch", "build_micro_blocks", "accumulate_gradients",
-           "heldout_tau", "FeatureSource", "init_from_target_layers", "cosine_lr"]
+           "heldout_metrics", "FeatureSource", "init_from_target_layers", "cosine_lr"]
 
 
 # -- the entry point -------------------------------------------------------------------------------
@@ -280,9 +280,10 @@ class Trainer:
             epoch = loader.epoch + loader.step_in_epoch / loader.steps_per_epoch
             row = self.last_metrics = self.metrics.read(self.lr, epoch)
             if evaluate:
-                tau = self.evaluator.evaluate()
-                if tau is not None:
-                    row["heldout_tau"], self.tau_step = tau, step
+                held = self.evaluator.evaluate()
+                if held:
+                    row.update(held)
+                    self.tau_step = step
             self.metrics.write(step, row)
         self.metrics.tick(row)
 
@@ -302,10 +303,12 @@ class Trainer:
         `best` pick a checkpoint by another one's score) and a checkpoint event in metrics.jsonl."""
         metrics = dict(self.last_metrics)
         if self.tau_step != self.progress.step:
-            metrics.pop("heldout_tau", None)
-            tau = self.evaluator.evaluate()
-            if tau is not None:
-                metrics["heldout_tau"], self.tau_step = tau, self.progress.step
+            for key in HELDOUT_KEYS:
+                metrics.pop(key, None)
+            held = self.evaluator.evaluate()
+            if held:
+                metrics.update(held)
+                self.tau_step = self.progress.step
         path = self.checkpointer.save(name, metrics, epoch_end)
         self.metrics.write_event(self.progress.step, {"event": "checkpoint", "name": name, **metrics})
         return path

@@ -4,11 +4,12 @@ proposal's q equal to the softmax of the selector row, and the decoding sliding 
 import pytest
 import torch
 
-from dflash_lab.decoding.dflash2_drafter import DFlash2Drafter, Proposal, drafter_for, windowed_block_attention
+from dflash_lab.decoding.dflash2_drafter import DFlash2Drafter, Proposal, drafter_for
 from dflash_lab.decoding.drafters import DFlashDrafter
 from dflash_lab.decoding.speculative import greedy_generate, speculative_generate
 from dflash_lab.models.checkpoint import load_draft, save_draft
 from dflash_lab.models.dflash2 import DFlash2DraftModel, build_dflash2_config
+from dflash_lab.models.draft import windowed_attention
 from dflash_lab.models.target import wrap_target
 from dflash_lab.testing import tiny_model
 
@@ -104,7 +105,8 @@ def test_windowed_decode_attention_matches_a_loop_mask_and_decoding_stays_lossle
     q = torch.randn(1, 4, 5, 8)
     k_ctx, v_ctx = torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
     k_blk, v_blk = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
-    out = windowed_block_attention(window=10, block_start=30)(q, k_ctx, v_ctx, k_blk, v_blk, 0.3)
+    out = windowed_attention(q, k_ctx, v_ctx, k_blk, v_blk, 0.3, query_positions=torch.arange(30, 35)[None],
+                             context_positions=torch.arange(30)[None], window=10)
     mask = torch.zeros(5, 35, dtype=torch.bool)
     for i in range(5):
         for j in range(35):

@@ -211,3 +211,47 @@ def test_the_trainers_forward_batch_runs_a_dflash2_draft_and_the_selector_loss_a
     out.loss.backward()
     assert draft.candidate_selector.successor_codebook.grad.abs().sum() > 0  # zero init still learns
     assert stats["valid_slots"] == float(valid.sum())
+
+
+def test_heldout_metrics_give_the_walk_tau_and_the_unary_tau_beside_it():
+    """The held-out score of a DFlash2 draft is the selector walk's tau; the unary-argmax tau beside it
+    ignores the selector: equal at init (zero successor codebook), apart once the selector is live,
+    and the unary one unchanged by the selector's weights."""
+    from dflash_lab.train import distributed as D
+    from dflash_lab.train.data import Sample
+    from dflash_lab.train.step import heldout_metrics
+
+    target = wrap_target(tiny_model("qwen3", seed=1, vocab_size=VOCAB), mask_token_id=3)
+    draft = DFlash2DraftModel(build_dflash2_config(target, num_layers=1, selector_rank=RANK,
+                                                   selector_top_k=TOPK)).init_weights(seed=2, std=0.3)
+    gen = torch.Generator().manual_seed(0)
+    samples = []
+    for i in range(3):
+        ids = torch.randint(4, VOCAB, (30,), generator=gen).tolist()
+        samples.append(Sample(f"s{i}", "math", ids, [0] * 6 + [1] * 24))
+
+    class Split(list):
+        def sample(self, j):
+            return self[j]
+
+    class Features:
+        def get(self, batch):
+            out = []
+            for s in batch:
+                _, feats = target.forward(torch.tensor([s.input_ids]), draft.target_layer_ids)
+                out.append((feats[0], torch.zeros(len(s.input_ids), 64)))
+            return out
+
+    def measure():
+        return heldout_metrics(draft, draft.config, target, Features(), Split(samples), {"num_anchors": 6},
+                               D.DistInfo(), seed=3)
+
+    fresh = measure()
+    assert fresh.keys() == {"heldout_tau", "heldout_unary_tau"} and fresh["heldout_tau"] == fresh["heldout_unary_tau"]
+    with torch.no_grad():
+        for p in draft.candidate_selector.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 3)
+    live = measure()
+    assert live["heldout_unary_tau"] == fresh["heldout_unary_tau"]
+    assert live["heldout_tau"] != fresh["heldout_tau"]
+    assert heldout_metrics(draft, draft.config, target, Features(), Split(), {"num_anchors": 6}, D.DistInfo(), 3) == {}

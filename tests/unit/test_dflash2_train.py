@@ -137,8 +137,10 @@ def test_train_dflash2_two_steps_checkpoint_decodes_losslessly(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     step2 = [r for r in rows if r.get("step") == 2 and "loss" in r][0]
     for key in ("selector_recall", "selector_accuracy", "selector_target_mass", "selector_tau", "unary_tau",
-                "heldout_tau"):
+                "heldout_tau", "heldout_unary_tau"):
         assert key in step2 and step2[key] == step2[key], key  # present and not NaN
+    event = [r for r in rows if r.get("event") == "checkpoint" and r["name"] == "final"][0]
+    assert {"heldout_tau", "heldout_unary_tau"} <= event.keys()  # the selector walk's tau beside the argmax's
     assert json.loads((final / "config.json").read_text())["architectures"] == ["DFlash2DraftModel"]
     draft = load_draft(final, target)
     assert isinstance(draft, DFlash2DraftModel) and draft.config.block_size == 8

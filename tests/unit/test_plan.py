@@ -124,3 +124,14 @@ def test_shipped_qwen3_4b_recipe_fits_72gb_at_its_micro_batch(name):
     assert plan.micro_batch * plan.grad_accum * plan.gpus == 64  # the seed's global batch
     assert plan.peak_bytes <= LIMIT_72GB, P.format_plan(plan)
     assert plan.fits
+
+
+@pytest.mark.parametrize("window", [None, 5, 12, 1000])
+def test_flop_count_of_the_attention_is_the_triple_loop_masks_pairs(window):
+    """The flex stand-in counts the pairs the mask keeps; with a window (DFlash2, windowed v1 layers)
+    far blocks see fewer context keys."""
+    from dflash_lab.train import blocks as B
+
+    anchors = [0, 3, 9, 20]
+    mask = B.reference_mask(anchors, 24, 4, window)
+    assert P.visible_attention_pairs(torch.tensor([anchors]), 4, window) == sum(map(sum, mask))

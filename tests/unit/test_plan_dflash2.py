@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 LIMIT_72GB = 72 * 1000**3
 
 
-def _tiny(tmp_path: Path, arch: str, **loss):
+def _tiny(tmp_path: Path, arch: str, draft: dict | None = None, **loss):
     # hidden 64 (conv groups of 16 divide it); the default rank-256 selector over the top 16 of 512 tokens
     cfg = tiny_config("qwen3", vocab_size=512, hidden=64, layers=4, heads=4, kv_heads=2, intermediate=128)
     path = tmp_path / "tiny-target"
@@ -24,7 +24,7 @@ def _tiny(tmp_path: Path, arch: str, **loss):
     cfg.save_pretrained(path)
     recipe = parse_recipe({
         "target": {"name": str(path), "dtype": "float32"},
-        "draft": {"arch": arch, "num_layers": 2, "block_size": 4, "mask_token_id": 511},
+        "draft": {"arch": arch, "num_layers": 2, "block_size": 4, "mask_token_id": 511, **(draft or {})},
         "data": {"max_length": 96, "num_anchors": 12},
         "loss": {"name": "kd", "chunk_slots": 16, "gamma": 4.0, **loss},
         "train": {"micro_batch": 2, "bf16": True, "attention": "flex", "anchor_chunk": 4},
@@ -32,9 +32,14 @@ def _tiny(tmp_path: Path, arch: str, **loss):
     return recipe, cfg
 
 
-@pytest.mark.parametrize("gold", ["replace", "exclude"])
-def test_dflash2_fake_prediction_matches_a_real_step(tmp_path, gold):
-    recipe, cfg = _tiny(tmp_path, "dflash2", selector_gold=gold)
+@pytest.mark.parametrize("loss,draft", [
+    ({"selector_gold": "replace"}, None),
+    ({"selector_gold": "exclude"}, None),
+    ({"selector_alpha": 0.0}, None),  # selector metrics only, under no_grad (the plan once failed on it)
+    ({}, {"sliding_window": 12}),  # most blocks of 96-token sequences lose context to the window
+])
+def test_dflash2_fake_prediction_matches_a_real_step(tmp_path, loss, draft):
+    recipe, cfg = _tiny(tmp_path, "dflash2", draft=draft, **loss)
     fake = P.measure_step(recipe, 2, fake=True, target_cfg=cfg)
     real = P.measure_step(recipe, 2, fake=False, target_cfg=cfg)
     assert abs(fake.peak_bytes - real.peak_bytes) <= 0.10 * real.peak_bytes, (fake, real)
@@ -61,3 +66,10 @@ def test_shipped_m2_dflash2_recipe_fits_72gb_at_its_micro_batch():
     plan = P.make_plan(recipe, gpus=8, gpu_memory=80 * 1000**3, search=False, recipe_name="m2-dflash2")
     assert plan.micro_batch * plan.grad_accum * plan.gpus == 64  # the seed's global batch
     assert plan.peak_bytes <= LIMIT_72GB, P.format_plan(plan)
+
+
+def test_the_window_lowers_the_planned_attention_flops(tmp_path):
+    full, cfg = _tiny(tmp_path, "dflash2", draft={"sliding_window": 1000})
+    windowed, _ = _tiny(tmp_path, "dflash2", draft={"sliding_window": 12})
+    assert (P.measure_step(windowed, 2, fake=True, target_cfg=cfg).flops_draft
+            < P.measure_step(full, 2, fake=True, target_cfg=cfg).flops_draft)

@@ -104,7 +104,7 @@ def test_checkpoint_never_records_a_held_out_tau_of_earlier_weights():
     class Evaluator:
         def evaluate(self):
             measured.append(fake.progress.step)
-            return 1.0 + fake.progress.step
+            return {"heldout_tau": 1.0 + fake.progress.step}
 
     fake = SimpleNamespace(
         last_metrics={"loss": 1.0, "heldout_tau": 3.0}, tau_step=2, progress=SimpleNamespace(step=2),
