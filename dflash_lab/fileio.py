@@ -107,3 +107,37 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def iter_jsonl(path: str | os.PathLike, what: str, bad_json_fix: str | None = None):
+    """The JSON values of a JSONL file, line by line (blank lines skipped; never the whole file in
+    memory). Undecodable bytes are an error naming `what`, the file and the line. A line that is not
+    JSON is one too, ending with `bad_json_fix`; with `bad_json_fix` None such lines are skipped
+    (for readers that only peek, leaving the message to the reader that loads)."""
+    import json
+
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            if not raw.strip():
+                continue
+            try:
+                yield json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise not_utf8_error(f"{path}:{lineno}", what, exc) from None
+            except ValueError as exc:
+                if bad_json_fix is not None:
+                    raise DFlashLabError(f"{what} {path}:{lineno}: not valid JSON ({exc}); {bad_json_fix}") from None
+
+
+def read_json_object(path: str | os.PathLike, what: str, fix: str) -> dict:
+    """A JSON object file the tools wrote (meta.json, run.json): anything else is `what` damaged,
+    with `fix`, never a traceback."""
+    import json
+
+    try:
+        value = json.loads(read_user_text(path, what))
+    except ValueError as exc:
+        value = exc
+    if not isinstance(value, dict):
+        raise DFlashLabError(f"{what} {path} is damaged (not a JSON object: {value}); {fix}")
+    return value

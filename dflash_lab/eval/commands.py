@@ -15,7 +15,7 @@ from pathlib import Path
 from dflash_lab import registry
 from dflash_lab.errors import DFlashLabError
 from dflash_lab.eval.benchmarks import BENCHMARKS, SELECTIONS, load_selected, parse_benchmark_names
-from dflash_lab.fileio import read_user_text
+from dflash_lab.fileio import read_json_object
 from dflash_lab.outputs import check_output_dir, check_output_file
 
 ALL_BENCHMARKS = ",".join(BENCHMARKS)
@@ -208,15 +208,8 @@ def _resolve_run(spec: str, db: str) -> tuple[str, Path | None]:
 
 
 def _read_run_json(run_dir: Path) -> dict:
-    file = run_dir / "run.json"
-    try:
-        run = json.loads(read_user_text(file, "run"))
-    except ValueError as exc:
-        run = exc
-    if not isinstance(run, dict):
-        raise DFlashLabError(f"run {file} is damaged (not a JSON object: {run}); restore it, or evaluate the "
-                             "checkpoints one by one with `dflash-lab eval --draft`")
-    return run
+    return read_json_object(run_dir / "run.json", "run", "restore it, or evaluate the checkpoints one by one "
+                            "with `dflash-lab eval --draft`")
 
 
 def _target_of_run(run_dir: Path | None) -> str | None:

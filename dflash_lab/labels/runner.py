@@ -31,7 +31,7 @@ from pathlib import Path
 
 from dflash_lab.errors import DFlashLabError
 from dflash_lab.fileio import atomic_write_text as atomic_write
-from dflash_lab.fileio import not_utf8_error, read_user_text
+from dflash_lab.fileio import iter_jsonl, not_utf8_error, read_json_object
 from dflash_lab.labels.backends import HFBackend, Job, OpenAIBackend, Outcome, VLLMBackend
 from dflash_lab.outputs import check_output_dir
 
@@ -79,17 +79,8 @@ def shard_paths(out_dir: Path) -> list[Path]:
 def iter_records(out_dir: str | os.PathLike):
     """Every labelled record of a dataset directory, shard by shard (what the trainer reads)."""
     for path in shard_paths(Path(out_dir)):
-        with open(path, "rb") as handle:
-            for lineno, raw in enumerate(handle, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    yield json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as exc:
-                    raise not_utf8_error(f"{path}:{lineno}", "labels", exc) from None
-                except ValueError as exc:
-                    raise DFlashLabError(f"labels {path}:{lineno}: not valid JSON ({exc}); the shard was edited "
-                                         "or damaged: restore it or label again into a new --out") from None
+        yield from iter_jsonl(path, "labels", "the shard was edited or damaged: restore it or label again "
+                                              "into a new --out")
 
 
 def read_label_meta(out_dir: Path) -> dict | None:
@@ -98,14 +89,8 @@ def read_label_meta(out_dir: Path) -> dict | None:
     meta_path = Path(out_dir) / "meta.json"
     if not meta_path.exists():
         return None
-    try:
-        meta = json.loads(read_user_text(meta_path, "labels meta"))
-    except ValueError as exc:
-        meta = exc
-    if not isinstance(meta, dict):
-        raise DFlashLabError(f"labels meta {meta_path} is damaged (not a JSON object: {meta}); it records the "
-                             "settings the labels were made with: restore it from a backup, or label into a new --out")
-    return meta
+    return read_json_object(meta_path, "labels meta", "it records the settings the labels were made with: "
+                            "restore it from a backup, or label into a new --out")
 
 
 # What `label` writes before meta.json exists (its lock, its logs): a folder holding only these is its own.

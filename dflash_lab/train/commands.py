@@ -137,18 +137,9 @@ def _first_assistant_problem(data: str) -> str | None:
 
 
 def _iter_jsonl(path: Path):
-    from dflash_lab.fileio import not_utf8_error
+    from dflash_lab.fileio import iter_jsonl
 
-    with open(path, "rb") as handle:
-        for lineno, raw in enumerate(handle, 1):
-            if not raw.strip():
-                continue
-            try:
-                yield json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                raise not_utf8_error(f"{path}:{lineno}", "data", exc) from None
-            except ValueError:
-                continue  # read_records names bad JSON; here only the roles matter
+    return iter_jsonl(path, "data", bad_json_fix=None)  # read_records names bad JSON; here only the roles matter
 
 
 def _check_has_responses(data: str) -> None:
