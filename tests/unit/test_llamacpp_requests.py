@@ -29,3 +29,26 @@ def test_request_seed_is_per_prompt_and_reproducible():
     assert a == request_seed(qwen, [1, 2, 3]) and a != b and 0 <= a < 2**31
     assert request_seed(SamplingParams(temperature=0.7), [1]) is None  # no --seed: the engine picks
     assert request_seed(GREEDY, [1]) is None
+
+
+def test_attach_lossless_rechecks_only_mismatches_and_a_later_turns_prompt():
+    from dflash_lab.eval.llamacpp import attach_lossless
+
+    def rec(prompt, ids):
+        return {"prompt_text": prompt, "output_ids": ids, "wall_s": 1.0}
+
+    asked = []
+
+    def recheck(record):
+        asked.append(record["prompt_text"])
+        return "numerical", {"kind": "numerical"}
+
+    records = [rec("a", [1, 2]), rec("b", [1, 3]), rec("c2", [5])]
+    plain = [rec("a", [1, 2]), rec("b", [1, 4]), rec("c1", [5])]  # turn 2 after a tie: another prompt
+    attach_lossless(records, plain, recheck=recheck)
+    assert asked == ["b", "c2"]
+    assert [r["lossless"] for r in records] == [True, "numerical", "numerical"]
+    assert "lossless_mismatch" not in records[0] and records[1]["lossless_mismatch"] == {"kind": "numerical"}
+    records = [rec("b", [1, 3])]
+    attach_lossless(records, [rec("b", [1, 4])])  # no plain server to ask: a failure
+    assert records[0]["lossless"] is False
