@@ -4,7 +4,9 @@ vocabulary 49152), random weights, CPU:
     PYTHONPATH=. OMP_NUM_THREADS=1 python bench/bench_dflash2_overhead.py
 
 Times forward + backward of (a) v1 + CE, (b) DFlash2 + CE (the conv), (c) DFlash2 + CE + the
-selector loss, on the same blocks, interleaved, and prints the medians and the ratios to (a).
+selector loss with its own pass over the vocabulary for the top-16, (d) the same with the top-16
+taken from the CE's logits (what the trainer does since 2026-12-02), on the same blocks,
+interleaved, and prints the medians and the ratios to (a).
 """
 
 from __future__ import annotations
@@ -46,18 +48,21 @@ def main():
     attn = B.make_attention("chunked", anchors[None], args.block)
     noise = embed(block_ids.view(1, -1))
 
-    def step(model, with_selector):
+    def step(model, selector):
         model.zero_grad(set_to_none=True)
         hidden = model(noise, positions.view(1, -1), feats, torch.arange(args.seq)[None], attention=attn)
         h = hidden.view(len(anchors), args.block, -1)[valid]
-        ce = slot_statistics(h, labels[valid], lm_head)[0].mean()
-        loss = ce
-        if with_selector:
+        stats = slot_statistics(h, labels[valid], lm_head, top_k=16 if selector == "shared" else 0)
+        loss = stats[0].mean()
+        if selector:
+            top = stats[4] if selector == "shared" else None
+            given = {} if top is None else {"candidate_ids": top.ids, "candidate_mass": top.draft_mass}
             pred = teacher_forced_predecessors(block_ids, labels)[valid]
-            loss = loss + selector_loss(model, h, lm_head, labels[valid], pred, slot_weights(valid, 4.0)).loss
+            loss = loss + selector_loss(model, h, lm_head, labels[valid], pred, slot_weights(valid, 4.0), **given).loss
         loss.backward()
 
-    runs = {"v1+ce": (v1, False), "dflash2+ce": (d2, False), "dflash2+ce+selector": (d2, True)}
+    runs = {"v1+ce": (v1, None), "dflash2+ce": (d2, None), "dflash2+ce+selector (own top-16)": (d2, "own"),
+            "dflash2+ce+selector (shared)": (d2, "shared")}
     times = {k: [] for k in runs}
     for name, (model, sel) in runs.items():
         step(model, sel)  # warm-up
@@ -69,7 +74,7 @@ def main():
     base = statistics.median(times["v1+ce"])
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:22s} median {med * 1000:8.1f} ms  ratio {med / base:5.2f}")
+        print(f"{name:34s} median {med * 1000:8.1f} ms  ratio {med / base:5.2f}")
 
 
 if __name__ == "__main__":

@@ -73,8 +73,9 @@ def needs_overlap(cfg: "LossConfig") -> bool:
 
 def slot_statistics(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module,
                     target_hidden: torch.Tensor | None = None, chunk_slots: int = 1024,
-                    target_index: torch.Tensor | None = None, need_overlap: bool = True):
-    """Per-slot (ce, kl, overlap, correct), each [M], for hidden [M, H] and labels [M].
+                    target_index: torch.Tensor | None = None, need_overlap: bool = True, top_k: int = 0):
+    """Per-slot (ce, kl, overlap, correct), each [M], for hidden [M, H] and labels [M]; with `top_k`
+    a fifth item, `vocab_stage.TopCandidates` (each slot's top-k ids and masses, from the same logits).
 
     `target_hidden` [M, H]: the target's final hidden state at position p+k-1 (so lm_head of it is
     the target's logits for the token at p+k); None skips KL/overlap (zeros). With `target_index`
@@ -85,7 +86,7 @@ def slot_statistics(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.n
     One custom autograd function per chunk of `chunk_slots` slots (`vocab_stage.py`): nothing
     vocabulary-sized is kept for backward and nothing is recomputed, whatever the chunk count."""
     return vocab_statistics(hidden, labels, lm_head.weight, getattr(lm_head, "bias", None), target_hidden,
-                            target_index, chunk_slots=chunk_slots, need_overlap=need_overlap)
+                            target_index, chunk_slots=chunk_slots, need_overlap=need_overlap, top_k=top_k)
 
 
 def acceptance_chain(a: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

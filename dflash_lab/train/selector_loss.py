@@ -58,7 +58,7 @@ def _unary(draft, hidden, head_weight, head_bias):
 
 
 def _selector_chunk(draft, hidden, head_weight, head_bias, gold, predecessor, replace: bool,
-                    target_hidden=None, given_ids=None):
+                    target_hidden=None, given_ids=None, given_mass=None, given_target_mass=None):
     k = draft.top_k
     with torch.no_grad():  # the candidate set and the metrics: no gradient
         if given_ids is None:
@@ -69,14 +69,14 @@ def _selector_chunk(draft, hidden, head_weight, head_bias, gold, predecessor, re
             ids = given_ids
             top_values = draft.process_unary(torch.matmul(head_weight[ids], hidden.detach().to(head_weight.dtype)[:, :, None])[..., 0]
                                              + (head_bias[ids] if head_bias is not None else 0))
-            unary_mass = torch.full_like(top_values[:, 0], float("nan"))
+            unary_mass = given_mass if given_mass is not None else torch.full_like(top_values[:, 0], float("nan"))
         in_top = (ids == gold[:, None]).any(-1)
         # teacher-forced choice among the ORIGINAL candidates (what decoding sees)
         scores0 = draft.selector_scores(hidden.detach(), top_values, ids, predecessor[:, None])[:, 0]
         correct = ids.gather(-1, scores0.argmax(-1, keepdim=True))[:, 0] == gold
         unary_correct = ids[:, 0] == gold
-        target_mass = None
-        if target_hidden is not None:
+        target_mass = given_target_mass
+        if target_mass is None and target_hidden is not None:
             t_logits = torch.nn.functional.linear(target_hidden, head_weight, head_bias)
             p = torch.softmax(t_logits if t_logits.dtype == torch.float64 else t_logits.float(), dim=-1)
             target_mass = p.gather(-1, ids).sum(-1)
@@ -114,15 +114,19 @@ def selector_loss(draft, hidden: torch.Tensor, lm_head: torch.nn.Module, gold: t
                   predecessor: torch.Tensor, weights: torch.Tensor, gold_policy: str = "replace", *,
                   chunk_slots: int = 1024, denominator: torch.Tensor | float | None = None,
                   target_hidden: torch.Tensor | None = None, target_index: torch.Tensor | None = None,
-                  candidate_ids: torch.Tensor | None = None) -> SelectorLoss:
+                  candidate_ids: torch.Tensor | None = None, candidate_mass: torch.Tensor | None = None,
+                  candidate_target_mass: torch.Tensor | None = None) -> SelectorLoss:
     """The 16-way selector CE of the valid slots. hidden [M, H] (final-normed draft states),
     gold / predecessor [M] token ids, weights [M] (decay weights, 0 for slots to ignore).
 
     `denominator`: divide by this instead of sum(w * included) (e.g. the token-level mean's global
     sum(w * valid), which does not depend on the model). `target_hidden` [R, H] + `target_index` [M]:
     the target's final hidden state predicting each slot, for the target-mass metric only.
-    `candidate_ids` [M, k]: the unary top-k when the caller already has it (sorted by U descending;
-    the unary-mass metric is then NaN). With more than `chunk_slots` slots, each chunk is recomputed
+    `candidate_ids` [M, k]: the unary top-k when the caller already has it (sorted by U descending),
+    with `candidate_mass` / `candidate_target_mass` [M] its draft / target mass when known (else the
+    unary-mass metric is NaN and the target mass is computed here). The trainer passes all three from
+    the base loss's own logits (`vocab_stage.TopCandidates`): no second pass over the vocabulary.
+    With more than `chunk_slots` slots, each chunk is recomputed
     in backward (the top-k needs a [chunk, V] logit tensor)."""
     if gold_policy not in GOLD_POLICIES:
         raise ValueError(f"gold_policy {gold_policy!r}: choose one of {GOLD_POLICIES}")
@@ -133,14 +137,17 @@ def selector_loss(draft, hidden: torch.Tensor, lm_head: torch.nn.Module, gold: t
     for start in range(0, max(m, 1), chunk_slots):
         sl = slice(start, start + chunk_slots)
         th = target_hidden[target_index[sl]] if target_hidden is not None else None
-        ci = candidate_ids[sl] if candidate_ids is not None else None
-        args = (draft, hidden[sl], weight, bias, gold[sl], predecessor[sl], replace, th, ci)
+        given = [x[sl] if x is not None else None for x in (candidate_ids, candidate_mass, candidate_target_mass)]
+        if given[2] is not None:
+            th = None  # the target's mass is known: no [chunk, V] target logits
+        args = (draft, hidden[sl], weight, bias, gold[sl], predecessor[sl], replace, th, *given)
         if m > chunk_slots and torch.is_grad_enabled():
             parts.append(checkpoint(_selector_chunk, *args, use_reentrant=False))
         else:
             parts.append(_selector_chunk(*args))
     ce, in_top, correct, unary_correct, unary_mass = (torch.cat([p[i] for p in parts]) for i in range(5))
-    target_mass = torch.cat([p[5] for p in parts]) if target_hidden is not None else None
+    known_target = target_hidden is not None or candidate_target_mass is not None
+    target_mass = torch.cat([p[5] for p in parts]) if known_target else None
     included = torch.ones_like(in_top) if replace else in_top
     w = weights.to(ce.dtype) * included.to(ce.dtype)
     denom = w.sum().clamp_min(1e-12) if denominator is None else denominator

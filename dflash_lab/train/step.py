@@ -140,9 +140,21 @@ def _needs_model_denominators(loss_cfg, draft_module) -> bool:
         loss_cfg.selector_alpha > 0 and loss_cfg.selector_gold == "exclude" and _is_dflash2(draft_module))
 
 
-def _selector(draft_module, batch, valid, h_sel, labels, target, loss_cfg, chunk_slots, t_rows, t_index):
+def _shared_top_k(draft_module) -> int:
+    """The selector's candidate count when the base loss's logits can give its candidates (0: not a
+    DFlash2 draft, or one whose unary logits are not the plain lm_head logits: a multiplier or a
+    softcap changes the masses, a negative multiplier the order)."""
+    if not _is_dflash2(draft_module):
+        return 0
+    cfg = _unwrap(draft_module).config
+    return 0 if cfg.output_multiplier is not None or cfg.final_logit_softcapping else cfg.selector_top_k
+
+
+def _selector(draft_module, batch, valid, h_sel, labels, target, loss_cfg, chunk_slots, t_rows, t_index, top=None):
     """DFlash2's selector CE (numerator only: the caller divides by the step's denominator) and its
-    metrics; None for a v1 draft. Held-out (`loss_cfg` None) and selector_alpha 0: metrics only."""
+    metrics; None for a v1 draft. Held-out (`loss_cfg` None) and selector_alpha 0: metrics only.
+    `top`: the candidates from the base loss's logits (`vocab_stage.TopCandidates`), else the
+    selector takes its own pass over the vocabulary."""
     if not _is_dflash2(draft_module):
         return None
     pred = SL.teacher_forced_predecessors(batch["block_ids"], batch["labels"])[valid]
@@ -152,9 +164,11 @@ def _selector(draft_module, batch, valid, h_sel, labels, target, loss_cfg, chunk
     if not grad:  # a view made under no_grad keeps requires_grad with no grad_fn: autograd hooks fail on it
         h_sel = h_sel.detach()
     with contextlib.nullcontext() if grad else torch.no_grad():
+        given = {} if top is None else {"candidate_ids": top.ids, "candidate_mass": top.draft_mass,
+                                        "candidate_target_mass": top.target_mass}
         return SL.selector_loss(_unwrap(draft_module), h_sel, target.lm_head, labels, pred, SL.slot_weights(valid, gamma),
                                 gold, chunk_slots=chunk_slots, denominator=1.0, target_hidden=t_rows,
-                                target_index=t_index)
+                                target_index=t_index, **given)
 
 
 def forward_batch(draft_module, draft_cfg, target, features, samples, anchor_seeds, *, num_anchors, loss_cfg,
@@ -196,10 +210,12 @@ def forward_batch(draft_module, draft_cfg, target, features, samples, anchor_see
             # flat index of position p+k-1 in [N*S]: slot k's target distribution lives there
             t_index = seq_idx * final.shape[1] + batch["positions"][valid] - 1
             t_rows = final.reshape(-1, final.shape[-1]).to(h_sel.dtype)
-        ce, kl, overlap, correct = L.slot_statistics(h_sel, labels, target.lm_head, t_rows, chunk_slots,
-                                                     target_index=t_index,
-                                                     need_overlap=loss_cfg is not None and L.needs_overlap(loss_cfg))
-        sel = _selector(draft_module, batch, valid, h_sel, labels, target, loss_cfg, chunk_slots, t_rows, t_index)
+        top_k = _shared_top_k(draft_module)  # DFlash2: the selector's candidates come from these logits
+        ce, kl, overlap, correct, *top = L.slot_statistics(
+            h_sel, labels, target.lm_head, t_rows, chunk_slots, target_index=t_index,
+            need_overlap=loss_cfg is not None and L.needs_overlap(loss_cfg), top_k=top_k)
+        sel = _selector(draft_module, batch, valid, h_sel, labels, target, loss_cfg, chunk_slots, t_rows, t_index,
+                        top[0] if top else None)
     # every sequence's blocks at once: [N*A, B] (the reduction is token-level, not per sequence)
     ce_b, kl_b, ov_b, cor_b = (L.scatter_slots(x, valid).view(n * a, bsz) for x in (ce, kl, overlap, correct))
     flat_valid = valid.view(n * a, bsz)

@@ -28,12 +28,27 @@ blocks) is never split across chunks.
 
 Values and gradients equal the autograd of the straightforward code (tests/unit/test_vocab_stage.py
 keeps it as the reference).
+
+With `top_k` > 0 the same logits also give each slot's top-k token ids (sorted, descending), the
+draft's softmax mass on them and, with a target, the target's: what a DFlash2 draft's selector loss
+needs, so it takes no second pass over the vocabulary (`TopCandidates`; no gradient).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+
+class TopCandidates(NamedTuple):
+    """Per slot: the top-k token ids of the draft's logits [M, k] (descending), the draft's softmax
+    mass on them [M] and the target's [M] (None without a target)."""
+
+    ids: torch.Tensor
+    draft_mass: torch.Tensor
+    target_mass: torch.Tensor | None
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -50,22 +65,27 @@ def _teacher(rows: torch.Tensor, weight, bias, dtype):
 
 
 class VocabChunk(torch.autograd.Function):
-    """One chunk of slots: (ce, kl, overlap, correct), each [m], from hidden [m, H].
+    """One chunk of slots: (ce, kl, overlap, correct), each [m], from hidden [m, H], then the top-k
+    ids [m, k], the draft's and the target's mass on them [m] (k = `top_k`; [m, 0] and zeros at 0).
 
     `rows` [r, H]: the target's final hidden states of the chunk's distinct positions (None: no
     target, kl and overlap are zeros); slot i reads row `row_of_slot[i]`."""
 
     @staticmethod
-    def forward(ctx, hidden, labels, weight, bias, rows, row_of_slot, need_overlap: bool):
+    def forward(ctx, hidden, labels, weight, bias, rows, row_of_slot, need_overlap: bool, top_k: int = 0):
         logits = _at_least_fp32(F.linear(hidden, weight, bias))  # [m, V]
         correct = (logits.argmax(-1) == labels).to(logits.dtype)
         lse = torch.logsumexp(logits, dim=-1)
         ce = lse - logits.gather(-1, labels[:, None]).squeeze(-1)  # -log q(y)
         zero = torch.zeros_like(ce)
         kl, overlap = zero, zero.clone()
+        top_values, top_ids = torch.topk(logits, top_k, dim=-1)  # before `logits` is overwritten below
+        draft_mass = (top_values - lse[:, None]).exp().sum(-1)
+        target_mass = zero.clone()
         p_w = p_sum = g_w = g_sum = None
         if rows is not None:
             logp_rows, p_w, p_sum, p_logp, p_b = _teacher(rows, weight, bias, logits.dtype)
+            target_mass = logp_rows[row_of_slot].gather(-1, top_ids).exp().sum(-1)
         if rows is not None and need_overlap:  # overlap needs p and q side by side: [m, V] work
             logq = torch.log_softmax(logits, dim=-1)  # as the target's: equal entries round alike (ties)
             del logits
@@ -101,15 +121,15 @@ class VocabChunk(torch.autograd.Function):
         if ctx.has_overlap:
             saved += [g_w, g_sum]
         ctx.save_for_backward(*saved)
-        ctx.mark_non_differentiable(correct)
+        ctx.mark_non_differentiable(correct, top_ids, draft_mass, target_mass)
         if not ctx.has_target:
             ctx.mark_non_differentiable(kl, overlap)
         elif not ctx.has_overlap:
             ctx.mark_non_differentiable(overlap)
-        return ce, kl, overlap, correct
+        return ce, kl, overlap, correct, top_ids, draft_mass, target_mass
 
     @staticmethod
-    def backward(ctx, g_ce, g_kl, g_ov, _g_correct):
+    def backward(ctx, g_ce, g_kl, g_ov, _g_correct, *_g_top):
         labels, weight, q_w, *rest = ctx.saved_tensors
         coef_q = g_ce.clone()
         grad = -g_ce[:, None] * weight[labels].to(q_w.dtype)
@@ -122,7 +142,7 @@ class VocabChunk(torch.autograd.Function):
             coef_q = coef_q - g_ov * g_sum
             grad = grad + g_ov[:, None] * g_w
         grad = grad + coef_q[:, None] * q_w
-        return grad.to(ctx.hidden_dtype), None, None, None, None, None, None
+        return grad.to(ctx.hidden_dtype), None, None, None, None, None, None, None
 
 
 def _position_groups(target_index: torch.Tensor, chunk_slots: int):
@@ -146,8 +166,9 @@ def _position_groups(target_index: torch.Tensor, chunk_slots: int):
 
 def vocab_statistics(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      target_hidden: torch.Tensor | None = None, target_index: torch.Tensor | None = None,
-                     *, chunk_slots: int = 1024, need_overlap: bool = True):
-    """Per-slot (ce, kl, overlap, correct), each [M], in the order of `hidden` [M, H].
+                     *, chunk_slots: int = 1024, need_overlap: bool = True, top_k: int = 0):
+    """Per-slot (ce, kl, overlap, correct), each [M], in the order of `hidden` [M, H]; with `top_k`
+    > 0 a fifth item, the slots' `TopCandidates` (from the same logits).
 
     `target_hidden`: [M, H] (slot i reads row i), or any [R, H] table with `target_index` [M]; None
     skips kl/overlap (zeros). `need_overlap=False` returns zeros for overlap (no [M, V] work for it).
@@ -156,28 +177,36 @@ def vocab_statistics(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.T
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("the vocabulary stage needs a frozen lm_head (requires_grad=False): it computes no "
                          "gradient for the head's weight or bias")
+    outputs = _vocab_chunks(hidden, labels, weight, bias, target_hidden, target_index, chunk_slots, need_overlap, top_k)
+    if not top_k:
+        return outputs[:4]
+    return (*outputs[:4], TopCandidates(*outputs[4:6], outputs[6] if target_hidden is not None else None))
+
+
+def _vocab_chunks(hidden, labels, weight, bias, target_hidden, target_index, chunk_slots, need_overlap, top_k):
+    """`VocabChunk` over chunks of slots (whole target positions per chunk), outputs in slot order."""
     m = hidden.shape[0]
     if m == 0:
         empty = _at_least_fp32(hidden.sum(-1))
-        return empty, empty, empty, empty.detach()
+        return (empty, empty, empty, empty.detach(), labels.new_zeros(0, top_k), empty.detach(), empty.detach())
     if target_hidden is None:
-        parts = [VocabChunk.apply(hidden[s:s + chunk_slots], labels[s:s + chunk_slots], weight, bias, None, None, False)
-                 for s in range(0, m, chunk_slots)]
+        parts = [VocabChunk.apply(hidden[s:s + chunk_slots], labels[s:s + chunk_slots], weight, bias, None, None,
+                                  False, top_k) for s in range(0, m, chunk_slots)]
         return tuple(torch.cat(p) for p in zip(*parts))
     if target_index is None:  # one row per slot: every slot its own position
         target_index = torch.arange(m, device=hidden.device)
     if m <= chunk_slots:  # one chunk: no reordering
         used, inverse = torch.unique(target_index, return_inverse=True)
-        return VocabChunk.apply(hidden, labels, weight, bias, target_hidden[used], inverse, need_overlap)
+        return VocabChunk.apply(hidden, labels, weight, bias, target_hidden[used], inverse, need_overlap, top_k)
     used, order, row_of_ordered, bounds = _position_groups(target_index, chunk_slots)
     h_ord, y_ord = hidden[order], labels[order]
     parts = []
     for r0, r1, s0, s1 in bounds:
         parts.append(VocabChunk.apply(h_ord[s0:s1], y_ord[s0:s1], weight, bias, target_hidden[used[r0:r1]],
-                                      row_of_ordered[s0:s1] - r0, need_overlap))
+                                      row_of_ordered[s0:s1] - r0, need_overlap, top_k))
     back = torch.empty_like(order)
     back[order] = torch.arange(m, device=order.device)
     return tuple(torch.cat(p)[back] for p in zip(*parts))
 
 
-__all__ = ["VocabChunk", "vocab_statistics"]
+__all__ = ["TopCandidates", "VocabChunk", "vocab_statistics"]

@@ -255,3 +255,46 @@ def test_heldout_metrics_give_the_walk_tau_and_the_unary_tau_beside_it():
     assert live["heldout_unary_tau"] == fresh["heldout_unary_tau"]
     assert live["heldout_tau"] != fresh["heldout_tau"]
     assert heldout_metrics(draft, draft.config, target, Features(), Split(), {"num_anchors": 6}, D.DistInfo(), 3) == {}
+
+
+@pytest.mark.parametrize("gold", ["replace", "exclude"])
+def test_the_trainer_takes_the_candidates_from_the_base_losss_logits(monkeypatch, gold):
+    """forward_batch gives the selector the top-16 of the logits its base loss already computed: the
+    same loss, gradients and metrics as the selector's own pass over the vocabulary, without it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dflash_lab.train import step as S
+    from dflash_lab.train.data import Sample
+    from dflash_lab.train.losses import LossConfig
+
+    target = wrap_target(tiny_model("qwen3", seed=1, vocab_size=VOCAB), mask_token_id=3)
+    cfg = build_dflash2_config(target, num_layers=1, selector_rank=RANK, selector_top_k=TOPK)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, VOCAB, (30,), generator=gen).tolist()
+    sample = Sample("s", "math", ids, [0] * 6 + [1] * 24)
+    _, feats = target.forward(torch.tensor([ids]), cfg.target_layer_ids)
+    features = [(feats[0], torch.randn(30, 64, generator=gen))]  # the target's final states: KL and target mass
+    loss_cfg = LossConfig(name="kd", alpha=0.5, gamma=4.0, selector_alpha=1.0, selector_gold=gold)
+    runs = []
+    for shared in (True, False):
+        if not shared:
+            monkeypatch.setattr(S, "_shared_top_k", lambda draft_module: 0)
+        draft = DFlash2DraftModel(cfg).init_weights(seed=2, std=0.3)
+        with torch.no_grad():
+            for p in draft.candidate_selector.parameters():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+        with FlopCounterMode(display=False) as flops:
+            loss, stats = S.forward_batch(draft, cfg, target, features, [sample], [7], num_anchors=6, loss_cfg=loss_cfg)
+        loss.backward()
+        runs.append((loss, stats, {n: p.grad for n, p in draft.named_parameters() if p.grad is not None},
+                     flops.get_total_flops()))
+    (loss_a, stats_a, grads_a, flops_a), (loss_b, stats_b, grads_b, flops_b) = runs
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and "candidate_selector.successor_codebook" in grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], msg=name)
+    for key in ("sel_tau_sum", "sel_accuracy_sum", "sel_recall_sum", "sel_unary_mass_sum", "sel_target_mass_sum"):
+        assert torch.allclose(stats_a[key], stats_b[key]), (key, float(stats_a[key]), float(stats_b[key]))
+    slots = int(stats_a["valid_slots"])
+    # saved: the selector's own [M, V] logits and the target's; spent: U of the given 16 from their rows
+    assert flops_b - flops_a == 2 * 2 * slots * VOCAB * 64 - 2 * slots * TOPK * 64

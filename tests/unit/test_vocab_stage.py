@@ -297,3 +297,26 @@ def test_float32_kl_from_p_times_w_within_float_tolerance():
     assert out[0][1].mean() > 1.0  # a KL that is not trivially small
     assert torch.allclose(out[1][0], out[0][0], atol=1e-4) and torch.allclose(out[1][1], out[0][1], atol=1e-4)
     assert torch.allclose(out[1][2], out[0][2], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_slots,with_target", [(1000, True), (4, True), (3, False)])
+def test_top_k_candidates_are_the_full_logits_top_k_and_their_masses(chunk_slots, with_target):
+    """DFlash2's selector takes its candidates from these logits: ids equal torch.topk of the whole
+    logits, masses the softmax sums over them, in slot order across chunks regrouped by position."""
+    head = _head()
+    hidden, rows, labels, index, valid = _batch()
+    h, y, idx = hidden[valid], labels[valid], index[valid]
+    target = rows if with_target else None
+    plain = L.slot_statistics(h, y, head, target, chunk_slots, target_index=idx if with_target else None)
+    ce, kl, ov, correct, top = L.slot_statistics(h, y, head, target, chunk_slots,
+                                                 target_index=idx if with_target else None, top_k=5)
+    assert all(torch.equal(a, b) for a, b in zip((ce, kl, ov, correct), plain))  # the losses are untouched
+    logits = head(h)
+    values, ids = logits.topk(5, dim=-1)
+    assert torch.equal(top.ids, ids)
+    assert torch.allclose(top.draft_mass, torch.softmax(logits, -1).gather(-1, ids).sum(-1), atol=1e-12)
+    if with_target:
+        p = torch.softmax(head(rows[idx]), -1)
+        assert torch.allclose(top.target_mass, p.gather(-1, ids).sum(-1), atol=1e-12)
+    else:
+        assert top.target_mass is None
