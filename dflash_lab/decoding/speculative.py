@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from dflash_lab.decoding.drafters import Proposal
 from dflash_lab.decoding.sampling import GREEDY, SamplingParams, make_generator, processed_probs, sample, verify_chain
 
 
@@ -138,10 +139,8 @@ def speculative_generate(
     )
 
 
-def as_proposal(proposed) -> "Proposal":
+def as_proposal(proposed) -> Proposal:
     """A drafter's `propose` answer as a `Proposal` (a bare token tensor means one-hot proposals)."""
-    from dflash_lab.decoding.drafters import Proposal
-
     return proposed if isinstance(proposed, Proposal) else Proposal(proposed)
 
 
