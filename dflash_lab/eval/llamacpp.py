@@ -264,7 +264,7 @@ def attach_lossless(records: list[dict], plain: list[dict], recheck=None) -> Non
         same = record.get("prompt_text") == ref.get("prompt_text") and (
             record.get("output_ids") == ref.get("output_ids") if record.get("output_ids") is not None
             else record.get("output_text") == ref.get("output_text"))
-        record["lossless"] = True if same else False
+        record["lossless"] = same
         if not same and recheck is not None and record.get("output_ids") is not None:
             record["lossless"], report = recheck(record)
             if report is not None:
@@ -292,7 +292,8 @@ def classify_mismatch(url: str, target, record: dict, tolerance: float = LLAMACP
         return True, None
     steps = plain.get("completion_probabilities") or []
     top = (steps[index].get("top_logprobs") or []) if index < len(steps) else []
-    top2 = [(int(t["id"]), float(t["logprob"])) for t in top[:2]]
+    # another llama.cpp build's format (no ids or log-probs) leaves top2 short: a failure, with the report
+    top2 = [(int(t["id"]), float(t["logprob"])) for t in top[:2] if "id" in t and "logprob" in t]
     margin = top2[0][1] - top2[1][1] if len(top2) == 2 else None
     spec_token = spec_ids[index] if index < len(spec_ids) else None
     plain_token = plain_ids[index] if index < len(plain_ids) else None

@@ -229,7 +229,6 @@ _DFLASH2_KEYS_WRITTEN_ELSEWHERE = ("block_size", "attention.sliding_window", "at
 def write_dflash2(writer, inp: ExportInput) -> None:
     """DFlash2 drafts: the conv and selector settings (llama.cpp treats the file as DFlash2 when
     `selector_hidden.weight` is present and then needs every one of them > 0)."""
-
     from dflash_lab.models.dflash2 import gguf_dflash2_keys
 
     if not is_dflash2(inp.cfg):

@@ -106,16 +106,18 @@ def _verify_resume_point(out: Path, resume_previous: bool) -> None:
 
 
 def _iter_dataset(data: str):
-    """The records of a labelled dataset, lazily for jsonl (shards are read one line at a time)."""
+    """The records of a labelled dataset, lazily for jsonl (shards are read one line at a time; a
+    line that is not JSON is skipped here: read_records names it, this only looks at the roles)."""
+    from dflash_lab.fileio import iter_jsonl
     from dflash_lab.train.data import read_records
 
     path = Path(data)
     shards = sorted(path.glob("shard-*.jsonl")) if path.is_dir() else []
     if shards:
         for shard in shards:
-            yield from _iter_jsonl(shard)
+            yield from iter_jsonl(shard, "data")
     elif path.is_file() and path.suffix == ".jsonl":
-        yield from _iter_jsonl(path)
+        yield from iter_jsonl(path, "data")
     else:
         yield from read_records(path)  # parquet, or a missing path: its own message
 
@@ -134,12 +136,6 @@ def _first_assistant_problem(data: str) -> str | None:
         if example is None:
             example = f"the last message is {role!r}" if role else "no `messages` list of {role, content}"
     return f"none of its {count} records ends with an assistant response (e.g. {example})" if count else None
-
-
-def _iter_jsonl(path: Path):
-    from dflash_lab.fileio import iter_jsonl
-
-    return iter_jsonl(path, "data", bad_json_fix=None)  # read_records names bad JSON; here only the roles matter
 
 
 def _check_has_responses(data: str) -> None:

@@ -158,7 +158,7 @@ class Evaluator:
     def evaluate(self) -> dict[str, float]:
         """`heldout_tau` (and DFlash2's `heldout_unary_tau`); empty when the held-out split is."""
         return heldout_metrics(self.draft, self.draft.config, self.target, self.features, self.heldout, self.fwd,
-                           self.info, self.cfg.seed, lockstep=self.cfg.lockstep)
+                               self.info, self.cfg.seed, lockstep=self.cfg.lockstep)
 
 
 @dataclass

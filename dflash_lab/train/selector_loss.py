@@ -126,8 +126,8 @@ def selector_loss(draft, hidden: torch.Tensor, lm_head: torch.nn.Module, gold: t
     with `candidate_mass` / `candidate_target_mass` [M] its draft / target mass when known (else the
     unary-mass metric is NaN and the target mass is computed here). The trainer passes all three from
     the base loss's own logits (`vocab_stage.TopCandidates`): no second pass over the vocabulary.
-    With more than `chunk_slots` slots, each chunk is recomputed
-    in backward (the top-k needs a [chunk, V] logit tensor)."""
+    With more than `chunk_slots` slots, each chunk is recomputed in backward (the top-k needs a
+    [chunk, V] logit tensor)."""
     if gold_policy not in GOLD_POLICIES:
         raise ValueError(f"gold_policy {gold_policy!r}: choose one of {GOLD_POLICIES}")
     replace = gold_policy == "replace"
