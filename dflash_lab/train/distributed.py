@@ -7,6 +7,7 @@ NCCL on GPU, gloo on CPU; the draft is wrapped in DDP; the frozen target can be 
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -92,4 +93,15 @@ def shard_target(target, info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     """Destroy the process group at exit when this process created it."""
     if info.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Destroy the default process group, first freeing the DDP wrappers that still hold it.
+
+    DDP sits in reference cycles, so a wrapper nobody uses any more lives on until the garbage
+    collector runs. When that first happens at interpreter exit, gloo's threads are torn down
+    mid-finalization and a finished rank dies with SIGABRT ("terminate called without an active
+    exception"): 2 of 40 two-rank runs did (tests/unit/test_distributed_close.py)."""
+    gc.collect()
+    dist.destroy_process_group()

@@ -84,10 +84,11 @@ def train(config, data_path, out_dir, target=None, resume: bool = False, max_ste
                      db=db, recipe_path=recipe_path or (str(config) if isinstance(config, (str, os.PathLike)) else None))
     device = _pick_device(recipe.train.device, D.DistInfo(local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=world))
     info = D.init_distributed(device.type)
-    try:
-        return Trainer(recipe, run, device, info, target).train()
-    finally:
-        D.shutdown(info)
+    # The group is closed only after a run that ended well: closing it while another rank still
+    # waits in a collective (this rank failed) can hang that rank instead of letting torchrun stop it.
+    final = Trainer(recipe, run, device, info, target).train()
+    D.shutdown(info)
+    return final
 
 
 def _with_run_control(recipe: Recipe, **control) -> Recipe:

@@ -212,14 +212,19 @@ def _layout_worker(rank, world, init_file, out_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        info = D.DistInfo(rank=rank, world_size=world)
-        target, draft = _layout_parts()
-        model = D.wrap_draft(draft, info, "cpu")  # DDP: the selector's gradients come from outside its forward
-        results = {gold: _layout_step(target, draft, model, info, 1, 2, gold) for gold in ("replace", "exclude")}
+        results = _layout_rank_results(D.DistInfo(rank=rank, world_size=world))
         if rank == 0:
             torch.save(results, out_file)
     finally:
-        dist.destroy_process_group()
+        D.close_process_group()  # frees the DDP wrapper first: a rank could otherwise abort at exit
+
+
+def _layout_rank_results(info):
+    from dflash_lab.train import distributed as D
+
+    target, draft = _layout_parts()
+    model = D.wrap_draft(draft, info, "cpu")  # DDP: the selector's gradients come from outside its forward
+    return {gold: _layout_step(target, draft, model, info, 1, 2, gold) for gold in ("replace", "exclude")}
 
 
 def test_selector_loss_does_not_depend_on_the_batch_layout(tmp_path):

@@ -85,17 +85,22 @@ def _worker(rank, world, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         info = D.DistInfo(rank=rank, world_size=world)
-        target, draft = _parts()
-        model = D.wrap_draft(draft, info, "cpu")
-        results = {}
-        for i, cfg in enumerate(LOSSES):
-            loss, grads, valid = _step(target, draft, model, info, micro=1, accum=2, loss_cfg=cfg)
-            results[i] = (loss, grads, valid)
+        results = _rank_results(info)
         results["fsdp"] = _fsdp_check(info)
         if rank == 0:
             torch.save(results, out_file)
     finally:
-        dist.destroy_process_group()
+        D.close_process_group()  # frees the DDP wrapper first: a rank could otherwise abort at exit
+
+
+def _rank_results(info):
+    target, draft = _parts()
+    model = D.wrap_draft(draft, info, "cpu")
+    results = {}
+    for i, cfg in enumerate(LOSSES):
+        loss, grads, valid = _step(target, draft, model, info, micro=1, accum=2, loss_cfg=cfg)
+        results[i] = (loss, grads, valid)
+    return results
 
 
 @pytest.fixture(scope="module")
