@@ -141,25 +141,49 @@ def tokenize_record(target, record: dict, max_length: int) -> tuple[Sample, bool
     return sample, truncated
 
 
+@dataclass
+class TokenizedRecord:
+    """What became of one record: a kept `sample`, or why not (`error`, or too few supervised)."""
+
+    record: object
+    sample: Sample | None = None
+    truncated: bool = False
+    error: Exception | None = None
+    few_supervised: bool = False
+
+
+def tokenize_one(target, record, index: int, max_length: int, min_supervised: int) -> TokenizedRecord:
+    """The rules both tokenisers (this module's in-memory one and the token store's) apply to a
+    record: a record that fails to render or tokenise is skipped with its error, one with fewer
+    than `min_supervised` response tokens is skipped, and a sample without an id is named `#index`."""
+    try:
+        if not isinstance(record, dict):
+            raise ValueError(f"a record is a JSON object, got {type(record).__name__}")
+        sample, truncated = tokenize_record(target, record, max_length)
+    except Exception as exc:  # noqa: BLE001 - any render/tokenise failure (e.g. jinja2 on a missing role) is this record's
+        return TokenizedRecord(record, error=exc)
+    if not sample.id:
+        sample.id = f"#{index}"
+    if sample.num_supervised < min_supervised:
+        return TokenizedRecord(record, truncated=truncated, few_supervised=True)
+    return TokenizedRecord(record, sample=sample, truncated=truncated)
+
+
 def tokenize_records(target, records: list[dict], max_length: int, min_supervised: int = 2) -> tuple[list[Sample], TokenizeStats]:
     stats = TokenizeStats(records=len(records))
     samples = []
     for i, record in enumerate(records):
-        try:
-            sample, truncated = tokenize_record(target, record, max_length)
-        except Exception as exc:  # noqa: BLE001 - any render/tokenise failure (e.g. jinja2 on a missing role) is this record's
+        out = tokenize_one(target, record, i, max_length, min_supervised)
+        stats.truncated += int(out.truncated)
+        if out.error is not None:
             stats.skipped_bad_record += 1
             stats.reasons.append(f"record {record.get('id', i) if isinstance(record, dict) else i}: "
-                                 f"{type(exc).__name__}: {exc}")
-            continue
-        if not sample.id:
-            sample.id = f"#{i}"
-        stats.truncated += int(truncated)
-        if sample.num_supervised < min_supervised:
+                                 f"{type(out.error).__name__}: {out.error}")
+        elif out.few_supervised:
             stats.skipped_few_supervised += 1
-            continue
-        samples.append(sample)
-        stats.supervised_tokens += sample.num_supervised
+        else:
+            samples.append(out.sample)
+            stats.supervised_tokens += out.sample.num_supervised
     stats.kept = len(samples)
     return samples, stats
 

@@ -57,20 +57,34 @@ def _unary(draft, hidden, head_weight, head_bias):
     return draft.process_unary(logits)
 
 
+def _candidate_unary(draft, hidden, head_weight, head_bias, ids):
+    """U at the given ids only, [m, n] for ids [m, n]: rows of the lm_head, not the whole vocabulary."""
+    rows = head_weight[ids]  # [m, n, H]
+    u = torch.matmul(rows, hidden.to(rows.dtype)[:, :, None])[..., 0]
+    if head_bias is not None:
+        u = u + head_bias[ids]
+    return draft.process_unary(u)
+
+
+def _candidates(draft, hidden, head_weight, head_bias, given_ids, given_mass):
+    """(ids [m, k] sorted by U descending, their U values or None, the draft's softmax mass on them)."""
+    if given_ids is not None:  # the caller's top-k (e.g. from logits it already computed): no [m, V] tensor here
+        mass = given_mass if given_mass is not None else head_weight.new_full(given_ids.shape[:1], float("nan"))
+        return given_ids, None, mass
+    full = _unary(draft, hidden.detach(), head_weight, head_bias)  # [m, V]
+    top_values, ids = torch.topk(full, draft.top_k, dim=-1)
+    return ids, top_values, torch.softmax(full, dim=-1).gather(-1, ids).sum(-1)
+
+
 def _selector_chunk(draft, hidden, head_weight, head_bias, gold, predecessor, replace: bool,
                     target_hidden=None, given_ids=None, given_mass=None, given_target_mass=None):
-    k = draft.top_k
-    with torch.no_grad():  # the candidate set and the metrics: no gradient
-        if given_ids is None:
-            full = _unary(draft, hidden.detach(), head_weight, head_bias)  # [m, V]
-            top_values, ids = torch.topk(full, k, dim=-1)
-            unary_mass = torch.softmax(full, dim=-1).gather(-1, ids).sum(-1)
-        else:  # the caller's top-k (e.g. from logits it already computed): no [m, V] tensor here
-            ids = given_ids
-            top_values = draft.process_unary(torch.matmul(head_weight[ids], hidden.detach().to(head_weight.dtype)[:, :, None])[..., 0]
-                                             + (head_bias[ids] if head_bias is not None else 0))
-            unary_mass = given_mass if given_mass is not None else torch.full_like(top_values[:, 0], float("nan"))
+    with torch.no_grad():  # the candidate set: no gradient
+        ids, top_values, unary_mass = _candidates(draft, hidden, head_weight, head_bias, given_ids, given_mass)
         in_top = (ids == gold[:, None]).any(-1)
+    # the candidates' unary logits with gradient, gathered once: the metrics read them detached
+    u = _candidate_unary(draft, hidden, head_weight, head_bias, ids)
+    with torch.no_grad():
+        top_values = u.detach() if top_values is None else top_values
         # teacher-forced choice among the ORIGINAL candidates (what decoding sees)
         scores0 = draft.selector_scores(hidden.detach(), top_values, ids, predecessor[:, None])[:, 0]
         correct = ids.gather(-1, scores0.argmax(-1, keepdim=True))[:, 0] == gold
@@ -85,12 +99,9 @@ def _selector_chunk(draft, hidden, head_weight, head_bias, gold, predecessor, re
             # a where, not a boolean-mask write: no data-dependent shape (`dflash-lab plan` runs this on fake tensors)
             train_ids[:, -1] = torch.where(in_top, train_ids[:, -1], gold)
         gold_col = (train_ids == gold[:, None]).float().argmax(-1)  # any column when absent (excluded)
-    # the k unary logits with gradient: rows of the lm_head, not the whole vocabulary
-    rows = head_weight[train_ids]  # [m, k, H]
-    u = torch.matmul(rows, hidden.to(rows.dtype)[:, :, None])[..., 0]
-    if head_bias is not None:
-        u = u + head_bias[train_ids]
-    u = draft.process_unary(u)
+    if replace:  # the gold token's U where it replaces the last candidate
+        u_gold = _candidate_unary(draft, hidden, head_weight, head_bias, gold[:, None])[:, 0]
+        u = torch.cat([u[:, :-1], torch.where(in_top, u[:, -1], u_gold)[:, None]], dim=-1)
     scores = draft.selector_scores(hidden, u, train_ids, predecessor[:, None])[:, 0]  # [m, k]
     scores = scores if scores.dtype == torch.float64 else scores.float()
     ce = torch.logsumexp(scores, -1) - scores.gather(-1, gold_col[:, None])[:, 0]

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from dflash_lab.errors import DFlashLabError
-from dflash_lab.train.data import Sample, data_files, manifest_sha256, tokenize_record
+from dflash_lab.train.data import Sample, TokenizedRecord, data_files, manifest_sha256, tokenize_one
 
 # Bump when what a store holds for the same inputs changes (tokenize_record's rules, the layout).
 STORE_FORMAT = 1
@@ -143,35 +143,33 @@ def _looks_like_prompt(record) -> bool:
 
 def tokenize_chunk(target, chunk: tuple[int, list], max_length: int, min_supervised: int) -> _ChunkResult:
     """`chunk` = (index of its first record, [(where, raw JSON line bytes or a dict), ...]). The
-    same rules as `data.tokenize_records`, record by record; any exception skips only its record."""
+    rules of `data.tokenize_one`, record by record; any exception skips only its record."""
     first, items = chunk
     ids_out, mask_out, lengths, anchors, names = [], [], [], [], []
     res = _ChunkResult(tokens=None, mask=None, lengths=None, anchors=None, names=names)  # type: ignore[arg-type]
     for offset, (where, payload) in enumerate(items):
         index = first + offset
         res.records += 1
-        record = payload
         try:
-            if isinstance(payload, (bytes, str)):
-                record = json.loads(payload)
-            if not isinstance(record, dict):
-                raise ValueError(f"a record is a JSON object, got {type(record).__name__}")
-            sample, truncated = tokenize_record(target, record, max_length)
-        except Exception as exc:  # noqa: BLE001 - counted and reported, never fatal
+            record = json.loads(payload) if isinstance(payload, (bytes, str)) else payload
+        except Exception as exc:  # noqa: BLE001 - not JSON (or not UTF-8): counted and reported, never fatal
+            out = TokenizedRecord(payload, error=exc)
+        else:
+            out = tokenize_one(target, record, index, max_length, min_supervised)
+        res.truncated += int(out.truncated)
+        if out.error is not None:
             res.bad_record += 1
-            res.prompt_like += int(_looks_like_prompt(record))
+            res.prompt_like += int(_looks_like_prompt(out.record))
             if len(res.errors) < MAX_FIRST_ERRORS:
-                rid = record.get("id") if isinstance(record, dict) else None
+                rid = out.record.get("id") if isinstance(out.record, dict) else None
                 res.errors.append({"id": str(rid) if rid is not None else f"#{index}", "where": where,
-                                   "reason": f"{type(exc).__name__}: {exc}"[:300]})
+                                   "reason": f"{type(out.error).__name__}: {out.error}"[:300]})
             continue
-        if not sample.id:
-            sample.id = f"#{index}"
-        res.truncated += int(truncated)
-        if sample.num_supervised < min_supervised:
+        if out.few_supervised:
             res.few_supervised += 1
             continue
-        res.no_end_of_turn += int(record.get("finish_reason") == "length")
+        sample = out.sample
+        res.no_end_of_turn += int(out.record.get("finish_reason") == "length")
         ids = np.asarray(sample.input_ids, dtype=np.int32)
         mask = np.asarray(sample.loss_mask, dtype=np.uint8)
         ids_out.append(ids)
