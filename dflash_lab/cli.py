@@ -9,6 +9,7 @@ import sys
 
 from dflash_lab import __version__
 from dflash_lab.errors import DFlashLabError
+from dflash_lab.outputs import check_declared_outputs
 
 # Each module has `register(subparsers)`; order is the order `--help` lists them.
 COMMAND_MODULES = [
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        check_declared_outputs(args)  # the output rule, before any work (dflash_lab/outputs.py)
         status = args.handler(args)
     except DFlashLabError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -409,7 +409,11 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="the whole training journey on the embedded target (CPU)")
     parser.add_argument("--quick", action="store_true", help="about 5 minutes: smaller everything, same stages")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help=argparse_help())
-    parser.add_argument("--out", default="demo-out")
+    from dflash_lab.outputs import add_output
+
+    add_output(parser, "--out", kind="dir", command="demo", owned=lambda path, args: _demo_folder(path),
+               inputs=("prompts", "bench_dir"),
+               fix="choose a new --out folder (a rerun into a demo's own folder resumes it)", default="demo-out")
     parser.add_argument("--prompts", default=None, help="use this prompt set (dir with prompts.jsonl) instead of the pack")
     parser.add_argument("--bench-dir", default=None, help="a folder with the five benchmark files")
     parser.add_argument("--arch", choices=ARCHES, default="dflash",

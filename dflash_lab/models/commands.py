@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dflash_lab.outputs import add_output
+
 
 def register(subparsers) -> None:
     models = subparsers.add_parser("models", help="embedded targets")
@@ -16,7 +18,7 @@ def register(subparsers) -> None:
     init = draft_sub.add_parser("init", help="write a freshly initialised draft for a target")
     init.add_argument("--target", required=True, help="embedded name, HF directory, .gguf file or hub id")
     init.add_argument("--num-layers", type=int, required=True)
-    init.add_argument("--out", required=True)
+    add_output(init, "--out", kind="dir", command="draft init", force="--force", inputs=("target",), required=True)
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--block-size", type=int, default=16)
     init.add_argument("--mask-token-id", type=int, default=None)
@@ -28,7 +30,9 @@ def register(subparsers) -> None:
     export.add_argument("--to", choices=["gguf"], required=True)
     export.add_argument("--target", required=True,
                         help="the target GGUF the draft is served beside, or an embedded name (its tokenizer is copied)")
-    export.add_argument("--out", required=True, help="the .gguf file to write")
+    add_output(export, "--out", kind="file", command="draft export", owned=_is_draft_gguf, inputs=("draft", "target"),
+               example="draft.gguf", fix="choose a new .gguf file name (an earlier export there is replaced)",
+               required=True, help="the .gguf file to write")
     export.add_argument("--dtype", choices=["f32", "f16"], default="f32")
     export.set_defaults(handler=_draft_export)
 
@@ -60,15 +64,12 @@ def _draft_init(args) -> int:
     from dflash_lab.models.checkpoint import save_draft
     from dflash_lab.models.draft import DFlashDraftModel, build_draft_config
     from dflash_lab.models.target import load_target
-    from dflash_lab.outputs import check_output_dir
-
     layer_ids = parse_layer_ids(args.target_layer_ids)
     if args.num_layers < 1:
         raise DFlashLabError(f"--num-layers must be >= 1, got {args.num_layers}")
     if args.block_size < 2:
         raise DFlashLabError(f"--block-size must be >= 2 (the anchor plus at least one drafted token), "
                              f"got {args.block_size}")
-    check_output_dir(args.out, command="draft init", force=args.force)
     target = load_target(args.target, dtype="float32")
     cfg = build_draft_config(target, num_layers=args.num_layers, block_size=args.block_size,
                              mask_token_id=args.mask_token_id, target_layer_ids=layer_ids)
@@ -76,6 +77,13 @@ def _draft_init(args) -> int:
     out = save_draft(draft, args.out, overwrite=args.force)
     print(out)
     return 0
+
+
+def _is_draft_gguf(path, args) -> bool:
+    """An earlier `draft export` wrote this file (a GGUF of the DFlash architecture): a rerun replaces it."""
+    from dflash_lab.models.gguf_export import is_draft_gguf
+
+    return is_draft_gguf(path)
 
 
 def _draft_export(args) -> int:

@@ -84,6 +84,19 @@ def read_gguf(path: str | os.PathLike):
         raise DFlashLabError(f"target GGUF {path}: not a readable GGUF file ({exc})") from exc
 
 
+def is_draft_gguf(path: str | os.PathLike) -> bool:
+    """A GGUF file whose general.architecture is the draft's (an earlier export), read by header only."""
+    from gguf import GGUFReader
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return False
+        return target_arch(GGUFReader(str(path))) == ARCH
+    except (OSError, ValueError, KeyError, IndexError):
+        return False
+
+
 def gguf_field(reader, key: str, default=None):
     field = reader.fields.get(key)
     if field is None:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from dflash_lab.errors import DFlashLabError
+from dflash_lab.outputs import add_output
 
 # What a run directory holds before its first checkpoint: starting again there loses nothing.
 _RUN_LEFTOVERS = {"run.json", "config.yaml", "metrics.jsonl", "tb", "checkpoints"}
@@ -25,7 +26,9 @@ def register(subparsers) -> None:
     p.add_argument("--config", help="recipe YAML (with --resume: defaults to RUN_DIR/config.yaml)")
     p.add_argument("--data", help="labelled dataset: a directory of shard-*.jsonl or a .jsonl/.parquet file "
                                    "(with --resume: defaults to the run's own)")
-    p.add_argument("--out", required=True, help="run directory RUN_DIR")
+    add_output(p, "--out", kind="dir", command="train", owned=_own_run, inputs=("config", "data", "target"),
+               fix="pass --resume to continue the run there, or choose a new directory",
+               required=True, help="run directory RUN_DIR")
     p.add_argument("--target", help="override target.name (embedded name, HF directory, .gguf, hub id)")
     p.add_argument("--max-steps", type=int, help="schedule length cap (train.max_steps)")
     p.add_argument("--stop-after", type=int, help="stop after N steps with a checkpoint, as an interruption would")
@@ -73,16 +76,9 @@ def _unstarted_run(out: Path) -> bool:
     return not ckpts.exists() or (ckpts.is_dir() and not any(ckpts.iterdir()))
 
 
-def check_train_out(out: str, resume: bool) -> None:
-    """The output rule for `train --out`: a new run goes into a new or empty directory (or one whose
-    run never saved a checkpoint); `--resume` needs the run's own directory."""
-    from dflash_lab.outputs import check_output_dir
-
-    if resume:
-        check_output_dir(out, command="train --resume", owned=lambda p: True, force_flag=None)
-        return
-    check_output_dir(out, command="train", owned=_unstarted_run, force_flag=None,
-                     fix="pass --resume to continue the run there, or choose a new directory")
+def _own_run(out: Path, args) -> bool:
+    """`train --resume` continues the run in --out; a new run may reuse a directory that never saved."""
+    return bool(args.resume) or _unstarted_run(out)
 
 
 def _verify_resume_point(out: Path, resume_previous: bool) -> None:
@@ -178,7 +174,6 @@ def run_train(args) -> int:
                                 "global_batch": global_batch}
         print(json.dumps(resolved, indent=2))
         return 0
-    check_train_out(args.out, args.resume)
     out = Path(args.out).expanduser()
     if not args.data and args.resume and (out / "run.json").is_file():
         try:
