@@ -13,7 +13,7 @@ from dflash_lab.errors import DFlashLabError
 from dflash_lab.outputs import add_output
 
 # What a run directory holds before its first checkpoint: starting again there loses nothing.
-_RUN_LEFTOVERS = {"run.json", "config.yaml", "metrics.jsonl", "tb", "checkpoints"}
+_RUN_LEFTOVERS = {"run.json", "config.yaml", "metrics.jsonl", "tb", "checkpoints", ".writer.lock"}
 
 
 def register(subparsers) -> None:
@@ -81,21 +81,39 @@ def _own_run(out: Path, args) -> bool:
     return bool(args.resume) or _unstarted_run(out)
 
 
-def _verify_resume_point(out: Path, resume_previous: bool) -> None:
+def _verify_resume_point(out: Path, resume_previous: bool, rank: int | None = None,
+                         wait_s: float = 600.0) -> Path | None:
     """Name a broken latest checkpoint before any model loads; with --resume-previous set it aside
-    (renamed, never deleted) and check the one before it."""
+    (renamed, never deleted) and check the one before it. Returns the checkpoint to resume from.
+
+    Under torchrun this runs before a process group exists, so ranks cannot agree by a collective:
+    only rank 0 renames (issue 23 item 2: every rank renaming raced into FileNotFoundError); the
+    other ranks read the directory until its latest checkpoint verifies, i.e. until rank 0 has set
+    the broken ones aside, for at most `wait_s` seconds."""
+    import time
+
     from dflash_lab.train import state as S
 
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    deadline = time.monotonic() + wait_s
     while True:
         latest = S.latest_checkpoint(out)
         if latest is None or latest.name == "final":
-            return
+            return latest
         try:
             S.verify_checkpoint(latest)
-            return
-        except DFlashLabError:
+            return latest
+        except (DFlashLabError, FileNotFoundError):
             if not resume_previous:
-                raise
+                if rank == 0 or latest.exists():
+                    raise
+                continue  # rank 0 moved it while this rank read it
+            if rank != 0:
+                if time.monotonic() > deadline:
+                    raise DFlashLabError(f"--resume-previous: rank {rank} waited {wait_s:.0f} s for rank 0 to set "
+                                         f"aside the broken checkpoint {latest}; see rank 0's error") from None
+                time.sleep(0.05)
+                continue
             moved = S.set_aside_broken(latest)
             print(f"[train] {latest} is broken; renamed it to {moved.name} and resuming from the one before",
                   file=sys.stderr)
@@ -183,20 +201,27 @@ def run_train(args) -> int:
     if not args.data:
         raise DFlashLabError("--data is required: the labelled dataset from `dflash-lab label`")
     _check_has_responses(args.data)
-    if args.resume:
-        _verify_resume_point(out, args.resume_previous)
+    from dflash_lab.runlock import RunDirLock
+
+    with RunDirLock(out, command="train"):  # one writer per run directory (rank 0 holds it)
+        if args.resume:
+            _verify_resume_point(out, args.resume_previous)
+        path = _train_run(args, recipe, config_path, out)
+    print(path)
+    return 0
+
+
+def _train_run(args, recipe, config_path, out: Path) -> Path:
     from dflash_lab.train.trainer import train
 
     try:
-        path = train(recipe, args.data, args.out, resume=args.resume, stop_after=args.stop_after, db=args.db,
+        return train(recipe, args.data, args.out, resume=args.resume, stop_after=args.stop_after, db=args.db,
                      progress=not args.no_progress, recipe_path=str(config_path))
     except KeyboardInterrupt:
         _mark_interrupted(out.resolve())
         print(f"[train] interrupted; run.json says so. Continue with: dflash-lab train --out {args.out} --resume",
               file=sys.stderr)
         raise
-    print(path)
-    return 0
 
 
 def register_plan(subparsers) -> None:

@@ -546,3 +546,115 @@ def test_benchmark_file_not_utf8(tmp_path, capsys):
     (tmp_path / BENCHMARKS[name].file).write_bytes(b'{"question": "caf\xe9"}\n')
     with pytest.raises(DFlashLabError, match="not UTF-8 text"):
         load_benchmark(name, tmp_path, allow_pypi=False, allow_hub=False)
+
+
+# -- issue 24: one writer per run directory -------------------------------------------------------
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _unstarted_run(run_dir: Path, env) -> Path:
+    """A run another `train` has just started: run.json, config, no checkpoint yet."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(env["recipe"].read_text())
+    (run_dir / "run.json").write_text('{"status": "running"}\n')
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    return run_dir
+
+
+def test_second_train_writer_is_refused_with_the_holders_pid_and_host(env, tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    run_dir = _unstarted_run(tmp_path / "run", env)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / ".writer.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
+                                                          "command": "train", "started": "2026-12-07T20:00:00+00:00"}))
+        before = snapshot(run_dir)
+        err = refused(capsys, run_dir, "train", "--config", env["recipe"], "--data", env["labels"], "--out", run_dir)
+        assert f"pid {holder.pid}" in err and socket.gethostname() in err and "being written" in err
+        assert snapshot(run_dir) == before  # metrics.jsonl not interleaved, lock untouched
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_stale_run_lock_is_taken_over_with_a_note(env, tmp_path, capsys, monkeypatch):
+    import socket
+
+    import dflash_lab.train.trainer as trainer
+
+    run_dir = _unstarted_run(tmp_path / "run", env)
+    (run_dir / ".writer.lock").write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
+    seen = {}
+
+    def fake_train(recipe, data, out, **kwargs):  # the lock is ours while the run writes
+        seen["holder"] = json.loads((Path(out) / ".writer.lock").read_text())
+        return Path(out) / "checkpoints" / "final"
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    code, _, err = run(capsys, "train", "--config", env["recipe"], "--data", env["labels"], "--out", run_dir)
+    assert code == 0, err
+    assert "is gone; taking the run directory over" in err
+    assert seen["holder"]["pid"] == os.getpid()
+    assert not (run_dir / ".writer.lock").exists()  # released at the end
+
+
+def test_run_lock_two_writers_and_ranks(tmp_path):
+    from dflash_lab.runlock import RunDirLock
+
+    first = RunDirLock(tmp_path / "run").acquire()
+    with pytest.raises(DFlashLabError, match=f"pid {os.getpid()}"):
+        RunDirLock(tmp_path / "run").acquire()
+    RunDirLock(tmp_path / "run", rank=1).acquire()  # another rank of the same torchrun job takes nothing
+    first.release()
+    with RunDirLock(tmp_path / "run"):
+        assert (tmp_path / "run" / ".writer.lock").is_file()
+    assert not (tmp_path / "run" / ".writer.lock").exists()
+
+
+# -- issue 23 item 2: --resume-previous under torchrun ------------------------------------------------
+def _resume_rank(run_dir: str, rank: int, results) -> None:
+    from dflash_lab.train import state as S
+    from dflash_lab.train.commands import _verify_resume_point
+
+    calls = []
+    set_aside = S.set_aside_broken
+    S.set_aside_broken = lambda ckpt: calls.append(ckpt) or set_aside(ckpt)  # this forked rank's renames
+    try:
+        latest = _verify_resume_point(Path(run_dir), resume_previous=True, rank=rank, wait_s=60)
+        results.put((rank, (latest.name, len(calls))))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        results.put((rank, (f"{type(exc).__name__}: {exc}", len(calls))))
+
+
+def test_resume_previous_with_forked_ranks_sets_aside_once(env, tmp_path):
+    """Before any process group exists, only rank 0 renames; the other ranks (started first here,
+    as a slow rank 0 would leave them) wait for it and resume from the same checkpoint."""
+    import multiprocessing as mp
+    import time
+
+    ctx = mp.get_context("fork")
+    run_dir = fake_checkpoints(tmp_path / "run", env["recipe"], env["labels"], steps=(2, 4, 6))
+    for step in (4, 6):  # the two latest are broken
+        (run_dir / "checkpoints" / f"step-{step}" / "rng.safetensors").write_bytes(b"\x00")
+    results = ctx.Queue()
+    procs = {rank: ctx.Process(target=_resume_rank, args=(str(run_dir), rank, results)) for rank in range(6)}
+    for rank in range(1, 6):
+        procs[rank].start()
+    time.sleep(1.0)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
+    procs[0].start()
+    got = dict(results.get(timeout=120) for _ in procs)
+    for p in procs.values():
+        p.join(timeout=60)
+    assert got == {0: ("step-2", 2), **{rank: ("step-2", 0) for rank in range(1, 6)}}, got
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == [".broken-step-4", ".broken-step-6", "step-2"], names  # each set aside once, kept
