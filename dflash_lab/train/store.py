@@ -280,7 +280,8 @@ class _StoreWriter:
             "reasons": [f"record {e['id']} ({e['where']}): {e['reason']}" for e in self.errors],
         }
         meta = {**meta, "num_samples": self.num_samples, "num_tokens": self.num_tokens,
-                "name_bytes": self.name_bytes, "stats": stats}
+                "name_bytes": self.name_bytes, "stats": stats,
+                "files": {f"{n}.bin": _file_summary(self.dir / f"{n}.bin") for n in self.files}}
         (self.dir / _META).write_text(json.dumps(meta, indent=1) + "\n")
         return meta
 
@@ -364,6 +365,49 @@ def build_store(data_path, target, max_length: int, min_supervised: int, directo
     return writer.finish(meta)
 
 
+# -- verifying a store before it is mapped ------------------------------------------------------------
+_EDGE_BYTES = 64 << 10  # the checksum covers each file's first and last 64 KiB: cheap on every open
+
+
+def _file_summary(path: Path) -> dict:
+    """{bytes, edges_sha256}: the file's size and a sha256 of its first and last 64 KiB."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(_EDGE_BYTES))
+        if size > _EDGE_BYTES:
+            handle.seek(max(_EDGE_BYTES, size - _EDGE_BYTES))
+            digest.update(handle.read())
+    return {"bytes": size, "edges_sha256": digest.hexdigest()}
+
+
+def _expected_sizes(meta: dict) -> dict[str, int]:
+    """Each file's size in bytes, from the counts in store.json (stores of every version have them)."""
+    n, t = int(meta["num_samples"]), int(meta["num_tokens"])
+    return {"tokens.bin": 4 * t, "mask.bin": t, "offsets.bin": 8 * (n + 1), "lengths.bin": 4 * n,
+            "anchors.bin": 4 * n, "names.bin": int(meta["name_bytes"]), "names_off.bin": 8 * (n + 1)}
+
+
+def verify_store(path: Path, meta: dict) -> None:
+    """Every file of the store against store.json before it is memory-mapped: its size (a truncated
+    tokens.bin used to end in `mmap length is greater than file size`) and, for stores that record
+    it, the checksum of its edges. Raises DFlashLabError naming the file and the fix."""
+    recorded = meta.get("files") or {}
+    for name, size in _expected_sizes(meta).items():
+        file = path / name
+        fix = f"delete the directory {path} and the next run rebuilds the store"
+        if not file.is_file():
+            raise DFlashLabError(f"token store {path}: {name} is missing; {fix}")
+        actual = file.stat().st_size
+        if actual != size:
+            raise DFlashLabError(f"token store {path}: {name} is {actual} bytes, store.json says {size} "
+                                 f"(truncated or damaged, e.g. by a full disk); {fix}")
+        want = recorded.get(name, {}).get("edges_sha256")
+        if want and _file_summary(file)["edges_sha256"] != want:
+            raise DFlashLabError(f"token store {path}: {name} does not match the checksum in store.json "
+                                 f"(damaged); {fix}")
+
+
 # -- the store -----------------------------------------------------------------------------------------
 def _memmap(path: Path, dtype, count: int) -> np.ndarray:
     if count == 0:
@@ -382,6 +426,11 @@ class TokenStore:
         except (OSError, json.JSONDecodeError) as exc:
             raise DFlashLabError(f"token store {self.path}: unreadable {_META} ({exc}); delete the directory "
                                  "and the next run rebuilds it") from exc
+        try:
+            verify_store(self.path, self.meta)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DFlashLabError(f"token store {self.path}: {_META} lacks the sizes ({exc}); delete the directory "
+                                 "and the next run rebuilds it") from None
         self.key: str = self.meta["key"]
         self.stats: dict = {**self.meta["stats"], "key": self.key, "path": str(self.path),
                             "build_seconds": self.meta.get("build", {}).get("seconds")}
@@ -494,15 +543,40 @@ def _build_locked(root: Path, key: str, data_path, target, max_length, min_super
         tmp.mkdir()
         try:
             build_store(data_path, target, max_length, min_supervised, tmp, meta, workers=workers, progress=progress)
-            if final.exists():  # a half directory from a crashed older version: never trust it
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            _publish(tmp, final)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             message = str(exc) if isinstance(exc, DFlashLabError) else f"{type(exc).__name__}: {exc}"
             with contextlib.suppress(OSError):
                 failed.write_text(json.dumps({"error": message, "pid": os.getpid(), "time": time.time()}))
             raise
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished `tmp` to `final`, atomically; never delete a published store.
+
+    flock is node-local on some shared filesystems (Lustre `localflock`), so two nodes may build the
+    same key at once (issue 23 item 8). The first rename wins; a later builder finds `final` complete
+    and drops its own unpublished copy: the published one may already be mapped by another node's
+    ranks. Only a directory without store.json (a half directory a crashed older version left; no
+    reader opens it) is moved aside first."""
+    for _ in range(3):
+        try:
+            os.rename(tmp, final)
+            return
+        except OSError:
+            if not final.exists():
+                raise
+            if (final / _META).is_file():  # another builder published first: use theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            aside = final.with_name(f".stale-{final.name}-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(final, aside)
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(aside, ignore_errors=True)
+    raise DFlashLabError(f"token store {final}: could not publish the new build; delete {final} and rerun")
 
 
 def _wait_for(root: Path, key: str, poll_s: float) -> None:

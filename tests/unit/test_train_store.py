@@ -221,3 +221,57 @@ def test_opening_does_not_load_the_data(tmp_path):
     # (the kernel maps up to 64 KiB around each page fault of a cached file: some MB, never the 100)
     assert grown < 20e6, f"opening grew RSS by {grown / 1e6:.1f} MB for a {size / 1e6:.0f} MB store"
     assert len(pickle.dumps(store)) < 1000
+
+
+# -- issue 24: verified before mapped; issue 23 item 8: two builders without a shared lock ----------
+@pytest.mark.parametrize("damage", ["truncate", "flip", "missing"])
+def test_a_damaged_store_file_is_named_before_mmap(target, tmp_path, damage):
+    data = _dataset(tmp_path / "ds", n=12)
+    store = _open(data, target, tmp_path / "root")
+    tokens = store.path / "tokens.bin"
+    raw = tokens.read_bytes()
+    if damage == "truncate":
+        tokens.write_bytes(raw[: len(raw) // 2])
+    elif damage == "flip":
+        tokens.write_bytes(bytes([raw[0] ^ 0xFF]) + raw[1:])
+    else:
+        tokens.unlink()
+    with pytest.raises(DFlashLabError, match="tokens.bin") as info:
+        _open(data, target, tmp_path / "root")
+    assert str(store.path) in str(info.value) and "rebuilds" in str(info.value)
+
+
+def test_two_builders_without_a_shared_lock_never_delete_a_published_store(target, tmp_path, monkeypatch):
+    """Node-local flock: builder B starts before builder A publishes and finishes after. A's store
+    (which A's ranks have mapped) must stay the published one, untouched; B uses it."""
+    import contextlib
+
+    data = _dataset(tmp_path / "ds", n=12)
+    root = tmp_path / "root"
+    monkeypatch.setattr(St, "_file_lock", lambda path: contextlib.nullcontext())  # no lock across "nodes"
+    real_build = St.build_store
+    published = {}
+
+    def build_b(*args, **kwargs):  # while B builds, A builds and publishes, and its ranks map the store
+        monkeypatch.setattr(St, "build_store", real_build)
+        published["a"] = _open(data, target, root)
+        published["inode"] = os.stat(published["a"].path / "tokens.bin").st_ino
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(St, "build_store", build_b)
+    b = _open(data, target, root)
+    a = published["a"]
+    assert b.path == a.path
+    assert os.stat(a.path / "tokens.bin").st_ino == published["inode"]  # not replaced, not deleted
+    assert [a.sample(i) for i in range(len(a))] == [b.sample(i) for i in range(len(b))]  # A's map still reads
+    assert not [p for p in root.iterdir() if p.name.startswith((".tmp", ".stale"))]  # B's copy is gone
+
+
+def test_a_half_directory_is_moved_aside_not_trusted(target, tmp_path):
+    data = _dataset(tmp_path / "ds", n=12)
+    root = tmp_path / "root"
+    key, _ = St.store_key(data, target, 128, 2)
+    (root / key).mkdir(parents=True)
+    (root / key / "tokens.bin").write_bytes(b"\x00" * 8)  # a crashed older version's leftovers, no store.json
+    store = _open(data, target, root)
+    assert len(store) > 0 and (root / key / "store.json").is_file()
