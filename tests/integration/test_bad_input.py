@@ -658,3 +658,17 @@ def test_resume_previous_with_forked_ranks_sets_aside_once(env, tmp_path):
     assert got == {0: ("step-2", 2), **{rank: ("step-2", 0) for rank in range(1, 6)}}, got
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert names == [".broken-step-4", ".broken-step-6", "step-2"], names  # each set aside once, kept
+
+
+# -- issue 24: verified files --------------------------------------------------------------------
+def test_truncated_token_store_file_is_an_error_line(env, tmp_path, capsys):
+    from dflash_lab.models.target import load_target
+    from dflash_lab.train.store import TokenStore
+
+    root = tmp_path / "stores"
+    store = TokenStore.open_or_build(env["labels"], load_target(str(env["target"])), 64, 2, root=root, progress=False)
+    tokens = store.path / "tokens.bin"
+    tokens.write_bytes(tokens.read_bytes()[:-4])
+    err = refused(capsys, tokens.name, "train", "--config", env["recipe"], "--data", env["labels"],
+                  "--out", tmp_path / "run", f"data.token_store={root}")
+    assert str(store.path) in err and "rebuilds" in err and "mmap" not in err
