@@ -3,6 +3,7 @@ user's text file with an error that names it."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -141,3 +142,41 @@ def read_json_object(path: str | os.PathLike, what: str, fix: str) -> dict:
     if not isinstance(value, dict):
         raise DFlashLabError(f"{what} {path} is damaged (not a JSON object: {value}); {fix}")
     return value
+
+
+def _write_failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc)
+    if "StorageFull" in text or "No space left" in text:  # safetensors' wording of ENOSPC
+        return "No space left on device"
+    return text or type(exc).__name__
+
+
+@contextlib.contextmanager
+def named_write_errors(path: str | os.PathLike, what: str, fix: str = "free disk space or choose another path"):
+    """Turn an OS error while writing `path` (a full disk, permissions, a vanished folder; also
+    safetensors' SafetensorError, which wraps them) into one DFlashLabError naming `path`. The
+    writer inside must already leave nothing partial behind (temp name, renamed when complete)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except DFlashLabError:
+        raise
+    except (OSError, SafetensorError) as exc:
+        raise DFlashLabError(f"{what} {path}: writing failed ({_write_failure_reason(exc)}); nothing was "
+                             f"written there and any earlier copy is unchanged: {fix}") from None
+
+
+def names_write_errors(what: str, fix: str = "free disk space or choose another path"):
+    """Decorator: `named_write_errors` around a writer whose first argument is the path it writes."""
+    import functools
+
+    def wrap(writer):
+        @functools.wraps(writer)
+        def named(path, *args, **kwargs):
+            with named_write_errors(path, what, fix):
+                return writer(path, *args, **kwargs)
+        return named
+    return wrap

@@ -61,6 +61,7 @@ def parse_layer_ids(text: str | None, flag: str = "--target-layer-ids") -> list[
 
 def _draft_init(args) -> int:
     from dflash_lab.errors import DFlashLabError
+    from dflash_lab.fileio import named_write_errors
     from dflash_lab.models.checkpoint import save_draft
     from dflash_lab.models.draft import DFlashDraftModel, build_draft_config
     from dflash_lab.models.target import load_target
@@ -74,7 +75,8 @@ def _draft_init(args) -> int:
     cfg = build_draft_config(target, num_layers=args.num_layers, block_size=args.block_size,
                              mask_token_id=args.mask_token_id, target_layer_ids=layer_ids)
     draft = DFlashDraftModel(cfg).init_weights(seed=args.seed)
-    out = save_draft(draft, args.out, overwrite=args.force)
+    with named_write_errors(args.out, "draft init --out"):
+        out = save_draft(draft, args.out, overwrite=args.force)
     print(out)
     return 0
 

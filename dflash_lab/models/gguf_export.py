@@ -359,22 +359,25 @@ def write_gguf_atomically(out: Path, arch: str, fill: Callable) -> Path:
     """Create a GGUFWriter for `arch` on a temp file, call `fill(writer)`, write, rename into place."""
     from gguf import GGUFWriter
 
+    from dflash_lab.fileio import named_write_errors
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        writer = GGUFWriter(tmp, arch)
-        fill(writer)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a model file is for every user of the cache
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with named_write_errors(out, "GGUF", fix="free disk space or choose another --out"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        try:
+            writer = GGUFWriter(tmp, arch)
+            fill(writer)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; a model file is for every user of the cache
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return out
 
 

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from dflash_lab.errors import DFlashLabError
 from dflash_lab.fileio import follow_umask_tree
+from dflash_lab.fileio import names_write_errors
 from dflash_lab.models.checkpoint import save_draft
 
 STATE_NAME = "trainer_state.json"
@@ -92,6 +93,7 @@ def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
 MASTER_NAME = "master.safetensors"
 
 
+@names_write_errors("checkpoint", fix="free disk space, then resume: dflash-lab train --out RUN_DIR --resume")
 def save_checkpoint(path: Path, draft, optimizer, trainer_state: dict, dtype: torch.dtype | None = None) -> Path:
     """Draft + training state, atomically (temp dir, then rename over any old one). `dtype`: the
     served draft's dtype (the target's); the fp32 weights training resumes from are kept beside

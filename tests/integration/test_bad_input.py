@@ -672,3 +672,119 @@ def test_truncated_token_store_file_is_an_error_line(env, tmp_path, capsys):
     err = refused(capsys, tokens.name, "train", "--config", env["recipe"], "--data", env["labels"],
                   "--out", tmp_path / "run", f"data.token_store={root}")
     assert str(store.path) in err and "rebuilds" in err and "mmap" not in err
+
+
+# -- issue 24: draft export data loss, and disk full ----------------------------------------------
+@pytest.fixture(scope="module")
+def export_files(env, tmp_path_factory):
+    """A target GGUF with the keys the exporter reads, a draft for it, and one earlier export."""
+    from gguf import GGUFWriter
+
+    from dflash_lab.models.checkpoint import save_draft
+    from dflash_lab.models.draft import DFlashDraftModel, DraftConfig
+    from dflash_lab.models.gguf_export import export_draft_gguf
+
+    root = tmp_path_factory.mktemp("export")
+    target = root / "target.gguf"
+    writer = GGUFWriter(str(target), "llama")
+    writer.add_uint32("llama.embedding_length", 64)
+    writer.add_uint32("llama.block_count", 6)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(40)])
+    writer.add_token_types([1] * 40)
+    writer.add_eos_token_id(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    cfg = DraftConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, vocab_size=40, num_target_layers=6, mask_token_id=5,
+                      target_layer_ids=[1, 4], block_size=8, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      max_position_embeddings=512)
+    draft = save_draft(DFlashDraftModel(cfg).init_weights(seed=0), root / "draft")
+    earlier = export_draft_gguf(draft, target, root / "exports" / "draft.gguf")
+    return {"target": target, "draft": draft, "earlier": earlier}
+
+
+def test_draft_export_refuses_a_foreign_file_and_the_target(export_files, tmp_path, capsys):
+    victim = tmp_path / "data" / "victim.jsonl"
+    victim.parent.mkdir()
+    victim.write_text('{"id": 1}\n')
+    target = export_files["target"]
+    before = target.read_bytes()
+    refused(capsys, victim, "draft", "export", export_files["draft"], "--to", "gguf", "--target", target,
+            "--out", victim)
+    assert victim.read_text() == '{"id": 1}\n'
+    err = refused(capsys, target, "draft", "export", export_files["draft"], "--to", "gguf", "--target", target,
+                  "--out", target)
+    assert "input" in err and target.read_bytes() == before
+    # an earlier export of the draft is replaced by a rerun (this command wrote it)
+    code, _, err = run(capsys, "draft", "export", export_files["draft"], "--to", "gguf", "--target", target,
+                       "--out", export_files["earlier"])
+    assert code == 0, err
+
+
+def _no_temp_files(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_disk_full_during_draft_export(export_files, capsys, monkeypatch):
+    import errno
+
+    from gguf import GGUFWriter
+
+    out = export_files["earlier"]
+    before = out.read_bytes()
+
+    def full(self, *args, **kwargs):
+        self.fout[0].write(b"\x00" * 100)  # a partial file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(GGUFWriter, "write_tensors_to_file", full)
+    err = refused(capsys, out, "draft", "export", export_files["draft"], "--to", "gguf",
+                  "--target", export_files["target"], "--out", out)
+    assert "No space left" in err
+    assert out.read_bytes() == before and _no_temp_files(out.parent) == []
+
+
+def test_disk_full_during_draft_init(env, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    import dflash_lab.models.checkpoint as checkpoint
+
+    out = tmp_path / "draft"
+    code, _, err = run(capsys, "draft", "init", "--target", env["target"], "--num-layers", 1, "--out", out)
+    assert code == 0, err
+    before = snapshot(out)
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\x00" * 10)
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    err = refused(capsys, out, "draft", "init", "--target", env["target"], "--num-layers", 1, "--out", out, "--force")
+    assert "No space left" in err
+    assert snapshot(out) == before and _no_temp_files(tmp_path) == []
+
+
+def test_disk_full_during_a_checkpoint(env, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from dflash_lab.models.draft import DFlashDraftModel, build_draft_config
+    from dflash_lab.models.target import load_target
+    from dflash_lab.train import state as S
+
+    draft = DFlashDraftModel(build_draft_config(load_target(str(env["target"])), num_layers=1, block_size=4))
+    optimizer = torch.optim.AdamW(draft.parameters())
+    ckpts = tmp_path / "checkpoints"
+    S.save_checkpoint(ckpts / "step-2", draft, optimizer, {"step": 2})
+    before = snapshot(ckpts)
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(S, "save_file", full)
+    with pytest.raises(DFlashLabError, match="step-2.*No space left on device.*--resume"):
+        S.save_checkpoint(ckpts / "step-2", draft, optimizer, {"step": 2})
+    assert snapshot(ckpts) == before and _no_temp_files(ckpts) == []
