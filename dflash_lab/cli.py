@@ -10,6 +10,7 @@ import sys
 from dflash_lab import __version__
 from dflash_lab.errors import DFlashLabError
 from dflash_lab.outputs import check_declared_outputs
+from dflash_lab.validate import check_common_args
 
 # Each module has `register(subparsers)`; order is the order `--help` lists them.
 COMMAND_MODULES = [
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         check_declared_outputs(args)  # the output rule, before any work (dflash_lab/outputs.py)
+        check_common_args(args)  # --device names, --server URL syntax (dflash_lab/validate.py)
         status = args.handler(args)
     except DFlashLabError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -208,20 +208,49 @@ def _http(method: str, url: str, body: dict | None = None, timeout: float = 600.
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.read()
     except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")[:300]
-        raise DFlashLabError(f"server {url} answered HTTP {exc.code}: {detail}") from exc
+        from dflash_lab.validate import summarize_body
+
+        detail = summarize_body(exc.read())
+        raise DFlashLabError(f"server {url} answered HTTP {exc.code}: {detail}; is --server the right kind of "
+                             "server (SGLang, vLLM, llama.cpp) for --backend?") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise DFlashLabError(
             f"server {url} is not reachable ({exc}); start it first and pass its address with --server"
         ) from exc
 
 
+def server_count(value, name: str, server: str | None) -> int:
+    """A count a server reported, as a non-negative int; anything else fails naming the server: a
+    wrong count would otherwise become a wrong tau (or `tau -`) with exit 0."""
+    count = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        count = value
+    elif isinstance(value, float) and value.is_integer():
+        count = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        count = int(value)
+    if count is None or count < 0:
+        raise DFlashLabError(f"server {server or '(unnamed)'} reported {name} = {value!r}: not a count (>= 0); "
+                             "it is not a server build this program reads correctly: check its version")
+    return count
+
+
+def check_accepted(accepted: int, drafted: int, what: str, server: str | None) -> None:
+    if accepted > drafted:
+        raise DFlashLabError(f"server {server or '(unnamed)'} reported {accepted} accepted of {drafted} {what}: "
+                             "a server cannot accept more than it drafted; its numbers cannot give a tau: check "
+                             "its version (and that nothing else talks to it)")
+
+
 def _post_json(url: str, body: dict, timeout: float = 600.0) -> dict:
     raw = _http("POST", url, body, timeout)
     try:
         return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise DFlashLabError(f"server {url}: the answer is not JSON ({raw[:200]!r})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        from dflash_lab.validate import summarize_body
+
+        raise DFlashLabError(f"server {url}: the answer is not JSON ({summarize_body(raw)}); is --server the right "
+                             "kind of server (SGLang, vLLM, llama.cpp) for --backend?") from exc
 
 
 def _run_sample_turns(sample, target, send) -> list[dict]:
@@ -272,23 +301,24 @@ def sglang_request(prompt_ids: list[int], max_new_tokens: int, sampling: Samplin
     return {"input_ids": prompt_ids, "sampling_params": params}
 
 
-def parse_sglang_response(body: dict) -> dict:
+def parse_sglang_response(body: dict, server: str | None = None) -> dict:
     """One `/generate` answer -> a response record. SGLang's `meta_info.completion_tokens` counts
     the prefill's token too, so `spec_accept_length = completion_tokens / spec_verify_ct` (ceiling
-    B + 1, SPEC section 6)."""
+    B + 1, SPEC section 6). Counts are sanity-checked (`server` names it in the message)."""
     if isinstance(body, list):  # batched answers are lists; we send one prompt per request
         body = body[0]
     meta = body.get("meta_info") or {}
     if "completion_tokens" not in meta:
         raise DFlashLabError(f"SGLang answer without meta_info.completion_tokens: {json.dumps(body)[:200]}")
-    completion = int(meta["completion_tokens"])
+    completion = server_count(meta["completion_tokens"], "meta_info.completion_tokens", server)
     verify = meta.get("spec_verify_ct")
     if verify is None:
         raise DFlashLabError(
             "SGLang answer has no meta_info.spec_verify_ct: the server does not run speculative decoding; "
             "start it with --speculative-algorithm DFLASH --speculative-draft-model-path DIR"
         )
-    verify = int(verify)
+    verify = server_count(verify, "meta_info.spec_verify_ct", server)
+    check_accepted(verify, completion, "completion tokens as verify steps (each step commits one or more)", server)
     accept = meta.get("spec_accept_length")
     if accept is None:
         accept = completion / verify if verify else None
@@ -309,7 +339,7 @@ def run_sglang(target, benchmark, max_new_tokens: int, servers: list[str], *, co
     def make_send(server):
         def send(prompt_text, prompt_ids):
             body = sglang_request(prompt_ids, max_new_tokens, sampling)
-            return parse_sglang_response(_post_json(server + "/generate", body))
+            return parse_sglang_response(_post_json(server + "/generate", body), server)
         return send
 
     return _run_servers(benchmark, target, servers, concurrency, progress, make_send)
@@ -349,6 +379,20 @@ def diff_counters(before: dict, after: dict) -> dict:
         "drafts": after["drafts"] - before["drafts"],
         "per_pos": {p: after["per_pos"].get(p, 0.0) - before["per_pos"].get(p, 0.0) for p in sorted(positions)},
     }
+
+
+def check_vllm_counters(counters: dict, servers: list[str]) -> None:
+    """The counter differences over a benchmark: never negative (a restarted server starts again at
+    0), and no position accepted more often than there were drafts."""
+    names = ", ".join(servers)
+    values = {"accepted": counters["accepted"], "drafts": counters["drafts"],
+              **{f"accepted at position {k}": v for k, v in counters["per_pos"].items()}}
+    for name, value in values.items():
+        if value < 0:
+            raise DFlashLabError(f"vLLM server {names}: the {name} counter went down by {-value:g} during the "
+                                 "benchmark (restarted?); rerun with servers that stay up")
+    for k, v in counters["per_pos"].items():
+        check_accepted(int(v), int(counters["drafts"]), f"drafts at position {k}", names)
 
 
 def vllm_tau(counters: dict) -> float | None:
@@ -437,6 +481,7 @@ def run_vllm(target, benchmark, max_new_tokens: int, servers: list[str], *, conc
 
     records = _run_servers(benchmark, target, servers, concurrency, progress, make_send)
     counters = diff_counters(before, read_vllm_counters(servers))
+    check_vllm_counters(counters, servers)
     if counters["drafts"] <= 0:
         raise DFlashLabError(
             f"vLLM servers {', '.join(servers)} counted no speculative drafts; start them with "

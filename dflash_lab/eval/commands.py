@@ -17,6 +17,7 @@ from dflash_lab.errors import DFlashLabError
 from dflash_lab.eval.benchmarks import BENCHMARKS, SELECTIONS, load_selected, parse_benchmark_names
 from dflash_lab.fileio import read_json_object
 from dflash_lab.outputs import add_output
+from dflash_lab.validate import check_backend_options
 
 ALL_BENCHMARKS = ",".join(BENCHMARKS)
 
@@ -119,6 +120,7 @@ def register(subparsers) -> None:
 # -- checks before any work ------------------------------------------------------------------------
 def check_harness_args(args) -> None:
     """Refuse what would otherwise be silently replaced or fail after the whole evaluation."""
+    check_backend_options(args)
     if args.bench_dir is not None:
         bench = Path(args.bench_dir).expanduser()
         if not bench.is_dir():

@@ -181,14 +181,19 @@ def completion_request(prompt_ids: list[int], max_new_tokens: int, sampling: Sam
             **({"seed": seed} if seed is not None else {})}
 
 
-def parse_completion(body: dict) -> dict:
-    """One `/completion` answer -> a response record with llama.cpp's counts and the derived cycles."""
+def parse_completion(body: dict, server: str | None = None) -> dict:
+    """One `/completion` answer -> a response record with llama.cpp's counts and the derived cycles.
+    The counts are sanity-checked (non-negative, accepted <= drafted); `server` names it."""
+    from dflash_lab.eval.backends import check_accepted, server_count
+
     timings = body.get("timings") or {}
     if "predicted_n" not in timings:
         raise DFlashLabError(f"llama.cpp answer without timings.predicted_n: {json.dumps(body)[:200]}")
-    predicted = int(timings["predicted_n"])
-    drafted = int(timings.get("draft_n", 0) or 0)
-    accepted = int(timings.get("draft_n_accepted", 0) or 0)
+    predicted = server_count(timings["predicted_n"], "timings.predicted_n", server)
+    drafted = server_count(timings.get("draft_n", 0) or 0, "timings.draft_n", server)
+    accepted = server_count(timings.get("draft_n_accepted", 0) or 0, "timings.draft_n_accepted", server)
+    check_accepted(accepted, drafted, "drafted tokens", server)
+    check_accepted(accepted, predicted, "predicted tokens", server)
     stop = body.get("stop_type")
     return {
         "output_ids": body.get("tokens"),
@@ -218,7 +223,8 @@ def post_completion(url: str, prompt_ids: list[int], max_new_tokens: int, timeou
     from dflash_lab.eval.backends import _post_json
 
     record = parse_completion(_post_json(url.rstrip("/") + "/completion",
-                                         completion_request(prompt_ids, max_new_tokens, sampling, seed), timeout))
+                                         completion_request(prompt_ids, max_new_tokens, sampling, seed), timeout),
+                              url)
     if not sampling.greedy:
         record["seed"] = seed
     return record

@@ -18,6 +18,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from dflash_lab.errors import DFlashLabError
+from dflash_lab.validate import summarize_body
 
 
 @dataclass
@@ -175,7 +176,7 @@ class OpenAIBackend:
                         body = await resp.text()
                         if resp.status != 200:
                             raise DFlashLabError(
-                                f"server {base}: GET /v1/models answered HTTP {resp.status} ({body[:200]}); "
+                                f"server {base}: GET /v1/models answered HTTP {resp.status} ({summarize_body(body)}); "
                                 "is it an OpenAI-compatible server (SGLang, vLLM)?")
                         data = await resp.json(content_type=None)
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
@@ -225,10 +226,10 @@ class OpenAIBackend:
                 async with session.post(f"{base}/v1/chat/completions", json=payload, timeout=timeout) as resp:
                     body = await resp.text()
                     if resp.status in RETRYABLE_STATUS:
-                        error = f"HTTP {resp.status} from {base}: {body[:200]}"
+                        error = f"HTTP {resp.status} from {base}: {summarize_body(body)}"
                         continue
                     if resp.status != 200:  # a client error (bad request, context too long): retrying won't help
-                        return Outcome(error=f"HTTP {resp.status} from {base}: {body[:300]}", server=base)
+                        return Outcome(error=f"HTTP {resp.status} from {base}: {summarize_body(body)}", server=base)
                     return self._parse(body, base)
             except asyncio.TimeoutError:
                 error = f"timed out after {self.timeout:g} s on {base}"
@@ -248,9 +249,9 @@ class OpenAIBackend:
             text = choice["message"]["content"]
             reason = choice.get("finish_reason")
         except (ValueError, KeyError, IndexError, TypeError):
-            return Outcome(error=f"unexpected response from {base}: {body[:200]}", server=base)
+            return Outcome(error=f"unexpected response from {base}: {summarize_body(body)}", server=base)
         if not isinstance(text, str):
-            return Outcome(error=f"response from {base} has no text content: {body[:200]}", server=base)
+            return Outcome(error=f"response from {base} has no text content: {summarize_body(body)}", server=base)
         if reason not in ("stop", "length"):
             return Outcome(error=f"finish_reason {reason!r} from {base}", server=base)
         usage = data.get("usage") or {}

@@ -212,6 +212,28 @@ class Recipe(_Section):
         return raw
 
     @model_validator(mode="after")
+    def _draft_window(self):
+        """The window checks the draft config makes after the target loads, made here so --dry-run
+        makes them too; and a warm start never drops a window silently (it keeps its parent's layout)."""
+        d = self.draft
+        if d.init != "scratch" and (d.sliding_window is not None or d.layer_types is not None):
+            given = ", ".join(f"draft.{k}" for k in ("sliding_window", "layer_types") if getattr(d, k) is not None)
+            raise ValueError(f"{given} with draft.init {d.init}: a warm start keeps its parent's attention layout, "
+                             f"so the window would not be applied; drop {given} to keep the parent's, or start "
+                             "from scratch (draft.init=scratch)")
+        if d.layer_types is not None and len(d.layer_types) != d.num_layers:
+            raise ValueError(f"draft.layer_types has {len(d.layer_types)} entries for draft.num_layers "
+                             f"{d.num_layers}: give one per layer")
+        sliding = d.sliding_window is not None and (d.layer_types is None or "sliding_attention" in d.layer_types)
+        if d.layer_types is not None and "sliding_attention" in d.layer_types and d.sliding_window is None:
+            raise ValueError("draft.layer_types has sliding_attention layers but draft.sliding_window is not set: "
+                             "set draft.sliding_window (>= draft.block_size), or make every layer full_attention")
+        if sliding and d.sliding_window < d.block_size:
+            raise ValueError(f"draft.sliding_window {d.sliding_window} < draft.block_size {d.block_size}: a block "
+                             f"must see all of itself; set draft.sliding_window >= {d.block_size}")
+        return self
+
+    @model_validator(mode="after")
     def _batch_shape(self):
         t = self.train
         per_step = t.micro_batch * (t.grad_accum or 1)
