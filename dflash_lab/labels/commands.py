@@ -118,11 +118,14 @@ def _audit(args) -> int:
 
 
 def _serve_cmd(args) -> int:
-    from dflash_lab.labels.serve import next_step_hint, serve_commands
+    from dflash_lab.labels.serve import check_ports, check_serve_draft, check_serve_target, next_step_hint, serve_commands
     from dflash_lab.models import embedded
 
     target = args.target
     served_name = target
+    check_ports(args.engine, args.port, args.gpus)
+    if args.draft is not None:  # before the target: an embedded one may be fetched
+        check_serve_draft(args.draft, args.engine, target)
     if args.engine == "llamacpp":
         if target in embedded.EMBEDDED_TARGETS:
             target = str(embedded.gguf_path(target, "f32"))  # the numbers our own loop computes with
@@ -131,6 +134,7 @@ def _serve_cmd(args) -> int:
         if target in embedded.EMBEDDED_TARGETS:
             target = str(embedded.fetch(target))  # the servers need the converted directory
         extra = ["--served-model-name", served_name]
+    check_serve_target(target, args.engine)
     for line in serve_commands(args.engine, target, args.gpus, args.port, draft=args.draft, host=args.host,
                                extra_args=extra):
         print(line)

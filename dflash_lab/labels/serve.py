@@ -20,6 +20,7 @@ plus the same server from the `xllamacpp` wheel, for machines without a llama-se
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -41,11 +42,60 @@ def draft_block_size(draft_dir: str | Path) -> int:
     return int(config.get("block_size") or DEFAULT_BLOCK_SIZE)
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_serve_target(target: str, engine: str) -> None:
+    """--target names something a server can load: an existing file or folder, or (sglang/vllm) a
+    hub id such as Qwen/Qwen3-4B. A printed command for a missing path fails only once launched.
+    (`serve-cmd` checks here; `serve_commands` itself may print commands for another machine.)"""
+    path = Path(target).expanduser()
+    if engine == "llamacpp":
+        if not str(target).endswith(".gguf"):
+            raise DFlashLabError(f"--target {target}: llama.cpp serves a .gguf file (or pass the embedded name)")
+        if not path.is_file():
+            raise DFlashLabError(f"--target {target}: no such file; pass the target's .gguf file or the embedded name")
+        return
+    if not path.exists() and not _HUB_ID.match(str(target)):
+        raise DFlashLabError(f"--target {target}: no such directory, and not a hub id (ORG/NAME); pass the target's "
+                             "model directory, a hub id or an embedded name")
+
+
+def check_serve_draft(draft: str, engine: str, target: str) -> None:
+    """--draft exists and is what `engine` loads: a draft directory (sglang/vllm) or an exported
+    draft GGUF (llama.cpp); the fix offered fits what was passed."""
+    from dflash_lab.models.checkpoint import is_draft_dir
+
+    path = Path(draft).expanduser()
+    if not path.exists():
+        what = "an exported draft .gguf file" if engine == "llamacpp" else "a DFlash draft directory"
+        raise DFlashLabError(f"--draft {draft}: no such file or directory; pass {what}")
+    if engine == "llamacpp" and not str(draft).endswith(".gguf"):
+        if is_draft_dir(path):
+            raise DFlashLabError(f"--draft {draft}: llama.cpp loads an exported draft GGUF; write it with "
+                                 f"`dflash-lab draft export {draft} --to gguf --target {target} --out draft.gguf`")
+        raise DFlashLabError(f"--draft {draft}: not a draft; llama.cpp loads a draft GGUF that `dflash-lab draft "
+                             "export DRAFT_DIR --to gguf ...` writes from a draft checkpoint directory")
+    if engine != "llamacpp" and not path.is_dir():
+        raise DFlashLabError(f"--draft {draft}: a file; {engine} loads a DFlash draft directory (config.json and "
+                             "model.safetensors)")
+
+
+def check_ports(engine: str, port: int | None, gpus: int) -> None:
+    first = DEFAULT_PORTS[engine] if port is None else port
+    last = first + max(gpus, 1) - 1
+    if not 1 <= first <= 65535 or last > 65535:
+        span = f"{first}..{last}" if last != first else f"{first}"
+        raise DFlashLabError(f"--port {port}: the servers would listen on port {span}; a port is a number from 1 "
+                             "to 65535")
+
+
 def serve_commands(engine: str, target: str, gpus: int = 1, port: int | None = None, *, draft: str | None = None,
                    host: str = "127.0.0.1", extra_args: list[str] | None = None) -> list[str]:
     """One shell command per GPU (GPU i listens on port + i)."""
     if engine not in DEFAULT_PORTS:
         raise DFlashLabError(f"--engine {engine!r}: choose sglang, vllm or llamacpp")
+    check_ports(engine, port, gpus)
     if engine == "llamacpp":
         if gpus != 1:
             raise DFlashLabError(f"--gpus {gpus}: llama.cpp serves on the CPU, one server per command; drop --gpus "
@@ -98,7 +148,11 @@ def gguf_draft_block_size(draft_gguf: str | Path) -> int:
     """`dflash.block_size` of an exported draft GGUF (16 when absent)."""
     from dflash_lab.models.gguf_export import gguf_field, read_gguf
 
-    reader = read_gguf(draft_gguf)
+    try:
+        reader = read_gguf(draft_gguf)
+    except DFlashLabError:  # read_gguf speaks of a target GGUF: here it is the draft
+        raise DFlashLabError(f"--draft {draft_gguf}: not a readable GGUF file; write a draft GGUF with "
+                             "`dflash-lab draft export DRAFT --to gguf --target TARGET --out FILE`") from None
     if str(gguf_field(reader, "general.architecture", "")) != "dflash":
         raise DFlashLabError(f"--draft {draft_gguf}: not a DFlash draft GGUF; write one with "
                              "`dflash-lab draft export DRAFT --to gguf --target TARGET --out FILE`")
@@ -115,8 +169,7 @@ def llamacpp_commands(target: str, port: int | None = None, *, draft: str | None
     module = ["python", "-m", "dflash_lab.eval.llamacpp", "--model", str(target)]
     if draft is not None:
         if not str(draft).endswith(".gguf"):
-            raise DFlashLabError(f"--draft {draft}: llama.cpp loads an exported draft GGUF; write it with "
-                                 f"`dflash-lab draft export {draft} --to gguf --target {target} --out draft.gguf`")
+            check_serve_draft(draft, "llamacpp", target)  # the fix that fits what was passed
         n_max = str(gguf_draft_block_size(draft) - 1)
         argv += ["-md", str(draft), "--spec-type", "draft-dflash", "--spec-draft-n-max", n_max]
         module += ["--draft", str(draft), "--spec-draft-n-max", n_max]

@@ -160,8 +160,42 @@ def _check_has_responses(data: str) -> None:
             f"first: dflash-lab label --prompts {data} --target TARGET --out LABELS, then train --data LABELS")
 
 
-def _mark_interrupted(out: Path) -> None:
-    """run.json said `running`; after Ctrl-C it says `interrupted` (rank 0 only)."""
+def _local_fingerprint(spec: str) -> str | None:
+    """The fingerprint `label` records for a target, for a local or embedded HF directory (cheap:
+    names, sizes and config.json); None where it cannot be known without loading (hub ids, GGUF)."""
+    from dflash_lab.models import embedded
+    from dflash_lab.models.target import _dir_fingerprint
+
+    if spec in embedded.EMBEDDED_TARGETS:
+        path = embedded.model_dir(spec)  # not fetched here: an unfetched one is simply not compared
+    else:
+        path = Path(spec).expanduser()
+    return _dir_fingerprint(path) if (path / "config.json").is_file() else None
+
+
+def _check_labels_target(data: str, target_spec: str) -> None:
+    """Labels are the target's own greedy answers: labels another target wrote teach the draft that
+    target's distribution. Warn (once, before anything loads) when the dataset's meta.json names
+    another target than the one this run trains for."""
+    meta_file = Path(data).expanduser() / "meta.json"
+    try:
+        labelled = json.loads(meta_file.read_text(encoding="utf-8")).get("target")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(labelled, dict):
+        return
+    theirs, ours = labelled.get("fingerprint"), _local_fingerprint(str(target_spec))
+    same = theirs == ours if theirs and ours else labelled.get("name") in (None, str(target_spec))
+    if not same:
+        print(f"warning: --data {data} was labelled by target {labelled.get('name')!r} (its meta.json), this run "
+              f"trains a draft for {target_spec!r}; a draft learns the labelling target's answers: label the "
+              f"prompts with this target (dflash-lab label --target {target_spec}) unless this is what you want",
+              file=sys.stderr)
+
+
+def _mark_ended(out: Path, status: str, **extra) -> None:
+    """run.json said `running`; a run that ended without finishing says how (rank 0 only):
+    `interrupted` after Ctrl-C, `stopped` after --stop-after (both resume with --resume)."""
     from dflash_lab.fileio import atomic_write_text
 
     if int(os.environ.get("RANK", "0")) != 0:
@@ -173,9 +207,12 @@ def _mark_interrupted(out: Path) -> None:
         return
     if not isinstance(run, dict) or run.get("status") != "running":
         return
-    run["status"] = "interrupted"
-    run["interrupted"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    run.update(status=status, **{status: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}, **extra)
     atomic_write_text(run_json, json.dumps(run, indent=2) + "\n")
+
+
+def _mark_interrupted(out: Path) -> None:
+    _mark_ended(out, "interrupted")
 
 
 def run_train(args) -> int:
@@ -201,6 +238,7 @@ def run_train(args) -> int:
     if not args.data:
         raise DFlashLabError("--data is required: the labelled dataset from `dflash-lab label`")
     _check_has_responses(args.data)
+    _check_labels_target(args.data, recipe.target.name)
     from dflash_lab.runlock import RunDirLock
 
     with RunDirLock(out, command="train"):  # one writer per run directory (rank 0 holds it)
@@ -215,8 +253,11 @@ def _train_run(args, recipe, config_path, out: Path) -> Path:
     from dflash_lab.train.trainer import train
 
     try:
-        return train(recipe, args.data, args.out, resume=args.resume, stop_after=args.stop_after, db=args.db,
+        path = train(recipe, args.data, args.out, resume=args.resume, stop_after=args.stop_after, db=args.db,
                      progress=not args.no_progress, recipe_path=str(config_path))
+        if path is not None and path.name != "final":  # --stop-after: not running any more, not finished
+            _mark_ended(out.resolve(), "stopped", stopped_at=path.name)
+        return path
     except KeyboardInterrupt:
         _mark_interrupted(out.resolve())
         print(f"[train] interrupted; run.json says so. Continue with: dflash-lab train --out {args.out} --resume",

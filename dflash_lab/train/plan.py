@@ -464,7 +464,7 @@ class Plan:
     ddp_buckets_bytes: int
     fsdp_saving_bytes: int
     fits: bool
-    largest_micro_batch: int  # searched up to one GPU's share of the global batch
+    largest_micro_batch: int | None  # searched up to one GPU's share of the global batch; None: not searched
     largest_micro_batch_dividing: int | None  # the largest that also divides the per-rank batch
     flops_target_per_micro: int
     flops_draft_per_micro: int
@@ -548,13 +548,14 @@ def make_plan(recipe: Recipe, *, gpus: int = 1, gpu_memory: int = 80 * GB, margi
 
     # a later micro-step of gradient accumulation starts with the gradients already there
     step = measure_step(recipe, micro, grads_present=accum > 1, target_cfg=cfg)
-    largest = micro
+    largest = None  # --no-search: unknown (the recipe's micro-batch is not a search result)
     per_rank = global_batch // gpus if global_batch % gpus == 0 else None
     if search:
         # no use looking past one GPU's share of the global batch
         cap = per_rank or SEARCH_CAP
         largest = _largest_micro_batch(recipe, cfg, step if accum > 1 else None, micro, total, limit, cap)
-    dividing = max((m for m in range(1, largest + 1) if per_rank and per_rank % m == 0), default=None)
+    dividing = None if largest is None else \
+        max((m for m in range(1, largest + 1) if per_rank and per_rank % m == 0), default=None)
     flops_micro = step.flops_target + step.flops_draft
     per_gpu = flops_micro * accum
     peak = dict(step.peak_by_kind)
@@ -638,7 +639,11 @@ def format_plan(plan: Plan) -> str:
                  f"(limit {plan.memory_limit_bytes / GB:.1f} GB of {g:g} GB)")
     div = "" if plan.largest_micro_batch_dividing is None else \
         f"; the largest dividing the per-GPU batch {plan.global_batch // plan.gpus}: {plan.largest_micro_batch_dividing}"
-    lines.append(f"  largest micro-batch that fits: {plan.largest_micro_batch}{div}")
+    if plan.largest_micro_batch is None:
+        lines.append(f"  largest micro-batch that fits: not searched (--no-search); the recipe's "
+                     f"{plan.micro_batch} {'fits' if plan.fits else 'does not fit'}")
+    else:
+        lines.append(f"  largest micro-batch that fits: {plan.largest_micro_batch}{div}")
     lines.append(f"  FLOPs per micro-step: target forward {plan.flops_target_per_micro / 1e12:.1f} TFLOP, "
                  f"draft + loss (fwd+bwd) {plan.flops_draft_per_micro / 1e12:.1f} TFLOP")
     lines.append(f"  FLOPs per optimizer step: {plan.flops_per_step_per_gpu / 1e12:.1f} TFLOP per GPU, "

@@ -85,6 +85,7 @@ def test_serve_cmd_llamacpp_cli(tmp_path, capsys):
     writer.write_tensors_to_file()
     writer.close()
     target = tmp_path / "target.gguf"
+    target.write_bytes(b"GGUF")  # serve-cmd checks that --target exists (issue 24); it does not read it
     assert main(["serve-cmd", "--engine", "llamacpp", "--target", str(target), "--draft", str(draft)]) == 0
     printed = capsys.readouterr()
     server, comment, module = printed.out.splitlines()
