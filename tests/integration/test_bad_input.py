@@ -788,3 +788,180 @@ def test_disk_full_during_a_checkpoint(env, tmp_path, monkeypatch):
     with pytest.raises(DFlashLabError, match="step-2.*No space left on device.*--resume"):
         S.save_checkpoint(ckpts / "step-2", draft, optimizer, {"step": 2})
     assert snapshot(ckpts) == before and _no_temp_files(ckpts) == []
+
+
+# -- issue 24: what --dry-run can validate, it validates -----------------------------------------------
+@pytest.mark.parametrize("overrides,needle", [
+    (["draft.block_size=16", "draft.sliding_window=4"], "draft.sliding_window 4"),
+    (["draft.num_layers=2", "draft.layer_types=[sliding_attention]", "draft.sliding_window=64"], "draft.layer_types"),
+    (["draft.layer_types=[sliding_attention]"], "draft.sliding_window is not set"),
+    (["draft.init=RUN/checkpoints/final", "draft.sliding_window=64"], "draft.sliding_window with draft.init"),
+])
+def test_dry_run_validates_the_draft_window(env, tmp_path, capsys, overrides, needle):
+    refused(capsys, needle, "train", "--config", env["recipe"], "--out", tmp_path / "o", "--dry-run", *overrides)
+    assert not (tmp_path / "o").exists()
+
+
+# -- issue 24: device names, backend options, server URLs and numbers ---------------------------
+def _bench_dir(root: Path) -> Path:
+    write_jsonl(root / "bench" / "gsm8k.test.jsonl", [{"question": f"Natalia sold {i} clips. How many?"}
+                                                      for i in range(2)])
+    return root / "bench"
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "label"])
+def test_device_name_is_validated(env, tmp_path, capsys, command):
+    argv = {"eval": ["eval", "--target", env["target"], "--drafter", "none", "--out", tmp_path / "r.json"],
+            "generate": ["generate", "--target", env["target"], "--prompt", "hi"],
+            "label": ["label", "--prompts", env["prompts"], "--target", env["target"], "--out", tmp_path / "l"]}[command]
+    err = refused(capsys, "tpu", *argv, "--device", "tpu")
+    assert "cuda" in err and not (tmp_path / "l").exists()
+
+
+def test_llamacpp_threads_zero_is_refused_before_llamacpp(env, tmp_path, capsys, monkeypatch):
+    import dflash_lab.eval.harness as harness
+
+    monkeypatch.setattr(harness, "evaluate", lambda *a, **k: pytest.fail("the evaluation started"))
+    refused(capsys, "--threads", "eval", "--backend", "llamacpp", "--target", env["target"], "--drafter", "none",
+            "--threads", 0, "--out", tmp_path / "r.json")
+
+
+def test_llamacpp_with_device_and_dtype_is_refused(env, tmp_path, capsys):
+    err = refused(capsys, "--device cuda", "eval", "--backend", "llamacpp", "--target", env["target"],
+                  "--drafter", "none", "--device", "cuda", "--dtype", "bfloat16", "--out", tmp_path / "r.json")
+    assert "--dtype bfloat16" in err and not (tmp_path / "r.json").exists()
+
+
+def test_server_url_without_scheme(env, tmp_path, capsys):
+    err = refused(capsys, "127.0.0.1:30000", "eval", "--backend", "sglang", "--server", "127.0.0.1:30000",
+                  "--target", env["target"], "--drafter", "none", "--out", tmp_path / "r.json")
+    assert "http://127.0.0.1:30000" in err and "start it first" not in err
+
+
+class _Answer(http.server.BaseHTTPRequestHandler):
+    """Answers every request with the class's `body` (bytes) and `content_type`."""
+    body = b"{}"
+    content_type = "application/json"
+
+    def _answer(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        self.send_response(200)
+        self.send_header("Content-Type", self.content_type)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+def _serve(handler):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def test_llamacpp_server_accepting_more_than_it_drafted(env, tmp_path, capsys):
+    class Impossible(_Answer):
+        body = json.dumps({"content": "four", "tokens": [5, 6, 7, 8, 9, 10, 11, 12], "stop_type": "eos",
+                           "timings": {"predicted_n": 8, "draft_n": 10, "draft_n_accepted": 50}}).encode()
+
+    server, url = _serve(Impossible)
+    try:
+        err = refused(capsys, url, "eval", "--backend", "llamacpp", "--server", url, "--target", env["target"],
+                      "--drafter", "none", "--bench-dir", _bench_dir(tmp_path), "--benchmarks", "gsm8k",
+                      "--limit", 1, "--no-lossless-check", "--no-db", "--quiet", "--out", tmp_path / "r.json")
+    finally:
+        server.shutdown()
+    assert "50 accepted of 10" in err and not (tmp_path / "r.json").exists()
+
+
+def test_server_counts_are_sanity_checked():
+    from dflash_lab.eval import backends
+    from dflash_lab.eval.llamacpp import parse_completion
+
+    with pytest.raises(DFlashLabError, match="http://s:1 reported timings.draft_n = -3"):
+        parse_completion({"timings": {"predicted_n": 8, "draft_n": -3}}, "http://s:1")
+    with pytest.raises(DFlashLabError, match="http://s:2 reported 9 accepted of 4"):
+        backends.parse_sglang_response({"meta_info": {"completion_tokens": 4, "spec_verify_ct": 9}}, "http://s:2")
+    with pytest.raises(DFlashLabError, match="went down"):
+        backends.check_vllm_counters({"accepted": -5.0, "drafts": 3.0, "per_pos": {}}, ["http://s:3"])
+
+
+def test_a_plain_web_server_page_is_not_printed(env, tmp_path, capsys):
+    class Page(_Answer):
+        content_type = "text/html"
+        body = (b"<!DOCTYPE html>\n<html><head><title>Directory listing for /</title></head>\n<body>\n"
+                + b"<li><a href='x'>x</a></li>\n" * 200 + b"</body></html>\n")
+
+    server, url = _serve(Page)
+    try:
+        err = refused(capsys, url, "eval", "--backend", "sglang", "--server", url, "--target", env["target"],
+                      "--drafter", "none", "--bench-dir", _bench_dir(tmp_path), "--benchmarks", "gsm8k",
+                      "--limit", 1, "--no-lossless-check", "--no-db", "--quiet", "--out", tmp_path / "r.json")
+    finally:
+        server.shutdown()
+    assert "HTML page" in err and "Directory listing" in err and "<li>" not in err and len(err) < 600
+
+
+# -- issue 24: wrong or silent answers ----------------------------------------------------------
+def test_plan_no_search_does_not_claim_a_largest_micro_batch(env, capsys):
+    code, out, err = run(capsys, "plan", "--config", env["recipe"], "--no-search")
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if "largest micro-batch" in x)
+    assert "not searched" in line, line
+
+
+def test_labels_of_another_target_warn(env, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import dflash_lab.train.trainer as trainer
+
+    labels = tmp_path / "labels"
+    shutil.copytree(env["labels"], labels)
+    (labels / "meta.json").write_text(json.dumps({"format": "dflash-lab-labels/1",
+                                                  "target": {"name": "Qwen/Qwen3-8B", "fingerprint": "0123abcd"}}))
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: Path(a[2]) / "checkpoints" / "final")
+    code, _, err = run(capsys, "train", "--config", env["recipe"], "--data", labels, "--out", tmp_path / "run")
+    assert code == 0, err
+    assert "warning:" in err and "Qwen/Qwen3-8B" in err and str(labels) in err
+    # labels of this very target: no warning
+    (labels / "meta.json").write_text(json.dumps({"target": {"name": "t", "fingerprint": _fingerprint(env)}}))
+    code, _, err = run(capsys, "train", "--config", env["recipe"], "--data", labels, "--out", tmp_path / "run2")
+    assert code == 0 and "warning:" not in err, err
+
+
+def _fingerprint(env) -> str:
+    from dflash_lab.models.target import _dir_fingerprint
+
+    return _dir_fingerprint(Path(env["target"]))
+
+
+def test_stop_after_leaves_run_json_stopped(env, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--config", env["recipe"], "--data", env["labels"], "--out", run_dir,
+                       "--stop-after", 1, "--no-progress", "train.eval_interval=0")
+    assert code == 0, err
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["status"] == "stopped" and meta["stopped_at"] == "step-1", meta["status"]
+    assert not (run_dir / ".writer.lock").exists()
+
+
+def test_serve_cmd_checks_its_inputs(env, tmp_path, capsys):
+    gguf = tmp_path / "target.gguf"
+    gguf.write_bytes(b"GGUF")
+    data = write_jsonl(tmp_path / "data.jsonl", [{"id": 1}])
+    refused(capsys, "--target", "serve-cmd", "--engine", "sglang", "--target", tmp_path / "no-such-model")
+    refused(capsys, "--target", "serve-cmd", "--engine", "llamacpp", "--target", tmp_path / "missing.gguf")
+    for port in ("70000", "-5"):
+        refused(capsys, f"--port {port}", "serve-cmd", "--engine", "vllm", "--target", env["target"], "--port", port)
+    err = refused(capsys, "--draft", "serve-cmd", "--engine", "llamacpp", "--target", gguf,
+                  "--draft", tmp_path / "nope.gguf")
+    assert "--target" not in err
+    err = refused(capsys, "--draft", "serve-cmd", "--engine", "llamacpp", "--target", gguf, "--draft", data)
+    assert f"draft export {data}" not in err
+    code, out, _ = run(capsys, "serve-cmd", "--engine", "sglang", "--target", "Qwen/Qwen3-4B")  # a hub id
+    assert code == 0 and "Qwen/Qwen3-4B" in out
