@@ -179,3 +179,22 @@ def test_draft_export_refuses_an_existing_directory_up_front(tmp_path, capsys, m
                              "--out", str(out)], out)
     assert "is a directory" in last and ".tmp" not in last
     assert list(out.iterdir()) == []
+
+
+DEVICE_COMMANDS = [(names, parser) for names, parser in COMMANDS
+                   if any(a.dest == "device" and a.option_strings for a in parser._actions)]
+
+
+def test_the_walk_finds_the_device_options():
+    assert {"eval", "eval-run", "generate", "label", "demo"} <= {" ".join(n) for n, _ in DEVICE_COMMANDS}
+
+
+@pytest.mark.parametrize("case", DEVICE_COMMANDS, ids=lambda c: " ".join(c[0]))
+def test_every_device_option_refuses_an_unknown_device(case, tmp_path, capsys, monkeypatch):
+    """Issue 24: `--device tpu` reached torch as a traceback in eval and generate. The check is in
+    cli.main for every command with a --device, so a new one is covered without a case here."""
+    names, parser = case
+    monkeypatch.chdir(tmp_path)  # a default --out (demo-out) lands here, never in the checkout
+    argv = _base_argv(names, parser, {"device"}, tmp_path) + ["--device", "tpu"]
+    _refused(capsys, argv, "tpu")
+    assert list(tmp_path.iterdir()) == []
