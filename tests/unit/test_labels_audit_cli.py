@@ -125,6 +125,7 @@ def test_cli_label_audit_and_errors(tmp_path, capsys):
     assert "--server" in capsys.readouterr().err
     assert main(["label", "--prompts", str(tmp_path / "nope"), "--target", str(target), "--out", str(out)]) == 2
     assert "--prompts" in capsys.readouterr().err
-    assert main(["serve-cmd", "--engine", "vllm", "--target", "T", "--gpus", "2"]) == 0
+    (tmp_path / "T").mkdir()  # serve-cmd checks that --target exists (issue 24)
+    assert main(["serve-cmd", "--engine", "vllm", "--target", str(tmp_path / "T"), "--gpus", "2"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[1].startswith("CUDA_VISIBLE_DEVICES=1 vllm serve T --port 8001")
+    assert printed[1].startswith(f"CUDA_VISIBLE_DEVICES=1 vllm serve {tmp_path / 'T'} --port 8001")
