@@ -126,7 +126,7 @@ def test_resume_is_bit_identical(setup, full_run, tmp_path):
     out = tmp_path / "run"
     _train(setup, out, "--save-every", "2", "--stop-after", "5")  # "killed" after step 5 (past step-4)
     assert not (out / "checkpoints" / "final").exists()
-    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    assert json.loads((out / "run.json").read_text())["status"] == "stopped"  # a final status (issue 24)
     # what a kill would leave: delete the checkpoint of the stop, resume from step-4
     import shutil
 
@@ -138,6 +138,7 @@ def test_resume_is_bit_identical(setup, full_run, tmp_path):
         assert torch.equal(a[name], b[name]), name
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"event"' not in x]
     assert steps == [1, 2, 3, 4, 5, 6]  # rows after the checkpoint were dropped and recomputed
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
 
 
 def test_resume_mid_log_interval_logs_the_whole_interval(setup, tmp_path):
