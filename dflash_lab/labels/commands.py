@@ -118,7 +118,8 @@ def _audit(args) -> int:
 
 
 def _serve_cmd(args) -> int:
-    from dflash_lab.labels.serve import check_ports, check_serve_draft, check_serve_target, next_step_hint, serve_commands
+    from dflash_lab.labels.serve import (check_ports, check_serve_draft, check_serve_target, next_step_hint,
+                                         serve_commands)
     from dflash_lab.models import embedded
 
     target = args.target
