@@ -40,10 +40,25 @@ def _ident(case) -> str:
     return " ".join(names) + " " + action.option_strings[0]
 
 
+def _undeclared(commands) -> list[str]:
+    return [" ".join(names) + " " + flag for names, parser in commands for action in parser._actions
+            for flag in action.option_strings
+            if OUTPUT_LOOKING.match(flag) and getattr(action, "output_spec", None) is None]
+
+
+def test_a_new_command_with_a_plain_out_is_caught():
+    """The walk itself: a command added with add_argument("--out") is reported, add_output is not."""
+    from dflash_lab.outputs import add_output
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    sub.add_parser("newcmd").add_argument("--out")
+    add_output(sub.add_parser("good"), "--out", kind="dir", command="good")
+    assert _undeclared(list(_subcommands(parser))) == ["newcmd --out"]
+
+
 def test_every_output_looking_option_is_declared():
-    undeclared = [" ".join(names) + " " + flag for names, parser in COMMANDS for action in parser._actions
-                  for flag in action.option_strings
-                  if OUTPUT_LOOKING.match(flag) and getattr(action, "output_spec", None) is None]
+    undeclared = _undeclared(COMMANDS)
     assert not undeclared, f"outputs not declared with dflash_lab.outputs.add_output: {undeclared}"
     # the walk sees the commands that write (a walk that finds nothing would prove nothing)
     found = {" ".join(names) for names, _, _ in DECLARED}
