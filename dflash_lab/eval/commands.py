@@ -111,6 +111,12 @@ def register(subparsers) -> None:
     runs_parser = p
     p.set_defaults(handler=lambda args: (runs_parser.print_help(), 2)[1])
 
+    from dflash_lab.eval.draft_check import register as register_draft_check
+    from dflash_lab.models.commands import draft_actions
+
+    if draft_actions() is not None:  # `draft check` beside `draft init|export`
+        register_draft_check(draft_actions())
+
 
 # -- checks before any work ------------------------------------------------------------------------
 def check_harness_args(args) -> None:
