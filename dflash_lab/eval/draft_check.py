@@ -21,7 +21,9 @@ drafted position of that prompt is such a near-tie); a response that differs fro
 classified as the eval backends do. The command exits 1 on a failure.
 
 Engines plug in through `ENGINES` (name -> factory returning an object with `name`,
-`unavailable() -> str | None` and `run(job) -> list[EngineRun]`). The vLLM engine is looked up in
+`unavailable(job) -> str | None` and `run(job) -> list[EngineRun]`; optionally `summary() -> dict`
+with `tau` / `acceptance_per_position` / `acceptance_note` measured over the whole run, e.g. from
+vLLM's spec-decode counters, and `classify_output_mismatch(job, i, run) -> (verdict, report)`). The vLLM engine is looked up in
 `dflash_lab.eval.vllm_engine` (`draft_check_engine()`); until that module provides it, vLLM is listed
 as not available, with the reason.
 """
@@ -304,8 +306,10 @@ def first_cycle_divergence(ours: EngineRun, theirs: EngineRun) -> dict | None:
 
 
 def compare_drafts(reference: list[EngineRun], runs: list[EngineRun]) -> tuple[str, dict | None, str | None]:
-    """("same" | "same totals" | "diverged", first divergence or None, note)."""
+    """("same" | "same totals" | "not compared" | "diverged", first divergence or None, note)."""
     per_cycle = all(r.cycle_drafts is not None for r in runs)
+    if not per_cycle and all(r.cycles is None and r.accepted is None for r in runs):
+        return "not compared", None, "the engine exposes no drafted tokens or draft counts per response"
     for prompt, (ours, theirs) in enumerate(zip(reference, runs)):
         if per_cycle:
             found = first_cycle_divergence(ours, theirs)
@@ -315,8 +319,8 @@ def compare_drafts(reference: list[EngineRun], runs: list[EngineRun]) -> tuple[s
                              else "failure")
                 return "diverged", found, None
             continue
-        same = (theirs.output_ids == ours.output_ids and theirs.cycles == ours.cycles
-                and theirs.accepted == ours.accepted)
+        same = (theirs.output_ids == ours.output_ids and theirs.cycles in (None, ours.cycles)
+                and theirs.accepted in (None, ours.accepted))
         if same or (theirs.output_ids == ours.output_ids and _stop_in_draft(ours, theirs)):
             continue
         ties = [m for cycle in ours.draft_margins or [] for m in cycle if m <= DRAFT_TIE_TOLERANCE]
@@ -376,6 +380,10 @@ def check_draft(job: CheckJob, engine_names: list[str], engines: dict | None = N
                 [a for r in runs for a in r.cycle_accepted], job.block_size - 1)
         else:
             report.acceptance_note = f"not exposed by {name} (it reports totals per response)"
+        # engines that measure over the whole run (vLLM's counters) give their own figures
+        for key, value in (getattr(engine, "summary", dict)() or {}).items():
+            if key in ("tau", "acceptance_per_position", "acceptance_note") and value is not None:
+                setattr(report, key, value)
         report.lossless, report.lossless_details = _lossless(job, engine, runs, greedy)
         if name == "builtin":
             reference = runs

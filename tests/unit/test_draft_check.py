@@ -109,3 +109,18 @@ def test_unavailable_engines_say_why(job):
     assert "vllm      not available: " in C.format_report(reports, job)
     with pytest.raises(Exception, match="--engines"):
         C.parse_engines("builtin,sglang")
+
+
+def test_an_engine_with_run_wide_counters_reports_its_own_figures(job):
+    class Counters(ReplayEngine):
+        """Like vLLM's server: totals per response, acceptance per position from run-wide counters."""
+
+        def run(self, job):
+            return [C.EngineRun(output_ids=r.output_ids, finish_reason=r.finish_reason) for r in super().run(job)]
+
+        def summary(self):
+            return {"tau": 2.5, "acceptance_per_position": [0.5, 0.25, 0.0]}
+
+    _, counters = C.check_draft(job, ["counters"], engines={"counters": Counters})
+    assert counters.tau == 2.5 and counters.acceptance_per_position == [0.5, 0.25, 0.0]
+    assert counters.drafts == "not compared" and not counters.failed and counters.lossless == "yes"
