@@ -274,12 +274,13 @@ def test_corrupt_resume_state_names_the_checkpoint_and_the_one_before(env, tmp_p
     assert snapshot(run_dir) == before
 
 
-def test_resume_previous_sets_the_broken_checkpoint_aside(env, tmp_path):
+@pytest.mark.parametrize("layout", ["old", "new"])
+def test_resume_previous_sets_the_broken_checkpoint_aside(env, tmp_path, layout):
     from dflash_lab.train.commands import _verify_resume_point
-    from dflash_lab.train.state import latest_checkpoint
+    from dflash_lab.train.state import latest_checkpoint, state_dir
 
-    run_dir = fake_checkpoints(tmp_path / "run", env["recipe"], env["labels"])
-    (run_dir / "checkpoints" / "step-4" / "rng.safetensors").write_bytes(b"\x00")
+    run_dir = fake_checkpoints(tmp_path / "run", env["recipe"], env["labels"], layout=layout)
+    (state_dir(run_dir / "checkpoints" / "step-4") / "rng.safetensors").write_bytes(b"\x00")
     _verify_resume_point(run_dir, resume_previous=True)
     assert latest_checkpoint(run_dir).name == "step-2"
     assert (run_dir / "checkpoints" / ".broken-step-4" / "model.safetensors").is_file()  # kept, not deleted
