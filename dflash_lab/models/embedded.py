@@ -242,13 +242,25 @@ def upgrade_layout(directory: Path, log=lambda *a: None) -> bool:
     weights are bit-identical: the old value is pinned in dflash_lab.json (`fingerprint`), so
     features, labels and results made with the old cache stay valid. A freshly built cache has no
     pin: it is fingerprinted from its files like any directory."""
-    from safetensors.torch import load_file, save_file
-
-    from dflash_lab.models.target import _dir_fingerprint
+    import fcntl
 
     directory = Path(directory)
     if not needs_upgrade(directory):
         return False
+    # one process upgrades, the others wait and find it done (ranks of a run, parallel commands)
+    with open(directory.parent / f".{directory.name}.upgrade.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not needs_upgrade(directory):
+            return False
+        _upgrade_locked(directory, log)
+    return True
+
+
+def _upgrade_locked(directory: Path, log) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from dflash_lab.models.target import _dir_fingerprint
+
     log(f"[models] upgrading {directory} to the usual Hugging Face layout (architectures, tied embedding)")
     meta_file = directory / "dflash_lab.json"
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
@@ -266,7 +278,6 @@ def upgrade_layout(directory: Path, log=lambda *a: None) -> bool:
     _atomic_write(meta_file, lambda p: p.write_text(json.dumps(meta, indent=2)))
     _atomic_write(directory / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     _atomic_write(directory / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
-    return True
 
 
 def _causal_lm_class(config: dict) -> str:
@@ -277,6 +288,9 @@ def _causal_lm_class(config: dict) -> str:
 
 
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
