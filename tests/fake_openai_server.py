@@ -6,6 +6,13 @@ generator: `hf_generator(target_dir)` renders the messages with the request's `c
 and decodes greedily with the target (like SGLang or vLLM would); `echo_generator` is an instant,
 deterministic fake. Faults for tests: `fail_first` (HTTP 500 for the first N requests), `hang_first`
 (sleep `hang_s` before answering the first N requests), `delay_s` (every request).
+
+`engine` makes it answer like a speculative server (issue 21: which draft does it serve?):
+- "sglang": `/get_server_info` (ServerArgs flattened: model_path, speculative_algorithm,
+  speculative_draft_model_path) and a `/generate` that reports 3 tokens per verify cycle;
+- "vllm": `/version`, and `/server_info?config_format=json` (vllm_config.speculative_config.model)
+  only with `vllm_dev_mode` (vLLM registers it only under VLLM_SERVER_DEV_MODE=1).
+`draft` is the draft directory it claims to serve (None: plain decoding).
 """
 
 from __future__ import annotations
@@ -55,8 +62,12 @@ def hf_generator(target_dir: str):
 
 class FakeOpenAIServer:
     def __init__(self, generate=echo_generator, models=("tiny",), *, fail_first: int = 0, hang_first: int = 0,
-                 hang_s: float = 30.0, delay_s: float = 0.0, port: int = 0):
+                 hang_s: float = 30.0, delay_s: float = 0.0, port: int = 0, engine: str | None = None,
+                 draft: str | None = None, vllm_dev_mode: bool = True):
         self.generate = generate
+        self.engine = engine
+        self.draft = draft
+        self.vllm_dev_mode = vllm_dev_mode
         self.models = list(models)
         self.fail_first = fail_first
         self.hang_first = hang_first
@@ -74,7 +85,33 @@ class FakeOpenAIServer:
 
     # handlers ----------------------------------------------------------------------------------
     async def _models(self, request):
-        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
+        owner = {"owned_by": self.engine} if self.engine else {}
+        return web.json_response({"object": "list", "data": [{"id": m, "object": "model", "root": m, **owner}
+                                                             for m in self.models]})
+
+    async def _sglang_server_info(self, request):
+        return web.json_response({"model_path": self.models[0], "speculative_algorithm": "DFLASH" if self.draft else None,
+                                  "speculative_draft_model_path": self.draft, "version": "fake-sglang"})
+
+    async def _sglang_generate(self, request):
+        payload = await request.json()
+        self.requests += 1
+        self.payloads.append(payload)
+        tokens = int(payload["sampling_params"]["max_new_tokens"])
+        meta = {"completion_tokens": tokens, "finish_reason": {"type": "length", "length": tokens}}
+        if self.draft:
+            meta.update(spec_verify_ct=max(1, tokens // 3), spec_accept_length=3.0)
+        return web.json_response({"text": f"answer {self.requests}", "meta_info": meta})
+
+    async def _vllm_version(self, request):
+        return web.json_response({"version": "fake-vllm"})
+
+    async def _vllm_server_info(self, request):
+        spec = {"method": "dflash", "model": self.draft, "num_speculative_tokens": 15} if self.draft else None
+        config = {"model_config": {"model": self.models[0]}, "speculative_config": spec}
+        if request.query.get("config_format") != "json":
+            return web.json_response({"vllm_config": str(config)})
+        return web.json_response({"vllm_config": config})
 
     async def _chat(self, request):
         payload = await request.json()
@@ -114,6 +151,13 @@ class FakeOpenAIServer:
         app = web.Application()
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
+        if self.engine == "sglang":
+            app.router.add_get("/get_server_info", self._sglang_server_info)
+            app.router.add_post("/generate", self._sglang_generate)
+        elif self.engine == "vllm":
+            app.router.add_get("/version", self._vllm_version)
+            if self.vllm_dev_mode:
+                app.router.add_get("/server_info", self._vllm_server_info)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         self._loop.run_until_complete(self._runner.setup())
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)

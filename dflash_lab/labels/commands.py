@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="hf backend: prompts per generate() batch; "
                                                                "llamacpp: requests decoded together (parallel slots)")
     p.add_argument("--device", default="cpu", help="hf backend: cpu or cuda[:i]")
-    p.add_argument("--dtype", default="auto", help="hf backend: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16")
+    p.add_argument("--dtype", default="auto", help="hf and vllm backends: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16")
     p.add_argument("--retry-failed", action="store_true", help="re-attempt exactly the ids in OUT/failed.jsonl")
     p.add_argument("--limit", type=int, default=None, help="read only the first N prompt rows")
     p.add_argument("--shard-size", type=int, default=1000, help="records per shard file")

@@ -411,15 +411,28 @@ class LabelStats:
         return text
 
 
+def vllm_dtype(dtype: str) -> str:
+    """--dtype for the in-process vLLM engine: `auto` follows the hf backend's rule (fp32 on CPU,
+    vLLM's own choice on GPU); vLLM's own `auto` runs an fp32 checkpoint in bf16 on CPU, which
+    gives other labels than the fp32 hf backend (issue 21)."""
+    if dtype not in (None, "auto"):
+        return str(dtype)
+    import torch
+
+    return "auto" if torch.cuda.is_available() else "float32"
+
+
 def make_backend(name: str, target, max_new_tokens: int, *, batch_size: int = 8, servers=(), model: str | None = None,
-                 concurrency: int = 16, timeout: float = 600.0, retries: int = 4, backoff: float = 0.5):
+                 concurrency: int = 16, timeout: float = 600.0, retries: int = 4, backoff: float = 0.5,
+                 dtype: str = "auto"):
     if name == "hf":
         return HFBackend(target, max_new_tokens, batch_size=batch_size)
     if name == "openai":
         return OpenAIBackend(list(servers), model or target.name, max_new_tokens, target.template_kwargs(),
                              concurrency=concurrency, timeout=timeout, retries=retries, backoff=backoff)
     if name == "vllm":
-        return VLLMBackend(target_model_path(target.name), max_new_tokens, target.template_kwargs())
+        return VLLMBackend(target_model_path(target.name), max_new_tokens, target.template_kwargs(),
+                           dtype=vllm_dtype(dtype))
     if name == "llamacpp":  # in-process llama.cpp on the target's F32 GGUF (or --target FILE.gguf)
         from dflash_lab.eval.llamacpp import target_gguf_for
         from dflash_lab.labels.backends import LlamaCppBackend
@@ -494,7 +507,8 @@ def run_labels(
 
     if isinstance(backend, str):
         backend = make_backend(backend, target, max_new_tokens, batch_size=batch_size, servers=servers, model=model,
-                               concurrency=concurrency, timeout=timeout, retries=retries, backoff=backoff)
+                               concurrency=concurrency, timeout=timeout, retries=retries, backoff=backoff,
+                               dtype=dtype)
     backend_info = backend.check()  # unreachable / wrong-model servers fail here, before any work
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -107,6 +107,7 @@ def serve_commands(engine: str, target: str, gpus: int = 1, port: int | None = N
     spec_args: list[str] = []
     if draft is not None:
         block = draft_block_size(draft)
+        check_servable(draft)
         if engine == "sglang":
             spec_args = ["--speculative-algorithm", "DFLASH", "--speculative-draft-model-path", str(draft),
                          "--speculative-num-draft-tokens", str(block), "--attention-backend", "triton"]
@@ -178,3 +179,16 @@ def llamacpp_commands(target: str, port: int | None = None, *, draft: str | None
     return [" ".join(shlex.quote(a) for a in argv),
             "# or, without a llama-server binary (pip install 'dflash-lab[llamacpp]'), on 127.0.0.1:\n"
             + " ".join(shlex.quote(a) for a in module)]
+
+
+def check_servable(draft_dir: str | Path) -> None:
+    """vLLM and SGLang load every `*.safetensors` at the top of a draft directory: a checkpoint
+    written before issue 21 keeps its optimizer/RNG/fp32 state there and fails to load. Refuse it
+    with the fix (resume finds those files in `training_state/` as well)."""
+    path = Path(draft_dir).expanduser()
+    extra = sorted(p.name for p in path.glob("*.safetensors") if p.name != "model.safetensors")
+    if extra:
+        raise DFlashLabError(
+            f"--draft {draft_dir} holds {', '.join(extra)} beside model.safetensors (training state of a checkpoint "
+            "written by an older dflash-lab): vLLM and SGLang load every *.safetensors there and fail; move them "
+            f"into {path / 'training_state'}/ (with their .json siblings; resume and draft.init still find them)")

@@ -35,6 +35,17 @@ def register(subparsers) -> None:
                required=True, help="the .gguf file to write")
     export.add_argument("--dtype", choices=["f32", "f16"], default="f32")
     export.set_defaults(handler=_draft_export)
+    global _DRAFT_ACTIONS
+    _DRAFT_ACTIONS = draft_sub
+
+
+_DRAFT_ACTIONS = None
+
+
+def draft_actions():
+    """The `draft` command's sub-parsers, for actions a higher layer registers (`draft check`, in
+    eval/commands.py: models sit under eval and import nothing from it)."""
+    return _DRAFT_ACTIONS
 
 
 def _fetch(args) -> int:

@@ -4,6 +4,13 @@
 large C++ library we do not need), dequantises the GGUF once with transformers, and caches a plain
 Hugging Face directory (config.json, model.safetensors, tokenizer with its chat template).
 
+The directory is the usual layout of a tied HF checkpoint, so transformers, vLLM and other trainers
+load it as it is (issue 21): `architectures` names the class (`LlamaForCausalLM`; without it vLLM
+builds a model with no LM head), `tie_word_embeddings: true`, and the shared tensor is stored under
+the embedding's own name `model.embed_tokens.weight` (stored only as `lm_head.weight`, vLLM unties
+the two and never loads the embedding). A cache written in the old layout is upgraded in place on
+next use (`upgrade_layout`); its feature-cache/results fingerprint is kept (see there).
+
 Mask token: SmolLM2's tokenizer fills all 49,152 embedding rows, so there is no unused row past the
 vocabulary (the Qwen3 choice). We use `<empty_output>` (id 16): a special token from the
 pre-training code corpus (Jupyter cells with no output) that chat text never produces, which the
@@ -96,10 +103,12 @@ def fetch(name: str = "smollm2-135m-instruct", *, quiet: bool = False, gguf: boo
                 shutil.rmtree(out)
             os.replace(staging, out)  # atomic: a half-converted directory is never visible
         log(f"[models] cached at {out}")
-    elif gguf and not all(_gguf_file(out, name, k).is_file() for k in GGUF_KINDS):
-        # a cache made before the GGUF files were kept: add them (each file appears atomically)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            _write_ggufs(_download_gguf(spec, Path(tmp), log), out, name, log)
+    else:
+        upgrade_layout(out, log)
+        if gguf and not all(_gguf_file(out, name, k).is_file() for k in GGUF_KINDS):
+            # a cache made before the GGUF files were kept: add them (each file appears atomically)
+            with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+                _write_ggufs(_download_gguf(spec, Path(tmp), log), out, name, log)
     return out
 
 
@@ -155,7 +164,6 @@ def convert_gguf(gguf_path: Path, out: Path, *, mask_token: str, name: str, sour
     state dict, the config and the tokenizer are written separately.
     """
     import torch
-    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path)
@@ -166,8 +174,7 @@ def convert_gguf(gguf_path: Path, out: Path, *, mask_token: str, name: str, sour
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)
     config["dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    save_model(model, str(out / "model.safetensors"))  # handles the tied embedding / lm_head
+    write_hf_weights(model, config, out)
     model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     mask_id = tokenizer.convert_tokens_to_ids(mask_token)
@@ -183,3 +190,107 @@ def convert_gguf(gguf_path: Path, out: Path, *, mask_token: str, name: str, sour
         ),
     }
     (out / "dflash_lab.json").write_text(json.dumps(meta, indent=2))
+
+
+# -- the usual HF layout (issue 21) ---------------------------------------------------------------
+EMBED_NAME = "model.embed_tokens.weight"
+HEAD_NAME = "lm_head.weight"
+
+
+def _is_tied(model) -> bool:
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and head.weight is embed.weight
+
+
+def write_hf_weights(model, config: dict, out: Path) -> None:
+    """config.json + model.safetensors in the usual HF layout: `architectures` set to the model's
+    class, and a tied LM head stored once, under the embedding's name, with `tie_word_embeddings`."""
+    from safetensors.torch import save_file
+
+    config = dict(config, architectures=[type(model).__name__])
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if _is_tied(model):
+        config["tie_word_embeddings"] = True
+        tensors.pop(HEAD_NAME, None)  # the embedding holds it; loaders tie the head to it
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _safetensors_names(path: Path) -> set[str]:
+    """Tensor names from a safetensors header (reads the header only)."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    return {k for k in header if k != "__metadata__"}
+
+
+def needs_upgrade(directory: Path) -> bool:
+    """True for a cache in the old layout: no `architectures`, or the tied embedding stored only
+    as `lm_head.weight`."""
+    config = json.loads((directory / "config.json").read_text())
+    if not config.get("architectures"):
+        return True
+    return config.get("tie_word_embeddings", True) and EMBED_NAME not in _safetensors_names(directory / "model.safetensors")
+
+
+def upgrade_layout(directory: Path, log=lambda *a: None) -> bool:
+    """Rewrite an old-layout cache in the usual HF layout, in place (each file replaced atomically;
+    the weights are the same numbers under the embedding's name). Returns whether it rewrote.
+
+    The fingerprint (the identity of feature caches, labels and eval results) is computed from the
+    files' names and sizes and the config, so the new layout would get a new one although the
+    weights are bit-identical: the old value is pinned in dflash_lab.json (`fingerprint`), so
+    features, labels and results made with the old cache stay valid. A freshly built cache has no
+    pin: it is fingerprinted from its files like any directory."""
+    import fcntl
+
+    directory = Path(directory)
+    if not needs_upgrade(directory):
+        return False
+    # one process upgrades, the others wait and find it done (ranks of a run, parallel commands)
+    with open(directory.parent / f".{directory.name}.upgrade.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not needs_upgrade(directory):
+            return False
+        _upgrade_locked(directory, log)
+    return True
+
+
+def _upgrade_locked(directory: Path, log) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from dflash_lab.models.target import _dir_fingerprint
+
+    log(f"[models] upgrading {directory} to the usual Hugging Face layout (architectures, tied embedding)")
+    meta_file = directory / "dflash_lab.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    meta.setdefault("fingerprint", _dir_fingerprint(directory))
+    config = json.loads((directory / "config.json").read_text())
+    tensors = load_file(str(directory / "model.safetensors"))
+    if EMBED_NAME not in tensors and HEAD_NAME in tensors and config.get("tie_word_embeddings", True):
+        tensors[EMBED_NAME] = tensors.pop(HEAD_NAME)
+    if EMBED_NAME in tensors and config.get("tie_word_embeddings", True):
+        config["tie_word_embeddings"] = True
+        tensors.pop(HEAD_NAME, None)
+    if not config.get("architectures"):
+        config["architectures"] = [_causal_lm_class(config)]
+    # the pin first: an upgrade cut short is redone on next use, with the pin the old files gave
+    _atomic_write(meta_file, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    _atomic_write(directory / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _atomic_write(directory / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+
+
+def _causal_lm_class(config: dict) -> str:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(config["model_type"])
+    return AutoModelForCausalLM._model_mapping[type(cfg)].__name__
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -246,7 +246,14 @@ def _pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
 
 
 def _dir_fingerprint(path: Path) -> str:
-    """sha256 over the config and the weight files' names and sizes (cheap, stable)."""
+    """sha256 over the config and the weight files' names and sizes (cheap, stable); or the value
+    pinned in dflash_lab.json (`fingerprint`) when an embedded cache was upgraded to a new file
+    layout holding the same weights (models/embedded.py `upgrade_layout`)."""
+    meta = path / "dflash_lab.json"
+    if meta.is_file():
+        pinned = json.loads(meta.read_text()).get("fingerprint")
+        if pinned:
+            return str(pinned)
     digest = hashlib.sha256()
     for file in sorted(path.iterdir()):
         if file.suffix in (".json", ".safetensors", ".gguf", ".bin"):

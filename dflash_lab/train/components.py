@@ -228,14 +228,12 @@ class Checkpointer:
     def load(self, ckpt: Path) -> None:
         """Every part as checkpoint `ckpt` left it: weights and optimizer, progress, the data
         position, this bookkeeping and the RNG states."""
-        from safetensors.torch import load_file
-
         self.parts.load_checkpoint(ckpt)
         state = S.read_trainer_state(ckpt)
         self.progress.load_state_dict(state)
         self.loader.load_state_dict(state["data_position"])
         self.load_state_dict(state)
-        S.set_rng_state(json.loads((ckpt / "rng.json").read_text()), load_file(str(ckpt / "rng.safetensors")))
+        S.load_rng_state(ckpt)
 
 
 # -- metrics ---------------------------------------------------------------------------------------

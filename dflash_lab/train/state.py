@@ -3,11 +3,15 @@
 A checkpoint directory `RUN_DIR/checkpoints/step-<N>/` (or `final/`) holds:
     config.json, model.safetensors   the draft, as SGLang/vLLM/z-lab load it (via `save_draft`), in
                                      the target's dtype (config.json `dtype` says which)
-    master.safetensors               the fp32 training weights, when model.safetensors is not fp32
     trainer_state.json               {"step", "epoch", "epoch_step", "epoch_end", "metrics", ...}
-    optimizer.safetensors            AdamW moments and step counts (flattened names)
-    optimizer.json                   param groups (lr, betas, ...) and the tensor layout
-    rng.json, rng.safetensors        python / numpy / torch RNG states
+    training_state/                  what only resume reads:
+        master.safetensors           the fp32 training weights, when model.safetensors is not fp32
+        optimizer.safetensors        AdamW moments and step counts (flattened names)
+        optimizer.json               param groups (lr, betas, ...) and the tensor layout
+        rng.json, rng.safetensors    python / numpy / torch RNG states
+so the directory is servable as it is: vLLM and SGLang load every `*.safetensors` at its top level
+(issue 21). Checkpoints written before that keep the training files at the top level; `state_dir`
+finds them either way, so old runs still resume.
 The whole directory is built under a temporary name and renamed into place, so a kill never leaves
 a half-written checkpoint under a real name. Nothing is unpickled on load.
 """
@@ -33,6 +37,7 @@ from dflash_lab.fileio import names_write_errors
 from dflash_lab.models.checkpoint import save_draft
 
 STATE_NAME = "trainer_state.json"
+TRAINING_STATE_DIR = "training_state"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -51,11 +56,19 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, {"param_groups": sd["param_groups"], "layout": layout}
 
 
+def state_dir(ckpt: Path) -> Path:
+    """Where a checkpoint keeps its training-only files: `training_state/`, or the checkpoint
+    itself for one written before issue 21."""
+    sub = Path(ckpt) / TRAINING_STATE_DIR
+    return sub if sub.is_dir() else Path(ckpt)
+
+
 def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
     ckpt = Path(ckpt)
-    meta = _read_json(ckpt, "optimizer.json")
+    where = state_dir(ckpt)
+    meta = _read_json(ckpt, "optimizer.json", where)
     try:
-        tensors = load_file(str(ckpt / "optimizer.safetensors")) if (ckpt / "optimizer.safetensors").exists() else {}
+        tensors = load_file(str(where / "optimizer.safetensors")) if (where / "optimizer.safetensors").exists() else {}
         state = {}
         for idx, fields in meta["layout"].items():
             state[int(idx)] = {k: (tensors[f"state.{idx}.{k}"] if v == "tensor" else v) for k, v in fields.items()}
@@ -79,6 +92,12 @@ def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
+def load_rng_state(ckpt: Path) -> None:
+    """Restore the RNG states a checkpoint saved."""
+    where = state_dir(ckpt)
+    set_rng_state(_read_json(Path(ckpt), "rng.json", where), load_file(str(where / "rng.safetensors")))
+
+
 def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
     py = meta["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
@@ -96,22 +115,24 @@ MASTER_NAME = "master.safetensors"
 @names_write_errors("checkpoint", fix="free disk space, then resume: dflash-lab train --out RUN_DIR --resume")
 def save_checkpoint(path: Path, draft, optimizer, trainer_state: dict, dtype: torch.dtype | None = None) -> Path:
     """Draft + training state, atomically (temp dir, then rename over any old one). `dtype`: the
-    served draft's dtype (the target's); the fp32 weights training resumes from are kept beside
-    it in master.safetensors when that dtype is not fp32."""
+    served draft's dtype (the target's); the fp32 weights training resumes from are kept in
+    training_state/master.safetensors when that dtype is not fp32."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         tmp = save_draft(draft, tmp_root / "ckpt", dtype=dtype)
+        training = tmp / TRAINING_STATE_DIR  # out of the servers' top-level *.safetensors glob
+        training.mkdir()
         if dtype is not None and dtype != torch.float32:
             save_file({k: v.detach().float().contiguous().cpu() for k, v in draft.state_dict().items()},
-                      str(tmp / MASTER_NAME))
+                      str(training / MASTER_NAME))
         opt_tensors, opt_meta = optimizer_tensors(optimizer)
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+        save_file(opt_tensors, str(training / "optimizer.safetensors"))
+        (training / "optimizer.json").write_text(json.dumps(opt_meta))
         rng_meta, rng_tensors = rng_state()
-        (tmp / "rng.json").write_text(json.dumps(rng_meta))
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        (training / "rng.json").write_text(json.dumps(rng_meta))
+        save_file(rng_tensors, str(training / "rng.safetensors"))
         (tmp / STATE_NAME).write_text(json.dumps(trainer_state, indent=2) + "\n")
         follow_umask_tree(tmp)  # safetensors writes 0600: teammates and servers must read checkpoints
         if path.exists():
@@ -129,7 +150,7 @@ def save_checkpoint(path: Path, draft, optimizer, trainer_state: dict, dtype: to
 
 def master_weights(ckpt: Path) -> dict[str, torch.Tensor] | None:
     """The fp32 training weights of a checkpoint (None when model.safetensors is itself fp32)."""
-    file = Path(ckpt) / MASTER_NAME
+    file = state_dir(ckpt) / MASTER_NAME
     return load_file(str(file)) if file.is_file() else None
 
 
@@ -159,33 +180,40 @@ def broken_checkpoint(ckpt: Path, detail: str) -> DFlashLabError:
     return DFlashLabError(f"checkpoint {ckpt} is broken: {detail}; {fix}")
 
 
-def _read_json(ckpt: Path, name: str):
+def _read_json(ckpt: Path, name: str, where: Path | None = None):
+    """JSON file `name` of checkpoint `ckpt`, read from `where` (default: the checkpoint itself)."""
+    where = Path(ckpt) if where is None else Path(where)
+    shown = name if where == Path(ckpt) else f"{where.name}/{name}"
     try:
-        return json.loads((Path(ckpt) / name).read_text(encoding="utf-8"))
+        return json.loads((where / name).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise broken_checkpoint(ckpt, f"{name} is missing") from None
+        raise broken_checkpoint(ckpt, f"{shown} is missing") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise broken_checkpoint(ckpt, f"{name} is not valid JSON ({exc})") from None
+        raise broken_checkpoint(ckpt, f"{shown} is not valid JSON ({exc})") from None
 
 
 def verify_checkpoint(ckpt: Path) -> None:
     """Open every file resume reads (headers only for safetensors: a truncated file fails there),
     so a broken checkpoint is named before the model loads rather than as a traceback after."""
     ckpt = Path(ckpt)
+    where = state_dir(ckpt)
     read_trainer_state(ckpt)
-    for name in ("optimizer.json", "rng.json", "config.json"):
-        _read_json(ckpt, name)
-    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
-        file = ckpt / name
-        if name != "optimizer.safetensors" and not file.is_file():
-            raise broken_checkpoint(ckpt, f"{name} is missing")
+    for name in ("optimizer.json", "rng.json"):
+        _read_json(ckpt, name, where)
+    _read_json(ckpt, "config.json")
+    files = [ckpt / "model.safetensors", where / "optimizer.safetensors", where / "rng.safetensors",
+             where / MASTER_NAME]
+    for file in files:
+        shown = file.name if file.parent == ckpt else f"{where.name}/{file.name}"
+        if file.name not in ("optimizer.safetensors", MASTER_NAME) and not file.is_file():
+            raise broken_checkpoint(ckpt, f"{shown} is missing")
         if not file.is_file():
             continue
         try:
             with safe_open(str(file), framework="pt") as handle:
                 list(handle.keys())
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise broken_checkpoint(ckpt, f"{name} is unreadable, probably truncated ({exc})") from None
+            raise broken_checkpoint(ckpt, f"{shown} is unreadable, probably truncated ({exc})") from None
 
 
 def set_aside_broken(ckpt: Path) -> Path:

@@ -238,8 +238,9 @@ def test_record_without_role_is_counted_not_fatal(env):
     assert stats.skipped_bad_record == 1 and stats.reasons[0].startswith("record b:")
 
 
-def fake_checkpoints(run_dir: Path, config: Path, data: Path, steps=(2, 4)) -> Path:
-    """A run with real (tiny) safetensors/JSON checkpoint files, as resume reads them."""
+def fake_checkpoints(run_dir: Path, config: Path, data: Path, steps=(2, 4), layout: str = "old") -> Path:
+    """A run with real (tiny) safetensors/JSON checkpoint files, as resume reads them: `layout`
+    "new" keeps the training files in training_state/ (issue 21), "old" beside the weights."""
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(config.read_text())
     (run_dir / "run.json").write_text(json.dumps({"status": "running", "data": {"path": str(data)}}))
@@ -248,18 +249,23 @@ def fake_checkpoints(run_dir: Path, config: Path, data: Path, steps=(2, 4)) -> P
         ckpt.mkdir(parents=True)
         (ckpt / "config.json").write_text('{"architectures": ["DFlashDraftModel"]}')
         save_file({"w": torch.zeros(4)}, str(ckpt / "model.safetensors"))
-        save_file({"state.0.exp_avg": torch.zeros(64)}, str(ckpt / "optimizer.safetensors"))
-        save_file({"torch": torch.zeros(64, dtype=torch.uint8)}, str(ckpt / "rng.safetensors"))
-        (ckpt / "optimizer.json").write_text('{"param_groups": [], "layout": {}}')
-        (ckpt / "rng.json").write_text("{}")
+        training = ckpt / "training_state" if layout == "new" else ckpt
+        training.mkdir(exist_ok=True)
+        save_file({"state.0.exp_avg": torch.zeros(64)}, str(training / "optimizer.safetensors"))
+        save_file({"torch": torch.zeros(64, dtype=torch.uint8)}, str(training / "rng.safetensors"))
+        (training / "optimizer.json").write_text('{"param_groups": [], "layout": {}}')
+        (training / "rng.json").write_text("{}")
         (ckpt / "trainer_state.json").write_text(json.dumps({"step": step, "data_position": {"epoch": 0, "step_in_epoch": step}}))
     return run_dir
 
 
+@pytest.mark.parametrize("layout", ["old", "new"])
 @pytest.mark.parametrize("broken", ["optimizer.safetensors", "rng.safetensors", "trainer_state.json"])
-def test_corrupt_resume_state_names_the_checkpoint_and_the_one_before(env, tmp_path, capsys, broken):
-    run_dir = fake_checkpoints(tmp_path / "run", env["recipe"], env["labels"])
+def test_corrupt_resume_state_names_the_checkpoint_and_the_one_before(env, tmp_path, capsys, broken, layout):
+    run_dir = fake_checkpoints(tmp_path / "run", env["recipe"], env["labels"], layout=layout)
     file = run_dir / "checkpoints" / "step-4" / broken
+    if layout == "new" and broken != "trainer_state.json":
+        file = file.parent / "training_state" / broken
     data = file.read_bytes()
     file.write_bytes(data[: len(data) // 2])  # truncated, as by a full disk
     before = snapshot(run_dir)
@@ -268,12 +274,13 @@ def test_corrupt_resume_state_names_the_checkpoint_and_the_one_before(env, tmp_p
     assert snapshot(run_dir) == before
 
 
-def test_resume_previous_sets_the_broken_checkpoint_aside(env, tmp_path):
+@pytest.mark.parametrize("layout", ["old", "new"])
+def test_resume_previous_sets_the_broken_checkpoint_aside(env, tmp_path, layout):
     from dflash_lab.train.commands import _verify_resume_point
-    from dflash_lab.train.state import latest_checkpoint
+    from dflash_lab.train.state import latest_checkpoint, state_dir
 
-    run_dir = fake_checkpoints(tmp_path / "run", env["recipe"], env["labels"])
-    (run_dir / "checkpoints" / "step-4" / "rng.safetensors").write_bytes(b"\x00")
+    run_dir = fake_checkpoints(tmp_path / "run", env["recipe"], env["labels"], layout=layout)
+    (state_dir(run_dir / "checkpoints" / "step-4") / "rng.safetensors").write_bytes(b"\x00")
     _verify_resume_point(run_dir, resume_previous=True)
     assert latest_checkpoint(run_dir).name == "step-2"
     assert (run_dir / "checkpoints" / ".broken-step-4" / "model.safetensors").is_file()  # kept, not deleted

@@ -56,3 +56,37 @@ def test_zlab_generate_matches_ours_on_embedded_target(smollm2, tmp_path):
     plain = greedy_generate(smollm2, ids, 24, stops)
     assert plain.output_ids == mine.output_ids
     assert speculative_generate(smollm2, PromptLookupDrafter(16), ids, 24, stops).output_ids == plain.output_ids
+
+
+def _usual_hf_layout(path):
+    from transformers import AutoModelForCausalLM
+
+    from dflash_lab.models.embedded import EMBED_NAME, HEAD_NAME, _safetensors_names
+
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
+    names = _safetensors_names(path / "model.safetensors")
+    assert EMBED_NAME in names and HEAD_NAME not in names
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def test_fetched_target_is_the_usual_hf_layout_and_loads_in_transformers(smollm2):
+    """Issue 21: vLLM and other trainers load the fetched directory (architectures set, the tied
+    tensor under model.embed_tokens.weight); transformers' own loader gives our logits."""
+    model = _usual_hf_layout(fetch("smollm2-135m-instruct"))
+    ids = torch.tensor([smollm2.encode_prompt([{"role": "user", "content": "Name a colour."}])])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, smollm2.model(ids).logits)
+
+
+def test_fresh_conversion_writes_the_usual_hf_layout(smollm2, tmp_path):
+    from dflash_lab.models.embedded import convert_gguf, gguf_path
+
+    shipped = gguf_path("smollm2-135m-instruct", "q4_1")
+    convert_gguf(shipped, tmp_path / "hf", mask_token="<empty_output>", name="smollm2-135m-instruct", source="test")
+    model = _usual_hf_layout(tmp_path / "hf")
+    ids = torch.tensor([smollm2.encode_prompt([{"role": "user", "content": "Name a colour."}])])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, smollm2.model(ids).logits)

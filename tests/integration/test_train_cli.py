@@ -79,7 +79,10 @@ def test_layout_metrics_and_zlab_loading(setup, full_run):
     assert sorted(p.name for p in ckpts.iterdir()) == ["final", "step-2", "step-3", "step-4"]
     for ckpt in ckpts.iterdir():
         names = {p.name for p in ckpt.iterdir()}
-        assert {"config.json", "model.safetensors", "trainer_state.json", "optimizer.safetensors"} <= names
+        assert {"config.json", "model.safetensors", "trainer_state.json", "training_state"} <= names
+        # servable as it is (issue 21): vLLM and SGLang load every top-level *.safetensors
+        assert sorted(p.name for p in ckpt.glob("*.safetensors")) == ["model.safetensors"]
+        assert {"optimizer.safetensors", "rng.safetensors"} <= {p.name for p in (ckpt / "training_state").iterdir()}
     state = json.loads((ckpts / "step-3" / "trainer_state.json").read_text())
     assert state["step"] == 3 and state["epoch"] == 1 and state["epoch_end"] and "heldout_tau" in state["metrics"]
     run = json.loads((full_run / "run.json").read_text())
@@ -131,6 +134,13 @@ def test_resume_is_bit_identical(setup, full_run, tmp_path):
     import shutil
 
     shutil.rmtree(out / "checkpoints" / "step-5")
+    # the same run as a version before issue 21 left it: training files beside the weights
+    old = tmp_path / "run-old-layout"
+    shutil.copytree(out, old)
+    for ckpt in (old / "checkpoints").iterdir():
+        for file in (ckpt / "training_state").iterdir():
+            file.rename(ckpt / file.name)
+        (ckpt / "training_state").rmdir()
     assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0  # recipe and data from the run
     a, b = _weights(full_run / "checkpoints" / "final"), _weights(out / "checkpoints" / "final")
     assert a.keys() == b.keys()
@@ -139,6 +149,10 @@ def test_resume_is_bit_identical(setup, full_run, tmp_path):
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"event"' not in x]
     assert steps == [1, 2, 3, 4, 5, 6]  # rows after the checkpoint were dropped and recomputed
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert main(["train", "--out", str(old), "--resume", "--no-progress"]) == 0
+    c = _weights(old / "checkpoints" / "final")
+    assert all(torch.equal(a[name], c[name]) for name in a)
+    assert (old / "checkpoints" / "final" / "training_state").is_dir()  # new checkpoints: the new layout
 
 
 def test_resume_mid_log_interval_logs_the_whole_interval(setup, tmp_path):
@@ -265,6 +279,7 @@ def test_bf16_target_checkpoints_resume_from_fp32_master(setup, tmp_path):
     final = cut / "checkpoints" / "final"
     assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
     assert all(t.dtype == torch.bfloat16 for t in _weights(final).values())
-    a, b = load_file(str(full / "checkpoints" / "final" / "master.safetensors")), load_file(str(final / "master.safetensors"))
+    a = load_file(str(full / "checkpoints" / "final" / "training_state" / "master.safetensors"))
+    b = load_file(str(final / "training_state" / "master.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert all(torch.equal(b[n].to(torch.bfloat16), t) for n, t in _weights(final).items())

@@ -70,6 +70,11 @@ def test_serve_cmd_lines(tmp_path):
     assert "--speculative-num-draft-tokens 16" in serve_commands("sglang", "T", draft=str(draft))[0]
     with pytest.raises(DFlashLabError, match="config.json"):
         serve_commands("sglang", "T", draft=str(tmp_path / "missing"))
+    # a checkpoint in the layout before issue 21: the servers would load its training state too
+    (draft / "optimizer.safetensors").write_bytes(b"")
+    for engine in ("sglang", "vllm"):
+        with pytest.raises(DFlashLabError, match="optimizer.safetensors beside model.safetensors.*training_state"):
+            serve_commands(engine, "T", draft=str(draft))
 
 
 def test_serve_cmd_llamacpp_cli(tmp_path, capsys):

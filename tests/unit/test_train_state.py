@@ -36,10 +36,50 @@ def test_save_and_restore_state(tmp_path):
     for k in a["state"]:
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(a["state"][k][key], b["state"][k][key])
-    from safetensors.torch import load_file
-
-    S.set_rng_state(json.loads((path / "rng.json").read_text()), load_file(str(path / "rng.safetensors")))
+    S.load_rng_state(path)
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def _servable(ckpt):
+    """What vLLM and SGLang load: every top-level *.safetensors is the draft's weights file."""
+    return sorted(p.name for p in ckpt.glob("*.safetensors")) == ["model.safetensors"]
+
+
+def _to_old_layout(ckpt):
+    """A checkpoint as dflash-lab wrote it before issue 21: training files beside the weights."""
+    for file in (ckpt / S.TRAINING_STATE_DIR).iterdir():
+        file.rename(ckpt / file.name)
+    (ckpt / S.TRAINING_STATE_DIR).rmdir()
+
+
+@pytest.mark.parametrize("layout", ["new", "old"])
+def test_training_state_sits_apart_and_old_checkpoints_still_load(tmp_path, layout):
+    draft = _draft()
+    opt = torch.optim.AdamW(draft.parameters(), lr=1e-3)
+    draft(torch.randn(1, 4, 16), torch.arange(4)[None], torch.randn(1, 3, 16), torch.arange(3)[None]).sum().backward()
+    opt.step()
+    torch.manual_seed(7)
+    path = S.save_checkpoint(tmp_path / "checkpoints" / "step-1", draft, opt, {"step": 1}, dtype=torch.bfloat16)
+    expected = torch.rand(1)
+    assert _servable(path)
+    assert {p.name for p in (path / S.TRAINING_STATE_DIR).iterdir()} == {
+        "optimizer.safetensors", "optimizer.json", "rng.json", "rng.safetensors", "master.safetensors"}
+    if layout == "old":
+        _to_old_layout(path)
+        assert not _servable(path) and S.state_dir(path) == path
+    S.verify_checkpoint(path)
+    opt2 = torch.optim.AdamW(_draft().parameters(), lr=5.0)
+    S.load_optimizer(opt2, path)
+    assert opt2.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    master = S.master_weights(path)
+    assert all(torch.equal(master[name], t) for name, t in draft.state_dict().items())
+    S.load_rng_state(path)
+    assert torch.equal(torch.rand(1), expected)
+    # a truncated training file is named with where it sits
+    rng = S.state_dir(path) / "rng.safetensors"
+    rng.write_bytes(rng.read_bytes()[:10])
+    with pytest.raises(DFlashLabError, match=("training_state/" if layout == "new" else "") + "rng.safetensors"):
+        S.verify_checkpoint(path)
 
 
 def _fake(run, name, step, tau, epoch=1, epoch_end=False):

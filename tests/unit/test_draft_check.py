@@ -1,0 +1,126 @@
+"""`draft check` (issue 21): the builtin loop is the reference; an engine that exposes per-cycle
+drafts is compared token by token (first divergence: prompt, cycle, position, both tokens), one that
+reports totals per response is compared on those; near-ties of the draft's logits are not failures."""
+
+import copy
+
+import pytest
+
+from dflash_lab.eval import draft_check as C
+from dflash_lab.models.checkpoint import save_draft
+from dflash_lab.models.draft import DFlashDraftModel, build_draft_config
+from dflash_lab.models.target import load_target
+from dflash_lab.testing import tiny_target_dir
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    root = tmp_path_factory.mktemp("check")
+    target = load_target(tiny_target_dir(root / "target"))
+    cfg = build_draft_config(target, num_layers=1, block_size=4)
+    draft = save_draft(DFlashDraftModel(cfg).init_weights(seed=0), root / "draft")
+    prompts = [target.encode_prompt([{"role": "user", "content": t}]) for t in C.CHECK_PROMPTS[:3]]
+    return C.CheckJob(target=target, target_spec=str(root / "target"), draft_dir=draft, prompts=prompts,
+                      max_new_tokens=12, block_size=4)
+
+
+class ReplayEngine:
+    """An engine that exposes per-cycle drafts (as the vLLM engine module may): it replays our loop's
+    runs, with `mutate(runs)` applied."""
+
+    name = "replay"
+
+    def __init__(self, mutate=None):
+        self.mutate = mutate or (lambda runs: None)
+
+    def unavailable(self, job):
+        return None
+
+    def run(self, job):
+        runs = copy.deepcopy(C.BuiltinEngine().run(job))
+        for run in runs:
+            run.draft_margins = None  # an engine reports no margins of ours
+        self.mutate(runs)
+        return runs
+
+
+def _check(job, mutate=None, totals_only=False):
+    def factory():
+        engine = ReplayEngine(mutate)
+        if totals_only:
+            inner = engine.run
+            engine.run = lambda j: [C.EngineRun(output_ids=r.output_ids, cycles=r.cycles, drafted=r.drafted,
+                                                accepted=r.accepted, finish_reason=r.finish_reason) for r in inner(j)]
+        return engine
+
+    return C.check_draft(job, ["replay"], engines={"replay": factory})
+
+
+def test_the_same_drafts_agree(job):
+    builtin, replay = _check(job)
+    assert builtin.drafts == "reference" and builtin.lossless == "yes" and builtin.tau >= 1
+    assert len(builtin.acceptance_per_position) == 3
+    assert replay.drafts == "same" and replay.divergence is None and not replay.failed
+
+
+def test_a_different_drafted_token_is_the_first_divergence(job, monkeypatch):
+    def mutate(runs):
+        runs[1].cycle_drafts[2][1] += 1  # prompt 1, cycle 2, position 2
+
+    monkeypatch.setattr(C, "DRAFT_TIE_TOLERANCE", -1.0)  # no margin counts as a tie
+    _, replay = _check(job, mutate)
+    d = replay.divergence
+    assert replay.drafts == "diverged" and replay.failed and d["kind"] == "failure"
+    assert (d["prompt"], d["cycle"], d["position"]) == (1, 2, 2) and d["engine_token"] == d["builtin_token"] + 1
+    text = C.format_report([_, replay], job)
+    assert "prompt 1, cycle 2, position 2: builtin drafted" in text and "FAILED: replay" in text
+
+
+def test_a_divergence_at_a_near_tie_of_the_draft_is_numerical(job, monkeypatch):
+    monkeypatch.setattr(C, "DRAFT_TIE_TOLERANCE", float("inf"))
+    _, replay = _check(job, lambda runs: runs[0].cycle_drafts[0].__setitem__(0, runs[0].cycle_drafts[0][0] + 1))
+    assert replay.divergence["kind"] == "numerical" and not replay.failed
+
+
+def test_totals_only_engines_compare_counts_per_response(job):
+    _, same = _check(job, totals_only=True)
+    assert same.drafts == "same totals" and "not exposed" in same.drafts_note and same.acceptance_per_position is None
+
+    def fewer(runs):
+        runs[2].accepted -= 1
+        runs[2].cycles += 1
+
+    _, other = _check(job, fewer, totals_only=True)
+    assert other.drafts == "diverged" and other.divergence["prompt"] == 2 and other.divergence["cycle"] is None
+
+
+def test_an_output_that_differs_from_greedy_is_not_lossless(job):
+    def wrong(runs):
+        runs[0].output_ids[-1] += 1
+
+    _, replay = _check(job, wrong)
+    assert replay.lossless == "no" and replay.failed and replay.lossless_details[0]["prompt"] == 0
+
+
+def test_unavailable_engines_say_why(job):
+    reports = C.check_draft(job, ["vllm"])
+    assert [r.engine for r in reports] == ["builtin", "vllm"]
+    assert reports[1].available is False and "vllm_engine" in reports[1].why
+    assert "vllm      not available: " in C.format_report(reports, job)
+    with pytest.raises(Exception, match="--engines"):
+        C.parse_engines("builtin,sglang")
+
+
+def test_an_engine_with_run_wide_counters_reports_its_own_figures(job):
+    class Counters(ReplayEngine):
+        """Like vLLM's server: totals per response, acceptance per position from run-wide counters."""
+
+        def run(self, job):
+            return [C.EngineRun(output_ids=r.output_ids, finish_reason=r.finish_reason) for r in super().run(job)]
+
+        def summary(self):
+            return {"tau": 2.5, "acceptance_per_position": [0.5, 0.25, 0.0]}
+
+    _, counters = C.check_draft(job, ["counters"], engines={"counters": Counters})
+    assert counters.tau == 2.5 and counters.acceptance_per_position == [0.5, 0.25, 0.0]
+    assert counters.drafts == "not compared" and not counters.failed and counters.lossless == "yes"
