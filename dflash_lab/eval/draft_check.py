@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dflash_lab.errors import DFlashLabError
+from dflash_lab.fileio import atomic_write_text
+from dflash_lab.outputs import add_output
 
 DEFAULT_ENGINES = ("builtin", "llamacpp", "vllm")
 DRAFT_TIE_TOLERANCE = 0.05  # logits; llama.cpp's own tie tolerance (eval/llamacpp.py)
@@ -461,11 +463,19 @@ def cmd_draft_check(args) -> int:
     reports = check_draft(job, engines)
     print(format_report(reports, job))
     if args.out:
-        Path(args.out).write_text(json.dumps({"draft": str(draft_dir), "target": str(args.target),
-                                              "prompts": list(CHECK_PROMPTS[:args.prompts]),
-                                              "max_new_tokens": args.max_new_tokens,
-                                              "engines": [asdict(r) for r in reports]}, indent=1))
+        report = {"draft": str(draft_dir), "target": str(args.target), "prompts": list(CHECK_PROMPTS[:args.prompts]),
+                  "max_new_tokens": args.max_new_tokens, "engines": [asdict(r) for r in reports]}
+        atomic_write_text(Path(args.out), json.dumps(report, indent=1))
     return 1 if any(r.failed for r in reports) else 0
+
+
+def _is_check_report(path: Path, args) -> bool:
+    """A JSON report an earlier `draft check` wrote (it may be replaced; anything else is refused)."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"draft", "target", "engines"} <= report.keys()
 
 
 def register(draft_sub) -> None:
@@ -482,7 +492,8 @@ def register(draft_sub) -> None:
     p.add_argument("--gguf", default="f32", metavar="f32|q4_1|FILE",
                    help="llamacpp: the target GGUF (an embedded target's f32 or q4_1 file, or a path)")
     p.add_argument("--threads", type=int, default=1, help="llamacpp: CPU threads")
-    p.add_argument("--out", help="also write the report as JSON")
+    add_output(p, "--out", kind="file", command="draft check", owned=_is_check_report, inputs=("draft",),
+               example="check.json", help="also write the report as JSON (a previous report is replaced)")
     p.set_defaults(handler=cmd_draft_check)
 
 
