@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dflash_lab.errors import DFlashLabError
+from dflash_lab.validate import summarize_body
 
 VERIFIED_ENGINES = ("sglang", "vllm")
 DEV_MODE_HINT = ("start vLLM with VLLM_SERVER_DEV_MODE=1 (it then serves /server_info; keep such a server on "
@@ -70,23 +71,30 @@ def _get(url: str, timeout: float) -> tuple[int, bytes]:
 
 
 def _get_json(url: str, timeout: float) -> dict | None:
+    return _get_json_or_answer(url, timeout)[0]
+
+
+def _get_json_or_answer(url: str, timeout: float) -> tuple[dict | None, str]:
+    """(the JSON object, or None) and a one-line excerpt of what the server answered, for messages
+    (an HTML page by its title: a plain web server's whole page is never printed)."""
     status, body = _get(url, timeout)
+    answer = f"HTTP {status}: {summarize_body(body)}"
     if status != 200:
-        return None
+        return None, answer
     try:
         data = json.loads(body)
     except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
+        return None, answer
+    return (data if isinstance(data, dict) else None), answer
 
 
 # -- what each engine says -------------------------------------------------------------------------
 def _sglang_info(url: str, timeout: float) -> tuple[str | None, str | None, bool, str]:
     """(target, draft path or None, known, note) from SGLang's /get_server_info."""
-    info = _get_json(url + "/get_server_info", timeout)
+    info, answer = _get_json_or_answer(url + "/get_server_info", timeout)
     if info is None or "model_path" not in info:
-        raise DFlashLabError(f"--server {url} is not an SGLang server (no /get_server_info with a model_path); "
-                             "pass --backend vllm or llamacpp if it is one of those, or fix the URL")
+        raise DFlashLabError(f"--server {url} is not an SGLang server (/get_server_info answered {answer}, with "
+                             "no model_path); pass --backend vllm or llamacpp if it is one of those, or fix the URL")
     algorithm = info.get("speculative_algorithm")
     draft = info.get("speculative_draft_model_path") if algorithm else None
     return info.get("model_path"), draft, True, f"speculative_algorithm {algorithm}"
@@ -94,11 +102,11 @@ def _sglang_info(url: str, timeout: float) -> tuple[str | None, str | None, bool
 
 def _vllm_info(url: str, timeout: float) -> tuple[str | None, str | None, bool, str]:
     """(target, draft path or None, known, note) from vLLM's /server_info (dev mode only)."""
-    models = _get_json(url + "/v1/models", timeout)
+    models, answer = _get_json_or_answer(url + "/v1/models", timeout)
     version = _get_json(url + "/version", timeout)
     if models is None or version is None or "version" not in version:
-        raise DFlashLabError(f"--server {url} is not a vLLM server (no /v1/models and /version); pass --backend "
-                             "sglang or llamacpp if it is one of those, or fix the URL")
+        raise DFlashLabError(f"--server {url} is not a vLLM server (/v1/models answered {answer}; a vLLM server also "
+                             "answers /version); pass --backend sglang or llamacpp if it is one of those, or fix the URL")
     data = models.get("data") or []
     target = (data[0].get("root") or data[0].get("id")) if data and isinstance(data[0], dict) else None
     info = _get_json(url + "/server_info?config_format=json", timeout)
