@@ -373,12 +373,12 @@ def init_from_target_layers(draft, target) -> list[str]:
             source = dict(layers[len(layers) - n + i].named_parameters())
             for name, param in layer.named_parameters():
                 if name in source and tuple(source[name].shape) == tuple(param.shape):
-                    param.copy_(source[name].to(param.dtype))
+                    param.copy_(_whole(source[name]).to(param.dtype))
                     copied.append(f"layers.{i}.{name}")
                 elif name.endswith(("q_norm.weight", "k_norm.weight")):
                     param.fill_(1.0)
         if hasattr(body, "norm") and body.norm.weight.shape == draft.norm.weight.shape:
-            draft.norm.weight.copy_(body.norm.weight.to(draft.norm.weight.dtype))
+            draft.norm.weight.copy_(_whole(body.norm.weight).to(draft.norm.weight.dtype))
             copied.append("norm.weight")
         h = draft.config.hidden_size
         nfeat = len(draft.config.target_layer_ids)
@@ -389,12 +389,20 @@ def init_from_target_layers(draft, target) -> list[str]:
         if draft.config.target_layer_ids[-1] == len(layers) - n - 1 and hasattr(first, "input_layernorm"):
             # the last feature is exactly the first copied layer's input: c = hidden_norm(h) then
             # gives that layer's own normalised input, so its K/V over the context start as the target's
-            draft.hidden_norm.weight.copy_(first.input_layernorm.weight.to(draft.hidden_norm.weight.dtype))
+            draft.hidden_norm.weight.copy_(_whole(first.input_layernorm.weight).to(draft.hidden_norm.weight.dtype))
             copied.append("hidden_norm.weight")
         else:
             draft.hidden_norm.weight.fill_(1.0)
     return copied
 
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a target parameter: with `target.fsdp` the decoder layers' parameters are
+    DTensor shards, which cannot be copied into the draft's plain tensors. `full_tensor()` is a
+    collective; every rank initialises the draft with the same calls in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _pick_device(name: str, info: D.DistInfo) -> torch.device:
