@@ -85,7 +85,8 @@ class VocabChunk(torch.autograd.Function):
         p_w = p_sum = g_w = g_sum = None
         if rows is not None:
             logp_rows, p_w, p_sum, p_logp, p_b = _teacher(rows, weight, bias, logits.dtype)
-            target_mass = logp_rows[row_of_slot].gather(-1, top_ids).exp().sum(-1)
+            if top_k:  # the [m, V] gather of the slots' log p: only the selector's target mass needs it
+                target_mass = logp_rows[row_of_slot].gather(-1, top_ids).exp().sum(-1)
         if rows is not None and need_overlap:  # overlap needs p and q side by side: [m, V] work
             logq = torch.log_softmax(logits, dim=-1)  # as the target's: equal entries round alike (ties)
             del logits

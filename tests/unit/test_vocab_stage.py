@@ -320,3 +320,32 @@ def test_top_k_candidates_are_the_full_logits_top_k_and_their_masses(chunk_slots
         assert torch.allclose(top.target_mass, p.gather(-1, ids).sum(-1), atol=1e-12)
     else:
         assert top.target_mass is None
+
+
+class _VocabGathers(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shapes of every row gather (`aten.index`) whose rows are vocabulary-sized."""
+
+    def __init__(self, v):
+        super().__init__()
+        self.v, self.shapes = v, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.index.Tensor and out.dim() == 2 and out.shape[-1] == self.v:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_no_slot_by_vocabulary_gather_of_the_target_without_top_k(top_k):
+    """Issue 23 item 7: with top_k == 0 and no overlap (every v1 kd step) the stage built an [m, V]
+    gather of the target's log-probs per chunk only to read a top-0 mass from it (~0.6 GB per
+    1,024-slot chunk of a 151k vocabulary on the peak). Only the selector's top-k needs it."""
+    head = _head()
+    hidden, rows, labels, index, valid = _batch()
+    h, y, idx = hidden[valid], labels[valid], index[valid]
+    ref = L.slot_statistics(h, y, head, rows, 1000, target_index=idx, need_overlap=False)
+    with _VocabGathers(V) as spy:
+        out = L.slot_statistics(h, y, head, rows, 1000, target_index=idx, need_overlap=False, top_k=top_k)
+    assert (spy.shapes == []) == (top_k == 0), spy.shapes
+    assert all(torch.equal(a, b) for a, b in zip(out[:4], ref))  # results unchanged
