@@ -245,10 +245,15 @@ def _flex_stand_in(tally: FlopTally):
         pos = anchor_pos.detach()
 
         def attention(q, k_ctx, v_ctx, k_blk, v_blk, scale, window=None):
-            # as flex_block_attention: q, k, v in v's dtype, keys = [context ; blocks]
+            # as FlexBlockAttention: q, k, v in v's dtype, keys = [context ; blocks ; zeros to a
+            # multiple of the 128-key block] (tests/unit/test_plan.py compares what both keep)
+            from dflash_lab.train import blocks as B
+
             dt = v_ctx.dtype
-            k = torch.cat([k_ctx, k_blk], dim=2).to(dt)
-            v = torch.cat([v_ctx, v_blk], dim=2).to(dt)
+            keys = k_ctx.shape[2] + k_blk.shape[2]
+            zeros = k_blk.new_zeros(*k_blk.shape[:2], B._ceil_to(keys, B.FLEX_BLOCK) - keys, k_blk.shape[3])
+            k = torch.cat([k_ctx, k_blk, zeros], dim=2).to(dt)
+            v = torch.cat([v_ctx, v_blk, zeros.to(v_blk.dtype)], dim=2).to(dt)
             out = _FlexStandIn.apply(q.to(dt), k, v, visible_attention_pairs(pos, block_size, window) * q.shape[1])
             return out.to(q.dtype)
 
