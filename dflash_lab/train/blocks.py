@@ -143,6 +143,13 @@ def _ceil_to(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
+def _as_block_indices(flags: torch.Tensor):
+    """[N, nQ, nK] bool -> (counts [N, 1, nQ], the listed key blocks first [N, 1, nQ, nK]), int32."""
+    counts = flags.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~flags).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return counts[:, None].contiguous(), order[:, None].contiguous()
+
+
 def flex_block_mask(anchor_pos: torch.Tensor, block_size: int, context_len: int, num_queries: int,
                     window: int | None = None):
     """The BlockMask of the three rules over keys [context S ; blocks A*B ; zero padding], built
@@ -181,11 +188,6 @@ def flex_block_mask(anchor_pos: torch.Tensor, block_size: int, context_len: int,
         full = full & (kb_start[None, None, :] >= (p_max + block_size - window)[:, :, None])
     partial = (context | own[None]) & ~full
 
-    def as_indices(flags):  # [N, nQ, nK] bool -> counts [N, 1, nQ], listed blocks first [N, 1, nQ, nK]
-        counts = flags.sum(-1, dtype=torch.int32)
-        order = torch.argsort((~flags).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return counts[:, None].contiguous(), order[:, None].contiguous()
-
     def mask_mod(b, h, q_idx, kv_idx):
         ctx = (kv_idx < s) & (kv_idx < anchor_of_query[b, q_idx])
         if window is not None:  # rule 4: query position = anchor + slot (every slot is a query here)
@@ -193,8 +195,8 @@ def flex_block_mask(anchor_pos: torch.Tensor, block_size: int, context_len: int,
         own_block = (kv_idx >= s) & ((kv_idx - s) // block_size == q_idx // kq)
         return ctx | own_block
 
-    kv_num, kv_idx = as_indices(partial)
-    full_num, full_idx = as_indices(full)
+    kv_num, kv_idx = _as_block_indices(partial)
+    full_num, full_idx = _as_block_indices(full)
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
                                     seq_lengths=(num_queries, kv_len))
 

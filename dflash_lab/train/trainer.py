@@ -38,8 +38,8 @@ from dflash_lab.train.data import FeatureCache, manifest_sha256
 from dflash_lab.train.loader import LoaderConfig, SubsetSource, TrainLoader, split_indices
 from dflash_lab.train.recipe import Recipe, load_recipe, parse_recipe, recipe_to_yaml, resolve_batch
 # The step's math lives in step.py; plan.py, the bench scripts and tests import it from here too.
-from dflash_lab.train.step import (FeatureSource, accumulate_gradients, build_micro_blocks, forward_batch,  # noqa: F401
-                                   heldout_metrics)
+from dflash_lab.train.step import (FeatureSource, StepConfig, accumulate_gradients, build_micro_blocks,  # noqa: F401
+                                   forward_batch, heldout_metrics)
 
 __all__ = ["train", "Trainer", "RunOptions", "forward_batch", "build_micro_blocks", "accumulate_gradients",
            "heldout_metrics", "FeatureSource", "init_from_target_layers", "cosine_lr"]
@@ -183,19 +183,18 @@ class Trainer:
 
     def _build_step(self) -> None:
         """The loss, the target's features (through the feature cache when there is one) and the
-        forward's settings (`fwd`, passed to every `forward_batch`)."""
+        forward's settings (`fwd`, the run's frozen `StepConfig`)."""
         recipe, tcfg, dcfg = self.recipe, self.recipe.train, self.recipe.data
         self.loss_cfg = _loss_config(recipe.loss)
-        need_final = L.needs_target_logits(self.loss_cfg.name, self.loss_cfg.eal_mode, self.loss_cfg.alpha,
-                                           self.loss_cfg.kl_term)
+        need_final = self.loss_cfg.objective.needs_target_logits()
         layer_ids = self.draft.config.target_layer_ids
         self.cache = (FeatureCache(dcfg.feature_cache, self.target.fingerprint, layer_ids, dcfg.feature_cache_dtype)
                       if dcfg.feature_cache else None)
         self.features = FeatureSource(self.target, layer_ids, need_final, self.cache, self.device,
                                       stop_early=not recipe.target.fsdp)
-        self.fwd = dict(num_anchors=dcfg.num_anchors, loss_cfg=self.loss_cfg, attention=tcfg.attention,
-                        anchor_chunk=tcfg.anchor_chunk, chunk_slots=recipe.loss.chunk_slots, device=self.device,
-                        autocast_dtype=torch.bfloat16 if self.bf16 else None)
+        self.fwd = StepConfig(num_anchors=dcfg.num_anchors, loss_cfg=self.loss_cfg, attention=tcfg.attention,
+                              anchor_chunk=tcfg.anchor_chunk, chunk_slots=recipe.loss.chunk_slots, device=self.device,
+                              autocast_dtype=torch.bfloat16 if self.bf16 else None, max_slot=recipe.loss.max_slot)
 
     def _start_run_dir(self) -> None:
         """config.yaml and run.json (rank 0); metrics.jsonl rows past a resumed checkpoint are dropped."""
@@ -261,8 +260,7 @@ class Trainer:
         progress = self.progress
         self.lr = self.parts.set_lr(progress.step, progress.total_steps)
         loss, stats = accumulate_gradients(self.model, self.draft, self.draft.config, self.target, self.features,
-                                           self.loader.micro_batches(progress.step), self.fwd, self.info,
-                                           max_slot=self.recipe.loss.max_slot)
+                                           self.loader.micro_batches(progress.step), self.fwd, self.info)
         grad_norm = self.parts.step()
         progress.step += 1
         self.loader.advance()
@@ -459,9 +457,10 @@ def _build_draft(recipe: Recipe, target, seed: int, device):
 
 
 def _loss_config(lcfg) -> L.LossConfig:
-    return L.LossConfig(name=lcfg.name, alpha=lcfg.alpha, gamma=lcfg.gamma, eal_mode=lcfg.eal_mode,
-                        kl_weight=lcfg.kl_weight, dpace_alpha=lcfg.dpace_alpha, normalize=lcfg.normalize,
-                        selector_alpha=lcfg.selector_alpha, selector_gold=lcfg.selector_gold)
+    """The recipe's loss section as the objectives read it (every LossConfig field by its name)."""
+    from dataclasses import fields
+
+    return L.LossConfig(**{f.name: getattr(lcfg, f.name) for f in fields(L.LossConfig)})
 
 
 def _load_source(target, data_path, dcfg, info: D.DistInfo, progress: bool = True):

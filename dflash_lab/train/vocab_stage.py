@@ -117,6 +117,21 @@ def _kl_and_overlap(logq: torch.Tensor, logp: torch.Tensor, weight):
     return kl, overlap, q, _wide_matmul(g, weight), g.sum(-1)
 
 
+def _kl_from_p_w(logits, lse, hidden, weight, bias, rounded: bool, teacher, row_of_slot):
+    """(kl [m], q @ W [m, H] in fp32) without any [m, V] work on p: KL(p || q) = sum p log p - sum p z
+    + sum(p) lse, and sum_v p_v z_v = (p @ W) . h + p . b, per slot an [H] dot product. `logits` become
+    q in place unless they were `rounded` (then their lse moves to the unrounded z: `_rounding_shift`)."""
+    p_w, p_sum, p_logp, p_b = teacher
+    q = (logits - lse[:, None]).exp_() if rounded else logits.sub_(lse[:, None]).exp_()
+    q_w = _wide_matmul(q, weight)
+    if rounded:
+        lse = lse - _rounding_shift(logits, q, q_w, hidden, bias)
+    del q
+    r = row_of_slot
+    p_z = (p_w[r].to(lse.dtype) * hidden.to(lse.dtype)).sum(-1) + p_b[r]
+    return p_logp[r] - p_z + p_sum[r] * lse, q_w
+
+
 class VocabChunk(torch.autograd.Function):
     """One chunk of slots: (ce, kl, overlap, correct), each [m], from hidden [m, H], then the top-k
     ids [m, k], the draft's and the target's mass on them [m] (k = `top_k`; [m, 0] and zeros at 0).
@@ -150,16 +165,8 @@ class VocabChunk(torch.autograd.Function):
             q_w = _wide_matmul(q, weight)
             del q
         elif rows is not None:
-            # KL(p || q) = sum p log p - sum p z + sum(p) lse, and sum_v p_v z_v = (p @ W) . h + p . b:
-            # per slot an [H] dot product, nothing vocabulary-sized
-            q = (logits - lse[:, None]).exp_() if rounded else logits.sub_(lse[:, None]).exp_()
-            q_w = _wide_matmul(q, weight)
-            if rounded:
-                lse = lse - _rounding_shift(logits, q, q_w, hidden, bias)
-            del logits, q
-            r = row_of_slot
-            p_z = (p_w[r].to(lse.dtype) * hidden.to(lse.dtype)).sum(-1) + p_b[r]
-            kl = p_logp[r] - p_z + p_sum[r] * lse
+            kl, q_w = _kl_from_p_w(logits, lse, hidden, weight, bias, rounded, (p_w, p_sum, p_logp, p_b), row_of_slot)
+            del logits
         else:
             q = logits.sub_(lse[:, None]).exp_()  # in place: the logits become q
             q_w = torch.matmul(q, weight)  # [m, H]: the q-part of every gradient
