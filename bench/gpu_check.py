@@ -164,9 +164,10 @@ def section_memory(recipe, cfg, device, micros, peak_tflops, out):
     ratios = [r["real_over_plan"] for r in rows]
     on_gpu = device.type == "cuda"
     out["memory"] = {"rows": rows, "threshold": list(MEMORY_RATIO),
-                     "verdict": verdict(all(MEMORY_RATIO[0] <= r <= MEMORY_RATIO[1] for r in ratios), on_gpu)}
+                     "verdict": verdict(on_gpu and all(MEMORY_RATIO[0] <= r <= MEMORY_RATIO[1] for r in ratios), on_gpu)}
     mfu = rows[-1]["mfu"]
-    out["profile"] = {**rows[-1], "threshold_mfu": MIN_MFU, "verdict": verdict(on_gpu and mfu >= MIN_MFU, on_gpu)}
+    out["profile"] = {**rows[-1], "threshold_mfu": MIN_MFU,
+                      "verdict": verdict(on_gpu and mfu is not None and mfu >= MIN_MFU, on_gpu)}
     print(f"  memory: real/plan {ratios} within {MEMORY_RATIO}: {out['memory']['verdict']}", flush=True)
     print(f"  profile: MFU {mfu} >= {MIN_MFU}: {out['profile']['verdict']}", flush=True)
 
