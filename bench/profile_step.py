@@ -4,6 +4,13 @@
     python bench/profile_step.py --labels DEMO_OUT/labels --max-slot 4 --loss survival-eal
     python bench/profile_step.py --max-slot 4 --table               # plus torch.profiler's op table
     python bench/profile_step.py --json OUT.json ...                # the figures, machine-readable
+    python bench/profile_step.py --max-slot 4 --whole-run           # plus a whole `train` run's step
+
+`--whole-run` (issue 23 item 6): the step users get. It runs the real `dflash-lab train` on the CPU
+recipe (`--recipe`) with loss kd, max_slot, micro-batch 2, 48 anchors, one thread, over synthetic
+chat labels: once to fill the feature cache, then 10 steps and 2 steps; (t10 - t2) / 8 is the
+whole run's per-step wall time (data, logging, metrics, synchronisation and Python included), also
+divided by the micro-batches per step to compare with the isolated step (one micro-batch).
 
 The step is the trainer's own code: `FeatureSource` (target forward), `forward_batch` (draft
 forward, vocabulary stage, loss) and backward, then AdamW, for a 1-layer draft (`--layers`) on the
@@ -83,6 +90,45 @@ def matmul_rate(m: int, k: int, n: int, device, dtype=torch.float32, reps: int =
     return 2 * m * k * n / best
 
 
+def whole_run(recipe: str, max_slot, anchors: int, records: int = 48) -> dict:
+    """Per-step wall time of a whole `dflash-lab train` run with a warm feature cache (see the docstring)."""
+    import random
+    import tempfile
+    from pathlib import Path
+
+    from dflash_lab.cli import main as cli
+    from dflash_lab.testing import write_jsonl
+
+    words = "the quick brown fox jumps over lazy dog add return step answer boxed sky blue river stone".split()
+    rng = random.Random(0)
+    rows = [{"id": f"s{i}", "category": "chat", "source": "bench",
+             "messages": [{"role": "user", "content": " ".join(rng.choice(words) for _ in range(40))},
+                          {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(90))}],
+             "response_tokens": 96, "finish_reason": "stop"} for i in range(records)]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_jsonl(root / "labels" / "shard-00000.jsonl", rows)
+        (root / "labels" / "meta.json").write_text('{"kind": "labels"}')
+
+        def run(name: str, steps: int) -> float:
+            argv = ["train", "--config", recipe, "--data", str(root / "labels"), "--out", str(root / name),
+                    "--no-progress", "loss.name=kd", f"loss.max_slot={max_slot or 'null'}", "train.micro_batch=2",
+                    f"data.num_anchors={anchors}", "train.cpu_threads=1", f"data.feature_cache={root}/cache",
+                    "data.heldout=0", "train.eval_interval=0", "train.save_every=0", f"train.max_steps={steps}",
+                    "registry.db=null"]
+            t0 = time.perf_counter()
+            if cli(argv) != 0:
+                raise SystemExit(f"train failed: {argv}")
+            return time.perf_counter() - t0
+
+        run("warm", 10)  # fills the feature cache
+        t10, t2 = run("r10", 10), run("r2", 2)
+        schedule = json.loads((root / "r10" / "run.json").read_text())["schedule"]
+    per_step = (t10 - t2) / 8
+    micro_steps = schedule["grad_accum"]
+    return {"step_s": per_step, "micro_batches_per_step": micro_steps, "per_micro_batch_s": per_step / micro_steps}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--labels", default=None, help="a labelled dataset (default: synthetic sequences)")
@@ -101,6 +147,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--table", action="store_true", help="also print torch.profiler's op table")
     parser.add_argument("--json", default=None, help="write the figures here")
+    parser.add_argument("--whole-run", action="store_true", help="also time a whole `train` run's step")
+    parser.add_argument("--recipe", default="recipes/smollm2-135m/cpu.yaml", help="--whole-run: the recipe")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -179,11 +227,17 @@ def main() -> None:
     print(f"  matmul rate ([{max(scored, 64)}, {cfg.hidden_size}] x [{cfg.hidden_size}, {target.vocab_size}] fp32) "
           f"{rate / 1e9:.1f} GFLOP/s")
     print(f"  step time / (FLOPs / rate): {warm / ideal_warm:.2f} (cache warm), {full / ideal_full:.2f} (with target)")
+    whole = whole_run(args.recipe, args.max_slot, args.anchors) if args.whole_run else None
+    if whole:
+        print(f"  whole train run: {whole['step_s']:.3f} s per step of {whole['micro_batches_per_step']} micro-batches, "
+              f"{whole['per_micro_batch_s']:.3f} s per micro-batch ({whole['per_micro_batch_s'] / warm:.2f}x the "
+              "isolated warm step)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"parts_s": med, "step_warm_s": warm, "step_full_s": full, "flops_warm": flops - flops_target,
                        "flops_full": flops, "matmul_flops_per_s": rate, "ratio_warm": warm / ideal_warm,
-                       "ratio_full": full / ideal_full, "scored_slots": scored, "args": vars(args)}, f, indent=2)
+                       "ratio_full": full / ideal_full, "scored_slots": scored, "whole_run": whole,
+                       "args": vars(args)}, f, indent=2)
     if args.table:
         from torch.profiler import ProfilerActivity, profile
 

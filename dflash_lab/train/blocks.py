@@ -143,6 +143,13 @@ def _ceil_to(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
+def _as_block_indices(flags: torch.Tensor):
+    """[N, nQ, nK] bool -> (counts [N, 1, nQ], the listed key blocks first [N, 1, nQ, nK]), int32."""
+    counts = flags.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~flags).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return counts[:, None].contiguous(), order[:, None].contiguous()
+
+
 def flex_block_mask(anchor_pos: torch.Tensor, block_size: int, context_len: int, num_queries: int,
                     window: int | None = None):
     """The BlockMask of the three rules over keys [context S ; blocks A*B ; zero padding], built
@@ -181,11 +188,6 @@ def flex_block_mask(anchor_pos: torch.Tensor, block_size: int, context_len: int,
         full = full & (kb_start[None, None, :] >= (p_max + block_size - window)[:, :, None])
     partial = (context | own[None]) & ~full
 
-    def as_indices(flags):  # [N, nQ, nK] bool -> counts [N, 1, nQ], listed blocks first [N, 1, nQ, nK]
-        counts = flags.sum(-1, dtype=torch.int32)
-        order = torch.argsort((~flags).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return counts[:, None].contiguous(), order[:, None].contiguous()
-
     def mask_mod(b, h, q_idx, kv_idx):
         ctx = (kv_idx < s) & (kv_idx < anchor_of_query[b, q_idx])
         if window is not None:  # rule 4: query position = anchor + slot (every slot is a query here)
@@ -193,8 +195,8 @@ def flex_block_mask(anchor_pos: torch.Tensor, block_size: int, context_len: int,
         own_block = (kv_idx >= s) & ((kv_idx - s) // block_size == q_idx // kq)
         return ctx | own_block
 
-    kv_num, kv_idx = as_indices(partial)
-    full_num, full_idx = as_indices(full)
+    kv_num, kv_idx = _as_block_indices(partial)
+    full_num, full_idx = _as_block_indices(full)
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
                                     seq_lengths=(num_queries, kv_len))
 
@@ -229,8 +231,9 @@ class FlexBlockAttention:
         zeros = k_blk.new_zeros(*k_blk.shape[:2], pad, k_blk.shape[3])
         k = torch.cat([k_ctx, k_blk, zeros], dim=2).to(dt)
         v = torch.cat([v_ctx, v_blk, zeros.to(v_blk.dtype)], dim=2).to(dt)
-        fn = _compiled_flex(q.device.type) if self.compiled else flex_attention
-        out = fn(q.to(dt), k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        args = (q.to(dt), k, v)
+        kwargs = dict(block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        out = _guarded_compiled_flex(*args, **kwargs) if self.compiled else flex_attention(*args, **kwargs)
         return out.to(out_dtype)
 
 
@@ -240,18 +243,51 @@ def flex_block_attention(q, k_ctx, v_ctx, k_blk, v_blk, scale, *, anchor_pos: to
     return FlexBlockAttention(anchor_pos, block_size, compiled)(q, k_ctx, v_ctx, k_blk, v_blk, scale, window=window)
 
 
+# How the flex path is compiled, per device type. CUDA: dynamic shapes (context and anchor counts
+# change every micro-batch) and one whole graph (a graph break would run flex eagerly: unfused).
+# CPU: static, where inductor's C++ flex kernel with dynamic shapes does not compile in torch 2.13
+# (tests run it on CPU, forward only; tests/unit/test_flex_compile.py swaps in the CUDA options with
+# the aot_eager backend to count the graphs of the trainer's call sequence).
+FLEX_COMPILE_OPTIONS: dict[str, dict] = {"cuda": {"dynamic": True, "fullgraph": True}, "cpu": {"dynamic": False}}
+FLEX_RECOMPILE_LIMIT = 16
+"""Graphs the compiled flex may make before the run stops (torch._dynamo's recompile limit for it).
+The trainer's call sequence makes 5 (all slots and the last layer's scored slots, with grad and for
+the held-out evaluation without, and one recompile when the query blocks first vary); past dynamo's
+limit flex would fall back, with only a warning, to the unfused path (~47 GB of scores at
+micro-batch 4 on the qwen3-4b recipe), so the guard raises instead."""
+compile_flex_on_cpu = False
+"""`make_attention("flex")` on CPU tensors compiles too (tests of the compiled call sequence)."""
+
 _FLEX: dict[str, object] = {}
 
 
 def _compiled_flex(device_type: str):
-    """torch.compile'd flex_attention. Dynamic shapes on CUDA (context and anchor counts change every
-    micro-batch); static on CPU, where inductor's C++ flex kernel with dynamic shapes does not
-    compile in torch 2.13 (tests run it on CPU, forward only)."""
+    """torch.compile'd flex_attention with `FLEX_COMPILE_OPTIONS` of the device type (built once)."""
     if device_type not in _FLEX:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _FLEX[device_type] = torch.compile(flex_attention, dynamic=device_type == "cuda")
+        _FLEX[device_type] = torch.compile(flex_attention, **FLEX_COMPILE_OPTIONS[device_type])
     return _FLEX[device_type]
+
+
+def _guarded_compiled_flex(q, k, v, **kwargs):
+    """The compiled flex call that never falls back silently to unfused attention: past
+    `FLEX_RECOMPILE_LIMIT` graphs dynamo raises (instead of running flex eagerly, which materialises
+    every [Q, K] score) and the run stops with the fix."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    fn = _compiled_flex(q.device.type)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+            return fn(q, k, v, **kwargs)
+    except FailOnRecompileLimitHit as exc:
+        from dflash_lab.errors import DFlashLabError
+
+        raise DFlashLabError(
+            f"flex attention: torch.compile made more than {FLEX_RECOMPILE_LIMIT} graphs (q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, grad {torch.is_grad_enabled()}); past that limit flex would run unfused and "
+            "materialise every attention score (tens of GB). Set train.attention=chunked to train now, and report "
+            "the shapes (blocks.FLEX_RECOMPILE_LIMIT bounds the graphs)") from exc
 
 
 def make_attention(kind: str, anchor_pos: torch.Tensor, block_size: int, anchor_chunk: int = 64):
@@ -260,7 +296,7 @@ def make_attention(kind: str, anchor_pos: torch.Tensor, block_size: int, anchor_
     if kind == "auto":
         kind = "flex" if anchor_pos.is_cuda else "chunked"
     if kind == "flex":
-        return FlexBlockAttention(anchor_pos, block_size, compiled=anchor_pos.is_cuda)
+        return FlexBlockAttention(anchor_pos, block_size, compiled=anchor_pos.is_cuda or compile_flex_on_cpu)
     return lambda q, kc, vc, kb, vb, scale, window=None: chunked_block_attention(
         q, kc, vc, kb, vb, scale, anchor_pos=anchor_pos, block_size=block_size, anchor_chunk=anchor_chunk,
         window=window)

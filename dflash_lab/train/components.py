@@ -147,7 +147,7 @@ class EvalConfig:
 class Evaluator:
     """Held-out simulated tau of the draft (`step.heldout_metrics`); no state of its own."""
 
-    def __init__(self, cfg: EvalConfig, draft: torch.nn.Module, target, features, heldout, fwd: dict,
+    def __init__(self, cfg: EvalConfig, draft: torch.nn.Module, target, features, heldout, fwd,
                  info: D.DistInfo):
         self.cfg, self.draft, self.target, self.features, self.heldout = cfg, draft, target, features, heldout
         self.fwd, self.info = fwd, info

@@ -245,10 +245,15 @@ def _flex_stand_in(tally: FlopTally):
         pos = anchor_pos.detach()
 
         def attention(q, k_ctx, v_ctx, k_blk, v_blk, scale, window=None):
-            # as flex_block_attention: q, k, v in v's dtype, keys = [context ; blocks]
+            # as FlexBlockAttention: q, k, v in v's dtype, keys = [context ; blocks ; zeros to a
+            # multiple of the 128-key block] (tests/unit/test_plan.py compares what both keep)
+            from dflash_lab.train import blocks as B
+
             dt = v_ctx.dtype
-            k = torch.cat([k_ctx, k_blk], dim=2).to(dt)
-            v = torch.cat([v_ctx, v_blk], dim=2).to(dt)
+            keys = k_ctx.shape[2] + k_blk.shape[2]
+            zeros = k_blk.new_zeros(*k_blk.shape[:2], B._ceil_to(keys, B.FLEX_BLOCK) - keys, k_blk.shape[3])
+            k = torch.cat([k_ctx, k_blk, zeros], dim=2).to(dt)
+            v = torch.cat([v_ctx, v_blk, zeros.to(v_blk.dtype)], dim=2).to(dt)
             out = _FlexStandIn.apply(q.to(dt), k, v, visible_attention_pairs(pos, block_size, window) * q.shape[1])
             return out.to(q.dtype)
 
@@ -383,17 +388,8 @@ def measure_step(recipe: Recipe, micro_batch: int, *, fake: bool = True, activat
             from torch._subclasses.fake_tensor import FakeTensorMode
 
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
-        target = build_target(cfg, tdtype, recipe.target.name, fake)
-        target.model.requires_grad_(False)
-        draft = build_draft(recipe, target, fake)
-        params = [p for p in draft.parameters() if p.requires_grad]
+        target, draft, params, optimizer = _step_parts(recipe, cfg, tdtype, fake, grads_present)
         t = recipe.train
-        # foreach: the CUDA default (on CPU torch picks the per-tensor loop, which needs fewer temporaries)
-        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, foreach=True)
-        for p in params:  # AdamW's state exists from the first step on: make it before measuring
-            p.grad = torch.zeros_like(p)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=not grads_present)
         samples = synthetic_samples(micro_batch, recipe.data.max_length, prompt_tokens, int(cfg.vocab_size), seed=t.seed)
         forward_batch, fwd = _forward_kwargs(recipe, attention, autocast_dtype)
         layer_ids = draft.config.target_layer_ids
@@ -415,6 +411,32 @@ def measure_step(recipe: Recipe, micro_batch: int, *, fake: bool = True, activat
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         snapshot = tracker.get_tracker_snapshot("peak")
+    peak_by_kind, total = _peak_by_kind(snapshot)
+    return StepMeasure(micro_batch=micro_batch, activation_checkpointing=draft.activation_checkpointing,
+                       peak_bytes=total, peak_by_kind=peak_by_kind,
+                       flops_target=int(target_flops.get_total_flops()),
+                       flops_draft=int(draft_flops.get_total_flops()) + tally.flops,
+                       fake=fake, wall_s=time.perf_counter() - t0)
+
+
+def _step_parts(recipe: Recipe, cfg, tdtype, fake: bool, grads_present: bool):
+    """(target, draft, its trainable parameters, AdamW with its state already made) for one step."""
+    target = build_target(cfg, tdtype, recipe.target.name, fake)
+    target.model.requires_grad_(False)
+    draft = build_draft(recipe, target, fake)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    t = recipe.train
+    # foreach: the CUDA default (on CPU torch picks the per-tensor loop, which needs fewer temporaries)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, foreach=True)
+    for p in params:  # AdamW's state exists from the first step on: make it before measuring
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=not grads_present)
+    return target, draft, params, optimizer
+
+
+def _peak_by_kind(snapshot) -> tuple[dict[str, int], int]:
+    """MemTracker's peak snapshot -> (bytes by kind of KIND_ORDER, total bytes)."""
     peak_by_kind = {k: 0 for k in KIND_ORDER}
     total = 0
     for _dev, snap in snapshot.items():
@@ -424,13 +446,7 @@ def measure_step(recipe: Recipe, micro_batch: int, *, fake: bool = True, activat
                 peak_by_kind[KINDS[name]] += int(value)
             elif "Total" in name:
                 total += int(value)
-    if not total:
-        total = sum(peak_by_kind.values())
-    return StepMeasure(micro_batch=micro_batch, activation_checkpointing=draft.activation_checkpointing,
-                       peak_bytes=total, peak_by_kind=peak_by_kind,
-                       flops_target=int(target_flops.get_total_flops()),
-                       flops_draft=int(draft_flops.get_total_flops()) + tally.flops,
-                       fake=fake, wall_s=time.perf_counter() - t0)
+    return peak_by_kind, total or sum(peak_by_kind.values())
 
 
 def _target_dtype(name: str) -> torch.dtype:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dflash_lab.errors import DFlashLabError
 from dflash_lab.fileio import read_user_text
+from dflash_lab.train.objectives import LOSS_NAMES
 
 # What torch.device accepts that the trainer can run on; anything else used to pass --dry-run and
 # crash after the target had loaded.
@@ -85,7 +86,8 @@ class DataSection(_Section):
 
 
 class LossSection(_Section):
-    name: Literal["ce", "kd", "eal", "survival-eal", "dpace"] = "kd"
+    name: Literal[LOSS_NAMES] = "kd"  # type: ignore[valid-type]
+    """The training objective: one class in `train/objectives/` per name."""
     alpha: float = Field(0.0, ge=0, le=1)
     """kd: alpha * CE + (1 - alpha) * KL."""
     gamma: float | None = Field(7.0, gt=0)

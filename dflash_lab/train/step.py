@@ -14,7 +14,9 @@ Nothing here holds run state: the trainer's components (`components.py`, `loader
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -23,9 +25,11 @@ from dflash_lab.train import distributed as D
 from dflash_lab.train import losses as L
 from dflash_lab.train import selector_loss as SL
 from dflash_lab.train.data import FeatureCache, Sample
+from dflash_lab.train.objectives import Denominators, SelectorTerm, SlotStats, empty_denominators
 from dflash_lab.train.sampler import mix_seed as _mix_seed
 
-__all__ = ["FeatureSource", "build_micro_blocks", "forward_batch", "accumulate_gradients", "heldout_metrics"]
+__all__ = ["FeatureSource", "StepConfig", "build_micro_blocks", "forward_batch", "run_micro_batch",
+           "accumulate_gradients", "heldout_metrics"]
 
 
 # -- target features -------------------------------------------------------------------------------
@@ -136,8 +140,8 @@ def _is_dflash2(draft_module) -> bool:
 
 def _needs_model_denominators(loss_cfg, draft_module) -> bool:
     """The base loss's draft-dependent sums, or DFlash2's exact `exclude` mean (sum(w * included))."""
-    return L.needs_model_denominators(loss_cfg) or (
-        loss_cfg.selector_alpha > 0 and loss_cfg.selector_gold == "exclude" and _is_dflash2(draft_module))
+    return loss_cfg.objective.needs_model_denominators() or (
+        _is_dflash2(draft_module) and SelectorTerm(loss_cfg).needs_model_denominators())
 
 
 def _shared_top_k(draft_module) -> int:
@@ -171,126 +175,207 @@ def _selector(draft_module, batch, valid, h_sel, labels, target, loss_cfg, chunk
                                 target_index=t_index, **given)
 
 
+@dataclass(frozen=True)
+class StepConfig:
+    """The settings of every forward of a run, fixed for the run (`Trainer._build_step`)."""
+
+    num_anchors: int
+    loss_cfg: L.LossConfig | None = None
+    """None: held-out scoring only (no loss, no teacher logits)."""
+    attention: str = "auto"
+    anchor_chunk: int = 64
+    chunk_slots: int = 1024
+    device: torch.device = torch.device("cpu")
+    autocast_dtype: torch.dtype | None = None
+    max_slot: int | None = None
+    """Score only block slots 1..max_slot (None: all)."""
+
+    @classmethod
+    def of(cls, fwd: "StepConfig | dict") -> "StepConfig":
+        """A StepConfig, or one from the keyword dict earlier callers pass (`fwd`)."""
+        return fwd if isinstance(fwd, StepConfig) else cls(**fwd)
+
+    def but(self, **changes) -> "StepConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class MicroSlots:
+    """A micro-batch after the vocabulary stage: per-slot statistics [N*A, B] (zeros where invalid),
+    the valid mask [N*A, B] and DFlash2's selector output (None for a v1 draft)."""
+
+    ce: torch.Tensor
+    kl: torch.Tensor
+    overlap: torch.Tensor
+    correct: torch.Tensor
+    valid: torch.Tensor
+    selector: object | None
+
+    def stats(self) -> SlotStats:
+        return SlotStats(ce=self.ce, kl=self.kl, overlap=self.overlap, valid=self.valid)
+
+
 def forward_batch(draft_module, draft_cfg, target, features, samples, anchor_seeds, *, num_anchors, loss_cfg,
                   attention="auto", anchor_chunk=64, chunk_slots=1024, device=torch.device("cpu"),
                   autocast_dtype=None, max_slot=None, blocks=None, denominators=None, model_denominators=None,
                   reduce=None):
+    """This micro-batch's share of the step's loss, and its statistics (device tensors, no sync):
+    `run_micro_batch` with the step's settings as keywords (plan, bench scripts, tests)."""
+    step = StepConfig(num_anchors=num_anchors, loss_cfg=loss_cfg, attention=attention, anchor_chunk=anchor_chunk,
+                      chunk_slots=chunk_slots, device=device, autocast_dtype=autocast_dtype, max_slot=max_slot)
+    return run_micro_batch(step, draft_module, draft_cfg, target, features, samples, anchor_seeds, blocks=blocks,
+                           denominators=denominators, model_denominators=model_denominators, reduce=reduce)
+
+
+def run_micro_batch(step: StepConfig, draft_module, draft_cfg, target, features, samples, anchor_seeds, *,
+                    blocks=None, denominators=None, model_denominators=None, reduce=None):
     """This micro-batch's share of the step's loss, and its statistics (device tensors, no sync).
 
-    `denominators` [5] (`losses.DENOMINATORS`): the step's model-independent sums, all-reduced;
-    None = this micro-batch's own (the loss is then its token-level mean). `model_denominators`:
-    the step's draft-dependent sums (survival-eal, dpace) from a pre-pass; None = computed here
-    and passed through `reduce` (an all-reduce over ranks, or None for this batch alone).
-    `blocks`: `build_micro_blocks` of these samples (built here when None). `max_slot`: score only
-    slots 1..max_slot. `loss_cfg` None: held-out scoring only (no loss, no teacher logits)."""
-    bsz = draft_cfg.block_size
+    `denominators` [len(DENOMINATORS)]: the step's model-independent sums, all-reduced; None = this
+    micro-batch's own (the loss is then its token-level mean). `model_denominators`: the step's
+    draft-dependent sums (survival-eal, dpace, DFlash2 `exclude`) from a pre-pass; None = computed
+    here and passed through `reduce` (an all-reduce over ranks, or None for this batch alone).
+    `blocks`: `build_micro_blocks` of these samples (built here when None)."""
     if blocks is None:
-        blocks = build_micro_blocks(samples, anchor_seeds, num_anchors=num_anchors, block_size=bsz,
-                                    mask_token_id=draft_cfg.mask_token_id, max_slot=max_slot)
-    batch = {k: v.to(device) for k, v in blocks.items()}
-    n, a = batch["anchors"].shape
-    ctx = B.pad_sequences([f for f, _ in features])  # [N, S, n*H]
-    s_max = ctx.shape[1]
-    ctx_pos = torch.arange(s_max, device=device)[None].expand(n, s_max)
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    valid = batch["valid"]
+        blocks = build_micro_blocks(samples, anchor_seeds, num_anchors=step.num_anchors, block_size=draft_cfg.block_size,
+                                    mask_token_id=draft_cfg.mask_token_id, max_slot=step.max_slot)
+    batch = {k: v.to(step.device) for k, v in blocks.items()}
+    autocast = (torch.autocast(step.device.type, dtype=step.autocast_dtype) if step.autocast_dtype
+                else contextlib.nullcontext())
     with autocast:
-        with torch.no_grad():
-            # fp32 like the draft's master weights: RoPE and norms in fp32, autocast runs the linears in bf16
-            noise = target.embed(batch["block_ids"].view(n, a * bsz)).float()
-        attn = B.make_attention(attention, batch["anchors"], bsz, anchor_chunk)
-        # only the scored slots go through the last layer's query/MLP and the (large) lm_head
-        h_sel = draft_module(noise, batch["positions"].view(n, a * bsz), ctx, ctx_pos, attention=attn,
-                             output_slots=valid.view(n, a * bsz))
-        labels = batch["labels"][valid]
-        t_rows = t_index = None
-        if loss_cfg is not None and L.needs_target_logits(loss_cfg.name, loss_cfg.eal_mode, loss_cfg.alpha, loss_cfg.kl_term):
-            final = B.pad_sequences([fin for _, fin in features])  # [N, S, H]
-            seq_idx = torch.arange(n, device=device)[:, None, None].expand_as(valid)[valid]
-            # flat index of position p+k-1 in [N*S]: slot k's target distribution lives there
-            t_index = seq_idx * final.shape[1] + batch["positions"][valid] - 1
-            t_rows = final.reshape(-1, final.shape[-1]).to(h_sel.dtype)
-        top_k = _shared_top_k(draft_module)  # DFlash2: the selector's candidates come from these logits
-        ce, kl, overlap, correct, *top = L.slot_statistics(
-            h_sel, labels, target.lm_head, t_rows, chunk_slots, target_index=t_index,
-            need_overlap=loss_cfg is not None and L.needs_overlap(loss_cfg), top_k=top_k)
-        sel = _selector(draft_module, batch, valid, h_sel, labels, target, loss_cfg, chunk_slots, t_rows, t_index,
-                        top[0] if top else None)
-    # every sequence's blocks at once: [N*A, B] (the reduction is token-level, not per sequence)
-    ce_b, kl_b, ov_b, cor_b = (L.scatter_slots(x, valid).view(n * a, bsz) for x in (ce, kl, overlap, correct))
-    flat_valid = valid.view(n * a, bsz)
-    loss = None
-    local_model = torch.zeros(len(L.DENOMINATORS), dtype=torch.float64, device=device)
-    if loss_cfg is not None:
-        dens = L.static_denominators(loss_cfg, flat_valid) if denominators is None else denominators.to(device)
-        if _needs_model_denominators(loss_cfg, draft_module):
-            local_model = L.model_denominators(loss_cfg, ce_b, ov_b, flat_valid)
-            if sel is not None:
-                local_model[L.DENOMINATORS.index("selector")] = sel.included_weight.double()
-            if model_denominators is None:
-                model_denominators = reduce(local_model.clone()) if reduce is not None else local_model
-            dens = dens + model_denominators.to(device)
-        loss = L.combine(loss_cfg, ce_b, kl_b, ov_b, flat_valid, dens)
-        if sel is not None and loss_cfg.selector_alpha > 0:  # token-level: / the step's sum(w*valid) or sum(w*included)
-            den = dens[L.DENOMINATORS.index("weights" if loss_cfg.selector_gold == "replace" else "selector")]
-            loss = loss + loss_cfg.selector_alpha * sel.loss / den.clamp_min(1e-12).to(sel.loss.dtype)
+        h_sel = _draft_hidden(step, draft_module, target, features, batch)
+        slots = _vocab_stage(step, draft_module, target, features, batch, h_sel)
+    loss, local_model = _micro_loss(step, draft_module, slots, denominators, model_denominators, reduce)
+    return loss, _statistics(slots, local_model)
+
+
+def _draft_hidden(step: StepConfig, draft_module, target, features, batch) -> torch.Tensor:
+    """The draft's last hidden states of the scored slots [M, H]: every block of every sequence in one
+    forward, only the scored slots through the last layer's query/MLP (and the lm_head after)."""
+    n, a = batch["anchors"].shape
+    bsz = batch["block_ids"].shape[-1]
+    ctx = B.pad_sequences([f for f, _ in features])  # [N, S, n*H]
+    ctx_pos = torch.arange(ctx.shape[1], device=step.device)[None].expand(n, ctx.shape[1])
     with torch.no_grad():
-        has = flat_valid.any(dim=1)
-        taus = L.simulated_tau(cor_b, flat_valid)[has]
-        vd = flat_valid.double()
-        stats = {
-            "correct_per_slot": (cor_b.double() * vd).sum(dim=0), "valid_per_slot": vd.sum(dim=0),
-            "tau_sum": taus.double().sum(), "blocks": has.double().sum(),
-            "kl_sum": (kl_b.double() * vd).sum(), "ce_sum": (ce_b.double() * vd).sum(),
-            "block_tokens": torch.tensor(float(n * a * bsz), dtype=torch.float64, device=device),
-            "valid_slots": vd.sum(), "model_denominators": local_model,
-        }
-        if sel is not None:
-            stats.update(SL.selector_stats(sel, valid))
-    return loss, stats
+        # fp32 like the draft's master weights: RoPE and norms in fp32, autocast runs the linears in bf16
+        noise = target.embed(batch["block_ids"].view(n, a * bsz)).float()
+    attn = B.make_attention(step.attention, batch["anchors"], bsz, step.anchor_chunk)
+    return draft_module(noise, batch["positions"].view(n, a * bsz), ctx, ctx_pos, attention=attn,
+                        output_slots=batch["valid"].view(n, a * bsz))
+
+
+def _teacher_rows(step: StepConfig, features, batch, dtype):
+    """(the target's final hidden states [N*S, H], the row each scored slot reads [M]) when the loss
+    reads the target's distribution, else (None, None): slot k reads position p+k-1."""
+    cfg = step.loss_cfg
+    if cfg is None or not cfg.objective.needs_target_logits():
+        return None, None
+    valid = batch["valid"]
+    n = valid.shape[0]
+    final = B.pad_sequences([fin for _, fin in features])  # [N, S, H]
+    seq_idx = torch.arange(n, device=step.device)[:, None, None].expand_as(valid)[valid]
+    t_index = seq_idx * final.shape[1] + batch["positions"][valid] - 1
+    return final.reshape(-1, final.shape[-1]).to(dtype), t_index
+
+
+def _vocab_stage(step: StepConfig, draft_module, target, features, batch, h_sel) -> MicroSlots:
+    """Per-slot ce, kl, overlap, correct through the frozen head (and DFlash2's selector on the same
+    candidates), scattered back to [N*A, B]."""
+    valid = batch["valid"]
+    labels = batch["labels"][valid]
+    t_rows, t_index = _teacher_rows(step, features, batch, h_sel.dtype)
+    cfg = step.loss_cfg
+    ce, kl, overlap, correct, *top = L.slot_statistics(
+        h_sel, labels, target.lm_head, t_rows, step.chunk_slots, target_index=t_index,
+        need_overlap=cfg is not None and cfg.objective.needs_overlap(), top_k=_shared_top_k(draft_module))
+    sel = _selector(draft_module, batch, valid, h_sel, labels, target, cfg, step.chunk_slots, t_rows, t_index,
+                    top[0] if top else None)
+    n, a, bsz = valid.shape
+    ce_b, kl_b, ov_b, cor_b = (L.scatter_slots(x, valid).view(n * a, bsz) for x in (ce, kl, overlap, correct))
+    return MicroSlots(ce=ce_b, kl=kl_b, overlap=ov_b, correct=cor_b, valid=valid.view(n * a, bsz), selector=sel)
+
+
+def _micro_loss(step: StepConfig, draft_module, slots: MicroSlots, denominators, model_denominators, reduce):
+    """(this micro-batch's share of the loss or None, its draft-dependent denominators [len(DENOMINATORS)]).
+    The objective's share, plus DFlash2's selector term; each divides by the step's global sums."""
+    device = slots.ce.device
+    local_model = empty_denominators(device)
+    if step.loss_cfg is None:
+        return None, local_model
+    objective, stats = step.loss_cfg.objective, slots.stats()
+    selector = SelectorTerm(step.loss_cfg) if slots.selector is not None else None
+    dens = objective.static_denominators(slots.valid) if denominators is None else denominators.to(device)
+    if _needs_model_denominators(step.loss_cfg, draft_module):
+        if objective.needs_model_denominators():
+            local_model = objective.model_denominators(stats)
+        if selector is not None:
+            local_model = local_model + selector.model_denominators(slots.selector)
+        if model_denominators is None:
+            model_denominators = reduce(local_model.clone()) if reduce is not None else local_model
+        dens = dens + model_denominators.to(device)
+    loss = objective.combine(stats, Denominators(dens))
+    if selector is not None and selector.trains:  # token-level: / the step's sum(w*valid) or sum(w*included)
+        loss = loss + selector.combine(slots.selector, Denominators(dens))
+    return loss, local_model
+
+
+@torch.no_grad()
+def _statistics(slots: MicroSlots, local_model) -> dict[str, torch.Tensor]:
+    """What the metrics read (sums over this micro-batch, float64 device tensors)."""
+    flat_valid = slots.valid
+    has = flat_valid.any(dim=1)
+    taus = L.simulated_tau(slots.correct, flat_valid)[has]
+    vd = flat_valid.double()
+    stats = {
+        "correct_per_slot": (slots.correct.double() * vd).sum(dim=0), "valid_per_slot": vd.sum(dim=0),
+        "tau_sum": taus.double().sum(), "blocks": has.double().sum(),
+        "kl_sum": (slots.kl.double() * vd).sum(), "ce_sum": (slots.ce.double() * vd).sum(),
+        "block_tokens": torch.tensor(float(flat_valid.numel()), dtype=torch.float64, device=flat_valid.device),
+        "valid_slots": vd.sum(), "model_denominators": local_model,
+    }
+    if slots.selector is not None:
+        stats.update(SL.selector_stats(slots.selector, flat_valid))
+    return stats
 
 
 # -- one optimizer step ---------------------------------------------------------------------------
-def accumulate_gradients(model, draft, draft_cfg, target, features, micro_batches, fwd: dict, info: D.DistInfo,
-                         max_slot=None):
+def accumulate_gradients(model, draft, draft_cfg, target, features, micro_batches, fwd: StepConfig | dict,
+                         info: D.DistInfo, max_slot=None):
     """Forward and backward of every micro-batch of this rank for one optimizer step; the draft's
     .grad then holds the gradient of the step's loss (DDP averages over ranks, hence x world).
 
     The model-independent denominators of the token-level loss are summed over the micro-batches
     and all-reduced first. When the loss also divides by a draft-dependent sum (survival-eal,
-    dpace: `losses.needs_model_denominators`), that sum is exact as well: with one micro-batch per
-    rank it is all-reduced inside the forward, before backward; with accumulation a no-grad
-    pre-pass over the micro-batches computes it first (about one extra draft forward; the target
-    features it fetched are kept for the main pass, so the target runs once).
-    Returns (this rank's share of the loss, statistics), device tensors."""
-    loss_cfg = fwd["loss_cfg"]
-    blocks = [build_micro_blocks(mb.samples, mb.anchor_seeds, num_anchors=fwd["num_anchors"],
+    dpace, DFlash2 `exclude`), that sum is exact as well: with one micro-batch per rank it is
+    all-reduced inside the forward, before backward; with accumulation a no-grad pre-pass over the
+    micro-batches computes it first (about one extra draft forward; the target features it fetched
+    are kept for the main pass, so the target runs once). `fwd`: the run's StepConfig (or its
+    keywords); `max_slot` overrides its max_slot. Returns (this rank's share of the loss,
+    statistics), device tensors."""
+    step = StepConfig.of(fwd)
+    if max_slot is not None:
+        step = step.but(max_slot=max_slot)
+    blocks = [build_micro_blocks(mb.samples, mb.anchor_seeds, num_anchors=step.num_anchors,
                                  block_size=draft_cfg.block_size, mask_token_id=draft_cfg.mask_token_id,
-                                 max_slot=max_slot) for mb in micro_batches]
-    static = sum(L.static_denominators(loss_cfg, b["valid"].flatten(0, 1)) for b in blocks)
-    static = D.all_reduce_sum(static, info)
-    model_dens, reduce = None, None
+                                 max_slot=step.max_slot) for mb in micro_batches]
+    objective = step.loss_cfg.objective
+    static = D.all_reduce_sum(sum(objective.static_denominators(b["valid"].flatten(0, 1)) for b in blocks), info)
     kept = [None] * len(micro_batches)  # the pre-pass's target features, reused by the main pass
-    if _needs_model_denominators(loss_cfg, draft):
+    model_dens, reduce = None, None
+    if _needs_model_denominators(step.loss_cfg, draft):
         if len(micro_batches) == 1:
             reduce = lambda t: D.all_reduce_sum(t, info)  # noqa: E731
         else:
-            with torch.no_grad():
-                local = None
-                for i, (mb, blk) in enumerate(zip(micro_batches, blocks)):
-                    kept[i] = features.get(mb.samples)
-                    _, st = forward_batch(draft, draft_cfg, target, kept[i], mb.samples, mb.anchor_seeds,
-                                          blocks=blk, denominators=static, model_denominators=static * 0, **fwd)
-                    local = st["model_denominators"] if local is None else local + st["model_denominators"]
-                model_dens = D.all_reduce_sum(local, info)
+            model_dens = _model_denominators_pre_pass(step, draft, draft_cfg, target, features, micro_batches,
+                                                      blocks, static, kept, info)
     loss_total, agg = None, None
     for i, (mb, blk) in enumerate(zip(micro_batches, blocks)):
         feats = kept[i] if kept[i] is not None else features.get(mb.samples)
         kept[i] = None
         sync = contextlib.nullcontext() if (i == len(micro_batches) - 1 or not info.enabled) else model.no_sync()
         with sync:
-            loss, st = forward_batch(model, draft_cfg, target, feats, mb.samples, mb.anchor_seeds, blocks=blk,
-                                     denominators=static, model_denominators=model_dens, reduce=reduce, **fwd)
+            loss, st = run_micro_batch(step, model, draft_cfg, target, feats, mb.samples, mb.anchor_seeds, blocks=blk,
+                                       denominators=static, model_denominators=model_dens, reduce=reduce)
             (loss * info.world_size).backward()
         loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
         agg = st if agg is None else {k: agg[k] + st[k] for k in agg}
@@ -298,7 +383,21 @@ def accumulate_gradients(model, draft, draft_cfg, target, features, micro_batche
 
 
 @torch.no_grad()
-def heldout_metrics(draft, draft_cfg, target, features, heldout, fwd: dict, info: D.DistInfo, seed: int,
+def _model_denominators_pre_pass(step, draft, draft_cfg, target, features, micro_batches, blocks, static, kept,
+                                 info: D.DistInfo) -> torch.Tensor:
+    """The step's draft-dependent denominators from a no-grad forward of every micro-batch, all-reduced;
+    the target features it fetched are left in `kept` for the main pass."""
+    local = None
+    for i, (mb, blk) in enumerate(zip(micro_batches, blocks)):
+        kept[i] = features.get(mb.samples)
+        _, st = run_micro_batch(step, draft, draft_cfg, target, kept[i], mb.samples, mb.anchor_seeds, blocks=blk,
+                                denominators=static, model_denominators=static * 0)
+        local = st["model_denominators"] if local is None else local + st["model_denominators"]
+    return D.all_reduce_sum(local, info)
+
+
+@torch.no_grad()
+def heldout_metrics(draft, draft_cfg, target, features, heldout, fwd: StepConfig | dict, info: D.DistInfo, seed: int,
                     lockstep: bool = False) -> dict[str, float]:
     """Simulated tau on the held-out split (fixed anchors, every slot scored, no teacher logits), over
     all ranks: `heldout_tau`, for a DFlash2 draft the tau of the selector's own greedy walk, with
@@ -308,7 +407,7 @@ def heldout_metrics(draft, draft_cfg, target, features, heldout, fwd: dict, info
         return {}
     draft.eval()
     rounds = math.ceil(len(heldout) / info.world_size)
-    kw = {**fwd, "loss_cfg": None}
+    step = StepConfig.of(fwd).but(loss_cfg=None, max_slot=None)
     sums = torch.zeros(3, dtype=torch.float64)  # walk tau, unary tau, blocks
     for r in range(rounds):
         j = r * info.world_size + info.rank
@@ -317,7 +416,7 @@ def heldout_metrics(draft, draft_cfg, target, features, heldout, fwd: dict, info
                 features.get([heldout.sample(0)])
             continue
         s = heldout.sample(j)
-        _, st = forward_batch(draft, draft_cfg, target, features.get([s]), [s], [_mix_seed(seed, 424242, j)], **kw)
+        _, st = run_micro_batch(step, draft, draft_cfg, target, features.get([s]), [s], [_mix_seed(seed, 424242, j)])
         sums += torch.stack([st.get("sel_tau_sum", st["tau_sum"]), st["tau_sum"], st["blocks"]]).cpu()
     draft.train()
     walk, unary, blocks = D.all_reduce_sum(sums, info).tolist()

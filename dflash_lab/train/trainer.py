@@ -38,8 +38,8 @@ from dflash_lab.train.data import FeatureCache, manifest_sha256
 from dflash_lab.train.loader import LoaderConfig, SubsetSource, TrainLoader, split_indices
 from dflash_lab.train.recipe import Recipe, load_recipe, parse_recipe, recipe_to_yaml, resolve_batch
 # The step's math lives in step.py; plan.py, the bench scripts and tests import it from here too.
-from dflash_lab.train.step import (FeatureSource, accumulate_gradients, build_micro_blocks, forward_batch,  # noqa: F401
-                                   heldout_metrics)
+from dflash_lab.train.step import (FeatureSource, StepConfig, accumulate_gradients, build_micro_blocks,  # noqa: F401
+                                   forward_batch, heldout_metrics)
 
 __all__ = ["train", "Trainer", "RunOptions", "forward_batch", "build_micro_blocks", "accumulate_gradients",
            "heldout_metrics", "FeatureSource", "init_from_target_layers", "cosine_lr"]
@@ -183,19 +183,18 @@ class Trainer:
 
     def _build_step(self) -> None:
         """The loss, the target's features (through the feature cache when there is one) and the
-        forward's settings (`fwd`, passed to every `forward_batch`)."""
+        forward's settings (`fwd`, the run's frozen `StepConfig`)."""
         recipe, tcfg, dcfg = self.recipe, self.recipe.train, self.recipe.data
         self.loss_cfg = _loss_config(recipe.loss)
-        need_final = L.needs_target_logits(self.loss_cfg.name, self.loss_cfg.eal_mode, self.loss_cfg.alpha,
-                                           self.loss_cfg.kl_term)
+        need_final = self.loss_cfg.objective.needs_target_logits()
         layer_ids = self.draft.config.target_layer_ids
         self.cache = (FeatureCache(dcfg.feature_cache, self.target.fingerprint, layer_ids, dcfg.feature_cache_dtype)
                       if dcfg.feature_cache else None)
         self.features = FeatureSource(self.target, layer_ids, need_final, self.cache, self.device,
                                       stop_early=not recipe.target.fsdp)
-        self.fwd = dict(num_anchors=dcfg.num_anchors, loss_cfg=self.loss_cfg, attention=tcfg.attention,
-                        anchor_chunk=tcfg.anchor_chunk, chunk_slots=recipe.loss.chunk_slots, device=self.device,
-                        autocast_dtype=torch.bfloat16 if self.bf16 else None)
+        self.fwd = StepConfig(num_anchors=dcfg.num_anchors, loss_cfg=self.loss_cfg, attention=tcfg.attention,
+                              anchor_chunk=tcfg.anchor_chunk, chunk_slots=recipe.loss.chunk_slots, device=self.device,
+                              autocast_dtype=torch.bfloat16 if self.bf16 else None, max_slot=recipe.loss.max_slot)
 
     def _start_run_dir(self) -> None:
         """config.yaml and run.json (rank 0); metrics.jsonl rows past a resumed checkpoint are dropped."""
@@ -261,8 +260,7 @@ class Trainer:
         progress = self.progress
         self.lr = self.parts.set_lr(progress.step, progress.total_steps)
         loss, stats = accumulate_gradients(self.model, self.draft, self.draft.config, self.target, self.features,
-                                           self.loader.micro_batches(progress.step), self.fwd, self.info,
-                                           max_slot=self.recipe.loss.max_slot)
+                                           self.loader.micro_batches(progress.step), self.fwd, self.info)
         grad_norm = self.parts.step()
         progress.step += 1
         self.loader.advance()
@@ -373,12 +371,12 @@ def init_from_target_layers(draft, target) -> list[str]:
             source = dict(layers[len(layers) - n + i].named_parameters())
             for name, param in layer.named_parameters():
                 if name in source and tuple(source[name].shape) == tuple(param.shape):
-                    param.copy_(source[name].to(param.dtype))
+                    param.copy_(_whole(source[name]).to(param.dtype))
                     copied.append(f"layers.{i}.{name}")
                 elif name.endswith(("q_norm.weight", "k_norm.weight")):
                     param.fill_(1.0)
         if hasattr(body, "norm") and body.norm.weight.shape == draft.norm.weight.shape:
-            draft.norm.weight.copy_(body.norm.weight.to(draft.norm.weight.dtype))
+            draft.norm.weight.copy_(_whole(body.norm.weight).to(draft.norm.weight.dtype))
             copied.append("norm.weight")
         h = draft.config.hidden_size
         nfeat = len(draft.config.target_layer_ids)
@@ -389,12 +387,20 @@ def init_from_target_layers(draft, target) -> list[str]:
         if draft.config.target_layer_ids[-1] == len(layers) - n - 1 and hasattr(first, "input_layernorm"):
             # the last feature is exactly the first copied layer's input: c = hidden_norm(h) then
             # gives that layer's own normalised input, so its K/V over the context start as the target's
-            draft.hidden_norm.weight.copy_(first.input_layernorm.weight.to(draft.hidden_norm.weight.dtype))
+            draft.hidden_norm.weight.copy_(_whole(first.input_layernorm.weight).to(draft.hidden_norm.weight.dtype))
             copied.append("hidden_norm.weight")
         else:
             draft.hidden_norm.weight.fill_(1.0)
     return copied
 
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a target parameter: with `target.fsdp` the decoder layers' parameters are
+    DTensor shards, which cannot be copied into the draft's plain tensors. `full_tensor()` is a
+    collective; every rank initialises the draft with the same calls in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _pick_device(name: str, info: D.DistInfo) -> torch.device:
@@ -451,9 +457,10 @@ def _build_draft(recipe: Recipe, target, seed: int, device):
 
 
 def _loss_config(lcfg) -> L.LossConfig:
-    return L.LossConfig(name=lcfg.name, alpha=lcfg.alpha, gamma=lcfg.gamma, eal_mode=lcfg.eal_mode,
-                        kl_weight=lcfg.kl_weight, dpace_alpha=lcfg.dpace_alpha, normalize=lcfg.normalize,
-                        selector_alpha=lcfg.selector_alpha, selector_gold=lcfg.selector_gold)
+    """The recipe's loss section as the objectives read it (every LossConfig field by its name)."""
+    from dataclasses import fields
+
+    return L.LossConfig(**{f.name: getattr(lcfg, f.name) for f in fields(L.LossConfig)})
 
 
 def _load_source(target, data_path, dcfg, info: D.DistInfo, progress: bool = True):

@@ -55,13 +55,81 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+# Vocabulary slices of the frozen head cast to fp32 at a time by `_wide_matmul` (bf16 heads on GPU):
+# a transient of 8,192 x H fp32 instead of a whole fp32 copy of the head.
+_WIDE_SLICE = 8192
+
+
+def _wide_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [m, V] @ weight [V, H] in fp32 (fp64 for fp64 inputs), whatever autocast says.
+
+    The partial gradients p @ W, q @ W, g @ W meet in differences of nearly equal terms (the KL's
+    gradient is (sum(p) q - p) @ W) and, dotted with h, in the KL value; rounded to bf16 they put the
+    KL off by +-0.03 and below zero (issue 23 item 6). Costs fp32 GEMMs where the head would run in
+    bf16: the price of a KL that is right (measured in BENCHMARKS.md section 5)."""
+    dtype = torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
+    x = x.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        if weight.dtype == dtype:
+            return torch.matmul(x, weight)
+        out = None
+        for v0 in range(0, weight.shape[0], _WIDE_SLICE):
+            part = torch.matmul(x[:, v0:v0 + _WIDE_SLICE], weight[v0:v0 + _WIDE_SLICE].to(dtype))
+            out = part if out is None else out.add_(part)
+        return out
+
+
 def _teacher(rows: torch.Tensor, weight, bias, dtype):
     """Per distinct target position, from its final hidden state [R, H]: log p [R, V], p @ W [R, H],
     sum(p), sum(p log p) and p . b (each [R])."""
     logp = torch.log_softmax(_at_least_fp32(F.linear(rows, weight, bias)).to(dtype), dim=-1)
     p = logp.exp()
-    p_b = torch.matmul(p, bias.to(dtype)) if bias is not None else p.new_zeros(p.shape[0])
-    return logp, torch.matmul(p, weight), p.sum(-1), (p * logp).sum(-1), p_b
+    with torch.autocast(p.device.type, enabled=False):  # p . b in p's precision, not bf16
+        p_b = torch.matmul(p, bias.to(dtype)) if bias is not None else p.new_zeros(p.shape[0])
+    return logp, _wide_matmul(p, weight), p.sum(-1), (p * logp).sum(-1), p_b
+
+
+def _rounding_shift(logits: torch.Tensor, q: torch.Tensor, q_w, hidden, bias) -> torch.Tensor:
+    """sum_v q_v (z~_v - z_v) per slot: how far the logits z~ that autocast rounded (to bf16) move
+    lse from that of the unrounded z = W h + b, to first order (d lse / d z = q). The KL from p @ W
+    reads the unrounded z (sum p z = (p @ W) . h + p . b), so its lse must too; mixing the two
+    costs the KL the logits' rounding (+-0.06 at |z| ~ 16), where one consistent z leaves
+    O(var_q(z~ - z)). `q_w` = q @ W in fp32; nothing [m, V] is allocated here."""
+    with torch.autocast(q.device.type, enabled=False):  # products in q's precision, not bf16
+        q_z_rounded = torch.bmm(q[:, None, :], logits[:, :, None]).flatten()
+        q_z = (q_w * hidden.to(q_w.dtype)).sum(-1)
+        if bias is not None:
+            q_z = q_z + torch.matmul(q, bias.to(q.dtype))
+    return q_z_rounded - q_z
+
+
+def _kl_and_overlap(logq: torch.Tensor, logp: torch.Tensor, weight):
+    """Entry by entry, from the chunk's log q and its slots' log p [m, V] (both consumed): kl and
+    overlap [m], q [m, V], g @ W [m, H] and sum(g) [m] (g: overlap's gradient weights)."""
+    q = logq.exp()
+    p = logp.exp()
+    kl = (p * (logp - logq)).sum(-1)
+    del logp, logq
+    overlap = torch.minimum(p, q).sum(-1)
+    # torch.minimum's backward for its second argument: 1 where q < p, 1/2 on ties
+    g = q * ((q < p).to(q.dtype) + 0.5 * (q == p).to(q.dtype))
+    del p
+    return kl, overlap, q, _wide_matmul(g, weight), g.sum(-1)
+
+
+def _kl_from_p_w(logits, lse, hidden, weight, bias, rounded: bool, teacher, row_of_slot):
+    """(kl [m], q @ W [m, H] in fp32) without any [m, V] work on p: KL(p || q) = sum p log p - sum p z
+    + sum(p) lse, and sum_v p_v z_v = (p @ W) . h + p . b, per slot an [H] dot product. `logits` become
+    q in place unless they were `rounded` (then their lse moves to the unrounded z: `_rounding_shift`)."""
+    p_w, p_sum, p_logp, p_b = teacher
+    q = (logits - lse[:, None]).exp_() if rounded else logits.sub_(lse[:, None]).exp_()
+    q_w = _wide_matmul(q, weight)
+    if rounded:
+        lse = lse - _rounding_shift(logits, q, q_w, hidden, bias)
+    del q
+    r = row_of_slot
+    p_z = (p_w[r].to(lse.dtype) * hidden.to(lse.dtype)).sum(-1) + p_b[r]
+    return p_logp[r] - p_z + p_sum[r] * lse, q_w
 
 
 class VocabChunk(torch.autograd.Function):
@@ -73,7 +141,10 @@ class VocabChunk(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, labels, weight, bias, rows, row_of_slot, need_overlap: bool, top_k: int = 0):
-        logits = _at_least_fp32(F.linear(hidden, weight, bias))  # [m, V]
+        raw = F.linear(hidden, weight, bias)
+        rounded = raw.dtype not in (torch.float32, torch.float64)  # autocast ran the head in bf16/fp16
+        logits = _at_least_fp32(raw)  # [m, V]
+        del raw
         correct = (logits.argmax(-1) == labels).to(logits.dtype)
         lse = torch.logsumexp(logits, dim=-1)
         ce = lse - logits.gather(-1, labels[:, None]).squeeze(-1)  # -log q(y)
@@ -85,34 +156,21 @@ class VocabChunk(torch.autograd.Function):
         p_w = p_sum = g_w = g_sum = None
         if rows is not None:
             logp_rows, p_w, p_sum, p_logp, p_b = _teacher(rows, weight, bias, logits.dtype)
-            target_mass = logp_rows[row_of_slot].gather(-1, top_ids).exp().sum(-1)
+            if top_k:  # the [m, V] gather of the slots' log p: only the selector's target mass needs it
+                target_mass = logp_rows[row_of_slot].gather(-1, top_ids).exp().sum(-1)
         if rows is not None and need_overlap:  # overlap needs p and q side by side: [m, V] work
             logq = torch.log_softmax(logits, dim=-1)  # as the target's: equal entries round alike (ties)
             del logits
-            q = logq.exp()
-            logp = logp_rows[row_of_slot]  # [m, V], this chunk's slots only
-            p = logp.exp()
-            kl = (p * (logp - logq)).sum(-1)
-            del logp, logq
-            overlap = torch.minimum(p, q).sum(-1)
-            # torch.minimum's backward for its second argument: 1 where q < p, 1/2 on ties
-            g = q * ((q < p).to(q.dtype) + 0.5 * (q == p).to(q.dtype))
-            del p
-            g_sum = g.sum(-1)
-            g_w = torch.matmul(g, weight)
-            del g
+            kl, overlap, q, g_w, g_sum = _kl_and_overlap(logq, logp_rows[row_of_slot], weight)
+            q_w = _wide_matmul(q, weight)
+            del q
+        elif rows is not None:
+            kl, q_w = _kl_from_p_w(logits, lse, hidden, weight, bias, rounded, (p_w, p_sum, p_logp, p_b), row_of_slot)
+            del logits
         else:
             q = logits.sub_(lse[:, None]).exp_()  # in place: the logits become q
-            if rows is not None:
-                # KL(p || q) = sum p log p - sum p z + sum(p) lse, and sum_v p_v z_v = (p @ W) . h + p . b:
-                # per slot an [H] dot product, nothing vocabulary-sized
-                r = row_of_slot
-                p_z = (p_w[r].to(lse.dtype) * hidden.to(lse.dtype)).sum(-1) + p_b[r]
-                kl = p_logp[r] - p_z + p_sum[r] * lse
-        if rows is not None:
-            del logp_rows
-        q_w = torch.matmul(q, weight)  # [m, H]: the q-part of every gradient
-        del q
+            q_w = torch.matmul(q, weight)  # [m, H]: the q-part of every gradient
+            del q
         ctx.has_target, ctx.has_overlap = rows is not None, g_w is not None
         ctx.hidden_dtype = hidden.dtype
         saved = [labels, weight, q_w]

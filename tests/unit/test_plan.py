@@ -135,3 +135,44 @@ def test_flop_count_of_the_attention_is_the_triple_loop_masks_pairs(window):
     anchors = [0, 3, 9, 20]
     mask = B.reference_mask(anchors, 24, 4, window)
     assert P.visible_attention_pairs(torch.tensor([anchors]), 4, window) == sum(map(sum, mask))
+
+
+def _saved_for_backward(fn):
+    """Bytes of the distinct storages autograd keeps for backward while `fn` runs."""
+    storages = {}
+
+    def pack(x):
+        storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("context,dtype", [(160, torch.float32), (150, torch.bfloat16)])
+def test_flex_stand_in_keeps_what_real_flex_keeps(monkeypatch, context, dtype):
+    """Issue 23 item 4: the plan's fake step replaces flex by a stand-in, and its 10% test above runs
+    the stand-in on both sides; this compares the stand-in with real flex attention (the eager
+    higher-order op with autograd, on CPU past its device check): the tensors kept for backward, at
+    the recipes' head dim 128, with and without key padding. Real flex also keeps its max scores
+    ([N, h, Q], unused by the fused backward) and the block mask's indices: within 3%."""
+    import torch.nn.attention.flex_attention as flex_module
+
+    from dflash_lab.train import blocks as B
+
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *args: None)  # backward on CPU: the check only
+    g = torch.Generator().manual_seed(0)
+    n, heads, kv, anchors, block, d = 2, 4, 2, 6, 16, 128
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_(True)
+
+    q, k_blk, v_blk = t(n, heads, anchors * block, d), t(n, kv, anchors * block, d), t(n, kv, anchors * block, d)
+    k_ctx, v_ctx = t(n, kv, context, d), t(n, kv, context, d)
+    anchor_pos = torch.stack([torch.randperm(context - 1, generator=g)[:anchors].sort().values + 1 for _ in range(n)])
+    real = _saved_for_backward(lambda: B.FlexBlockAttention(anchor_pos, block, compiled=False)(
+        q, k_ctx, v_ctx, k_blk, v_blk, d**-0.5))
+    stand_in = _saved_for_backward(lambda: P._flex_stand_in(P.FlopTally())(anchor_pos, block)(
+        q, k_ctx, v_ctx, k_blk, v_blk, d**-0.5))
+    assert stand_in <= real <= 1.03 * stand_in, (real, stand_in)
