@@ -35,6 +35,41 @@ def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> l
     return [round(1 + i * span / (num_draft_layers - 1)) for i in range(num_draft_layers)]
 
 
+def last_full_attention_layer(config) -> int | None:
+    """Index of the target's last full-attention decoder layer (every layer counts, whatever its
+    kind), or None when it has none. Without `layer_types` every layer is full attention."""
+    kinds = getattr(config, "layer_types", None)
+    if not kinds:
+        return int(config.num_hidden_layers) - 1
+    full = [i for i, kind in enumerate(kinds) if kind == "full_attention"]
+    return full[-1] if full else None
+
+
+def attention_attr(config, name: str, default=None):
+    """An attention setting of the target (`head_dim`, `num_key_value_heads`, ...). Heterogeneous
+    configs (Gemma 4: wider heads in its full-attention layers) refuse the global read; then the
+    last full-attention layer's value is the one a draft layer copies and mirrors."""
+    try:
+        return getattr(config, name, default)
+    except Exception as exc:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        per_layer = getattr(config, "per_layer_config", None)
+        index = last_full_attention_layer(config)
+        if per_layer is None or index is None:
+            raise DFlashLabError(f"target config: {name} differs per layer and no full-attention layer "
+                                 f"says which one a draft should use ({exc})") from None
+        return getattr(per_layer[index], name, default)
+
+
+def rope_theta_of(config, default: float = 1_000_000.0) -> float:
+    """The full-attention layers' RoPE base: `rope_parameters` (flat, or keyed by layer type as in
+    Gemma 3/4), else the legacy `rope_theta`."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params.get("full_attention"), dict):
+        params = params["full_attention"]
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    return float(theta if theta is not None else default)
+
+
 def select_features(hidden_states, layer_ids: list[int]) -> torch.Tensor:
     """Concatenate the outputs of `layer_ids` from an `output_hidden_states` tuple: [.., S, n*H]."""
     return torch.cat([hidden_states[i + 1] for i in layer_ids], dim=-1)
