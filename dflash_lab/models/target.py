@@ -35,13 +35,18 @@ def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> l
     return [round(1 + i * span / (num_draft_layers - 1)) for i in range(num_draft_layers)]
 
 
-def last_full_attention_layer(config) -> int | None:
-    """Index of the target's last full-attention decoder layer (every layer counts, whatever its
-    kind), or None when it has none. Without `layer_types` every layer is full attention."""
+def full_attention_layers(config) -> list[int]:
+    """Indices of the target's full-attention decoder layers (every layer counts in the numbering,
+    whatever its kind: linear attention, sliding window). Without `layer_types`, all of them."""
     kinds = getattr(config, "layer_types", None)
     if not kinds:
-        return int(config.num_hidden_layers) - 1
-    full = [i for i, kind in enumerate(kinds) if kind == "full_attention"]
+        return list(range(int(config.num_hidden_layers)))
+    return [i for i, kind in enumerate(kinds) if kind == "full_attention"]
+
+
+def last_full_attention_layer(config) -> int | None:
+    """Index of the target's last full-attention decoder layer, or None when it has none."""
+    full = full_attention_layers(config)
     return full[-1] if full else None
 
 
@@ -416,6 +421,7 @@ def load_target(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **_device_kwargs(device), **kwargs)
     except OSError as exc:
         raise DFlashLabError(f"target {spec}: could not load the model ({exc})") from exc
+    model = text_model_of(model, spec)
     if str(model.device) != str(torch.device(device)):  # a loader that ignored device_map
         model.to(device)
     model.eval()
@@ -429,6 +435,34 @@ def load_target(
         mask_token_id=meta.get("mask_token_id"),
         fingerprint=fingerprint,
     )
+
+
+def text_model_of(model: nn.Module, spec: str = "target") -> nn.Module:
+    """The causal text model inside a multimodal checkpoint (Gemma 3/4 `...ForConditionalGeneration`:
+    `AutoModelForCausalLM` loads the whole image-text model there). A draft only reads the text
+    decoder, its embedding table and its LM head, so they are moved into the family's own
+    `...ForCausalLM` (no copy: the same modules) and the vision/audio towers are dropped. Qwen3.5's
+    published `Qwen3_5ForConditionalGeneration` checkpoints already load as `Qwen3_5ForCausalLM`."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    text_config = config.get_text_config()
+    if text_config is config:
+        return model
+    language_model = getattr(getattr(model, "model", None), "language_model", None)
+    head = getattr(model, "lm_head", None)
+    causal_class = AutoModelForCausalLM._model_mapping.get(type(text_config), None)
+    if language_model is None or head is None or causal_class is None:
+        raise DFlashLabError(
+            f"target {spec}: a multimodal {type(model).__name__} whose text model dflash-lab cannot find "
+            f"(text config {type(text_config).__name__}); point at a text-only checkpoint of the same model"
+        )
+    with torch.device("meta"):
+        causal = causal_class(text_config)
+    causal.model = language_model
+    causal.lm_head = head
+    causal.generation_config = model.generation_config
+    return causal
 
 
 def wrap_target(model: nn.Module, tokenizer=None, name: str = "target", mask_token_id: int | None = None) -> TargetModel:

@@ -19,8 +19,10 @@ from dflash_lab.decoding.sampling import SamplingParams
 from dflash_lab.decoding.speculative import greedy_generate, speculative_generate
 from dflash_lab.models.dflash2 import DFlash2DraftModel, build_dflash2_config
 from dflash_lab.models.draft import DFlashDraftModel, build_draft_config
-from dflash_lab.models.target import wrap_target
-from dflash_lab.testing import FAMILIES, TINY_SLIDING_WINDOW, tiny_model
+from dflash_lab.errors import DFlashLabError
+from dflash_lab.models.target import full_attention_layers, wrap_target
+from dflash_lab.testing import FAMILIES, TINY_SLIDING_WINDOW, tiny_model, tiny_tokenizer
+from dflash_lab.train.trainer import init_from_target_layers
 
 VOCAB = 40
 BLOCK = 6
@@ -128,3 +130,91 @@ def test_sampled_decoding_uses_exact_target_distributions(family_target, tempera
         result = speculative_generate(recorder, drafter, PROMPT, NEW_TOKENS, sampling=sampling)
         assert len(result.output_ids) == NEW_TOKENS
         assert_logits_exact(family, recorder, PROMPT, result.output_ids)
+
+
+# -- training-side facts per family -------------------------------------------------------------------
+def test_features_count_every_layer_whatever_its_kind(family_target):
+    family, target = family_target
+    ids = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        hidden = target.model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert len(hidden) == target.num_layers + 1 == len(getattr(target.config, "layer_types", None) or hidden[1:]) + 1
+    _, features = target.forward(ids, [0, target.num_layers - 2])
+    assert torch.equal(features, torch.cat([hidden[1], hidden[target.num_layers - 1]], dim=-1)), family
+
+
+def test_moe_routing_is_deterministic_in_eval_mode(family_target):
+    family, target = family_target
+    assert not target.model.training
+    ids = torch.tensor([PROMPT])
+    first, second = (target.forward(ids, [1])[1] for _ in range(2))
+    assert torch.equal(first, second), family
+
+
+def test_init_from_target_layers_copies_the_last_full_attention_layer(family_target):
+    family, target = family_target
+    draft = DFlashDraftModel(build_draft_config(target, num_layers=1, block_size=4)).init_weights(0)
+    last = full_attention_layers(target.config)[-1]
+    source = target.model.model.layers[last]
+    if family in ("qwen3_5", "qwen3_next"):  # gated queries: q_proj twice as wide as a draft layer's
+        with pytest.raises(DFlashLabError, match=f"target layer {last} .*q_proj"):
+            init_from_target_layers(draft, target)
+        return
+    copied = init_from_target_layers(draft, target)
+    assert "layers.0.self_attn.k_proj.weight" in copied and "layers.0.input_layernorm.weight" in copied
+    assert torch.equal(draft.layers[0].self_attn.k_proj.weight, source.self_attn.k_proj.weight)
+    x = torch.randn(3, target.hidden_size)  # the draft's norm does what the target's does, zero-centred or not
+    assert torch.allclose(draft.layers[0].input_layernorm(x), source.input_layernorm(x), atol=1e-5), family
+    two = DFlashDraftModel(build_draft_config(target, num_layers=2, block_size=4)).init_weights(0)
+    if len(full_attention_layers(target.config)) < 2:
+        with pytest.raises(DFlashLabError, match="only 1 full-attention"):
+            init_from_target_layers(two, target)
+
+
+def test_chat_template_thinking_switch_per_family():
+    from dflash_lab.testing import THINKING_FAMILIES
+
+    for family in FAMILIES:
+        target = wrap_target(tiny_model("qwen3", layers=1), tokenizer=tiny_tokenizer(kind=family))
+        rendered = target.render_prompt([{"role": "user", "content": "hi"}])
+        assert ("<think>\n\n</think>" in rendered) == (family in THINKING_FAMILIES), family
+
+
+def _multimodal(family, text_config):
+    import transformers as T
+
+    if family == "qwen3_5":
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text_config.hidden_size)
+        return T.Qwen3_5ForConditionalGeneration(T.Qwen3_5Config(text_config=text_config.to_dict(), vision_config=vision))
+    if family == "gemma3":
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)
+        return T.Gemma3ForConditionalGeneration(T.Gemma3Config(text_config=text_config.to_dict(), vision_config=vision,
+                                                               mm_tokens_per_image=4))
+    return T.Gemma4ForConditionalGeneration(T.Gemma4Config(text_config=text_config.to_dict(), vision_config=None,
+                                                           audio_config=None))
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "gemma3", "gemma4"])
+def test_multimodal_checkpoint_loads_its_text_model(family, tmp_path):
+    """Published Qwen3.5 and Gemma 3/4 checkpoints are `...ForConditionalGeneration`: the target is
+    their text model, with the same logits, and decodes losslessly."""
+    from dflash_lab.models.target import load_target
+    from dflash_lab.testing import tiny_config
+
+    tokenizer = tiny_tokenizer(kind=family)
+    torch.manual_seed(0)
+    config = tiny_config(family, vocab_size=len(tokenizer) + 16)
+    config.initializer_range = 0.2
+    full = _multimodal(family, config).eval()
+    full.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    target = load_target(tmp_path)
+    assert type(target.model).__name__.endswith("ForCausalLM") and target.num_layers == config.num_hidden_layers
+    assert not any(p.is_meta for p in target.model.parameters())
+    assert target.vocab_size == len(tokenizer) + 16 and target.default_mask_token_id() == len(tokenizer)
+    ids = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        assert torch.allclose(target.forward(ids)[0], full(input_ids=ids).logits, atol=1e-5)
+    reference = cacheless_greedy(target, PROMPT, 12)
+    assert speculative_generate(target, PromptLookupDrafter(BLOCK), PROMPT, 12).output_ids == reference
