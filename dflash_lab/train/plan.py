@@ -428,9 +428,49 @@ def measure_step(recipe: Recipe, micro_batch: int, *, fake: bool = True, activat
         total = sum(peak_by_kind.values())
     return StepMeasure(micro_batch=micro_batch, activation_checkpointing=draft.activation_checkpointing,
                        peak_bytes=total, peak_by_kind=peak_by_kind,
-                       flops_target=int(target_flops.get_total_flops()),
+                       flops_target=target_flops_with_experts(target.model, target_flops,
+                                                              micro_batch * max(len(x.input_ids) for x in samples)),
                        flops_draft=int(draft_flops.get_total_flops()) + tally.flops,
                        fake=fake, wall_s=time.perf_counter() - t0)
+
+
+# -- MoE and hybrid targets (issue 22) ----------------------------------------------------------------
+def _expert_blocks(model) -> list:
+    """The routed-experts modules of a MoE target (Qwen3-MoE, Qwen3-Next, gpt-oss: `mlp.experts`,
+    their weights stacked [num_experts, ...]). Shared experts are plain MLPs and count as such."""
+    return [(name, module) for name, module in model.named_modules() if name.split(".")[-1] == "experts"]
+
+
+def target_flops_with_experts(model, counter, tokens: int) -> int:
+    """The target forward's FLOPs with its routed experts counted as they run: each token through
+    `num_experts_per_tok` experts (2 FLOPs per weight of one expert). The FLOP counter cannot see
+    them (the fused expert kernels are not among its ops, and under fake tensors the routing has no
+    data), while the memory plan holds every expert's weights as it should."""
+    total = int(counter.get_total_flops())
+    blocks = _expert_blocks(model)
+    if not blocks:
+        return total
+    top_k = int(getattr(model.config.get_text_config(), "num_experts_per_tok", 0) or 0)
+    counted = counter.get_flop_counts()
+    for name, module in blocks:
+        total -= sum(sum(ops.values()) for key, ops in counted.items() if key.endswith("." + name))
+        params = [p for p in module.parameters()]
+        experts = int(params[0].shape[0]) if params else 0
+        if experts and top_k:
+            total += 2 * tokens * top_k * sum(p.numel() for p in params) // experts
+    return total
+
+
+def target_layer_kinds(cfg) -> dict:
+    """What the plan says about the target's layers: their kinds, and for MoE targets the expert
+    counts (memory holds all experts, FLOPs the active ones)."""
+    text = cfg.get_text_config()
+    kinds = list(getattr(text, "layer_types", None) or ["full_attention"] * int(text.num_hidden_layers))
+    out = {kind: kinds.count(kind) for kind in dict.fromkeys(kinds)}
+    experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
+    if experts:
+        out["experts"] = {"total": int(experts), "active_per_token": int(getattr(text, "num_experts_per_tok", 0) or 0)}
+    return out
 
 
 def _target_dtype(name: str) -> torch.dtype:
@@ -566,6 +606,7 @@ def make_plan(recipe: Recipe, *, gpus: int = 1, gpu_memory: int = 80 * GB, margi
         f"sequences at data.max_length ({recipe.data.max_length}) with a 256-token prompt: the worst case a batch holds",
         "not counted: the CUDA context and allocator fragmentation (the margin is for them)",
     ]
+    notes.extend(_family_notes(cfg))
     if recipe.draft.init != "scratch":
         notes.append(f"draft.init {recipe.draft.init}: planned with the recipe's draft shape (num_layers "
                      f"{recipe.draft.num_layers}); a parent with another shape changes the figures")
@@ -585,6 +626,20 @@ def make_plan(recipe: Recipe, *, gpus: int = 1, gpu_memory: int = 80 * GB, margi
 
 
 SEARCH_CAP = 64
+
+
+def _family_notes(cfg) -> list[str]:
+    kinds = target_layer_kinds(cfg)
+    notes = []
+    if set(kinds) - {"full_attention", "experts"}:
+        layers = ", ".join(f"{n} {k}" for k, n in kinds.items() if k != "experts")
+        notes.append(f"target layers: {layers}; linear-attention layers counted as transformers' chunked "
+                     "Gated DeltaNet (the fla kernels do the same matmuls)")
+    if "experts" in kinds:
+        e = kinds["experts"]
+        notes.append(f"MoE target: weights of all {e['total']} experts per layer, FLOPs of the "
+                     f"{e['active_per_token']} active per token")
+    return notes
 
 
 def _largest_micro_batch(recipe: Recipe, cfg, step: StepMeasure | None, m0: int, total, limit: int, cap: int) -> int:

@@ -218,3 +218,40 @@ def test_multimodal_checkpoint_loads_its_text_model(family, tmp_path):
         assert torch.allclose(target.forward(ids)[0], full(input_ids=ids).logits, atol=1e-5)
     reference = cacheless_greedy(target, PROMPT, 12)
     assert speculative_generate(target, PromptLookupDrafter(BLOCK), PROMPT, 12).output_ids == reference
+
+
+# -- plan: MoE and hybrid targets ---------------------------------------------------------------------
+def _plan_step(config):
+    from dflash_lab.train.plan import _model_bytes, measure_step
+    from dflash_lab.train.recipe import parse_recipe
+
+    recipe = parse_recipe({"target": {"name": "tiny"}, "draft": {"num_layers": 1, "block_size": 4, "mask_token_id": 5},
+                           "data": {"max_length": 96, "num_anchors": 4}, "train": {"micro_batch": 1, "global_batch": 1}})
+    return measure_step(recipe, 1, target_cfg=config), _model_bytes(recipe, config)
+
+
+def test_plan_counts_all_experts_memory_and_active_experts_flops():
+    from dflash_lab.testing import tiny_config
+    from dflash_lab.train.plan import target_layer_kinds
+
+    moe = tiny_config("qwen3_moe", vocab_size=VOCAB)  # 4 experts of width 32, 2 active
+    dense_active = tiny_config("qwen3", vocab_size=VOCAB, intermediate=2 * moe.moe_intermediate_size)
+    dense_all = tiny_config("qwen3", vocab_size=VOCAB, intermediate=4 * moe.moe_intermediate_size)
+    (moe_step, moe_bytes), (active_step, _), (_, all_bytes) = (_plan_step(c) for c in (moe, dense_active, dense_all))
+    router = moe_bytes["target"] - all_bytes["target"]
+    assert 0 < router < 0.02 * all_bytes["target"]  # weights: every expert (plus the small router)
+    assert active_step.flops_target < moe_step.flops_target < 1.05 * active_step.flops_target  # FLOPs: the active ones
+    assert target_layer_kinds(moe)["experts"] == {"total": 4, "active_per_token": 2}
+    gpt_oss_step, _ = _plan_step(tiny_config("gpt_oss", vocab_size=VOCAB))
+    assert gpt_oss_step.flops_target > active_step.flops_target * 0.8
+
+
+def test_plan_counts_the_linear_attention_layers():
+    from dflash_lab.testing import tiny_config
+    from dflash_lab.train.plan import target_layer_kinds
+
+    hybrid = tiny_config("qwen3_5", vocab_size=VOCAB)
+    step, sizes = _plan_step(hybrid)
+    tokens = 96
+    assert step.flops_target > 2 * tokens * (sizes["target"] // 2)  # bf16 bytes / 2 = parameters, all of them dense
+    assert target_layer_kinds(hybrid) == {"linear_attention": 4, "full_attention": 2}

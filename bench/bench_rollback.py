@@ -1,0 +1,160 @@
+"""What rolling the target cache back to the accepted prefix costs, per family (issue 22).
+
+    python bench/bench_rollback.py [--context 512] [--block 16] [--repeats 5]
+    python bench/bench_rollback.py --dense-only      # the embedded target, before/after figure
+
+Hybrid (Gated DeltaNet) and sliding-window caches cannot simply drop the rejected tail of a verified
+block. Three exact ways were candidates; this times the target-side work of one verify cycle for
+each, on random targets of the published layer patterns at a CPU-sized width:
+
+- record:   transformers' past recording (what `speculative_generate` does): the verify forward
+            keeps the recurrent state after every block token (its GDN layers then step through the
+            block token by token) and the keys a sliding layer would drop; `crop` restores them.
+- snapshot: clone the recurrent/conv states before the verify (the sliding keys are kept by
+            reference), verify with the chunked kernels, then on a rejection restore and re-run
+            the a + 1 accepted tokens through the whole target (full-attention layers cropped first).
+- plain:    the verify forward alone, no rollback at all (not exact on these targets): the floor.
+
+`--dense-only` times the embedded SmolLM2 target's plain greedy and speculative decoding (a random
+draft, prompt-lookup), where `speculative_generate` keeps the plain crop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from dflash_lab.decoding.speculative import _crop, start_rollback
+from dflash_lab.testing import tiny_config
+
+
+def build(kind: str, hidden: int, layers: int):
+    torch.manual_seed(0)
+    heads = hidden // 64
+    config = tiny_config(kind, vocab_size=4096, hidden=hidden, layers=layers, heads=heads, kv_heads=max(1, heads // 4),
+                         intermediate=hidden * 3)
+    if hasattr(config, "sliding_window") and kind != "qwen3_5":
+        config.sliding_window = 128
+    if kind == "qwen3_5":  # published shapes: 16 value heads of 128 at 4B; scaled down with the width
+        config.linear_num_key_heads, config.linear_num_value_heads = heads // 2, heads
+        config.linear_key_head_dim = config.linear_value_head_dim = 64
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def prefill(model, context: int) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    ids = torch.randint(5, 4000, (1, context))
+    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache
+
+
+def snapshot(cache: DynamicCache) -> list:
+    """What a verify overwrites in place: recurrent and conv states (cloned); key/value tensors are
+    replaced by `update`, never written into, so a reference keeps them."""
+    saved = []
+    for layer in cache.layers:
+        if hasattr(layer, "recurrent_states"):
+            saved.append(("linear", {i: s.clone() for i, s in layer.recurrent_states.items() if s is not None},
+                          {i: s.clone() for i, s in layer.conv_states.items() if s is not None},
+                          layer.cumulative_length_linear.clone()))
+        else:
+            saved.append(("attention", layer.keys, layer.values, getattr(layer, "cumulative_length", None)))
+    return saved
+
+
+def restore(cache: DynamicCache, saved: list) -> None:
+    for layer, state in zip(cache.layers, saved):
+        if state[0] == "linear":
+            for i, s in state[1].items():
+                layer.recurrent_states[i].copy_(s)
+            for i, s in state[2].items():
+                layer.conv_states[i].copy_(s)
+            layer.cumulative_length_linear.copy_(state[3])
+        else:
+            layer.keys, layer.values = state[1], state[2]
+            if state[3] is not None:
+                layer.cumulative_length = state[3]
+
+
+def time_cycle(model, context: int, block: int, accepted: int, mode: str, repeats: int) -> float:
+    """Best-of-repeats seconds of one verify cycle's target work (forward + rollback to accepted + 1 tokens)."""
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            cache = prefill(model, context)
+            recording = start_rollback(cache, block) if mode == "record" else False
+            ids = torch.randint(5, 4000, (1, block))
+            positions = torch.arange(context, context + block)[None]
+            t0 = time.perf_counter()
+            saved = snapshot(cache) if mode == "snapshot" else None
+            model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True)
+            keep = context + accepted + 1
+            if mode == "record":
+                _crop(cache, keep, recording)
+            elif mode == "snapshot" and accepted + 1 < block:
+                restore(cache, saved)
+                model(input_ids=ids[:, :accepted + 1], position_ids=positions[:, :accepted + 1], past_key_values=cache,
+                      use_cache=True, logits_to_keep=1)
+            times.append(time.perf_counter() - t0)
+    return min(times)  # the least disturbed run: this machine is shared
+
+
+def dense_bench(new_tokens: int, prompts: int) -> None:
+    from bench.bench_decode import PROMPTS, SUFFIX
+    from dflash_lab.decoding.drafters import DFlashDrafter, PromptLookupDrafter
+    from dflash_lab.decoding.speculative import greedy_generate, speculative_generate
+    from dflash_lab.models.draft import DFlashDraftModel, build_draft_config
+    from dflash_lab.models.target import load_target
+
+    target = load_target("smollm2-135m-instruct", dtype="float32")
+    draft = DFlashDraftModel(build_draft_config(target, num_layers=1, block_size=16)).init_weights(seed=0)
+    walls = {"greedy": 0.0, "dflash": 0.0, "lookup": 0.0}
+    counts = dict.fromkeys(walls, 0)
+    for text in PROMPTS[:prompts]:
+        ids = target.encode_prompt([{"role": "user", "content": text + SUFFIX}])
+        for name in walls:
+            if name == "greedy":
+                result = greedy_generate(target, ids, new_tokens)
+            else:
+                drafter = DFlashDrafter(draft, target) if name == "dflash" else PromptLookupDrafter(16)
+                result = speculative_generate(target, drafter, ids, new_tokens)
+            walls[name] += result.wall_s
+            counts[name] += len(result.output_ids)
+    print(f"dense (smollm2-135m-instruct, fp32, {prompts} prompts x {new_tokens} tokens, {platform.processor() or 'cpu'}):")
+    for name in walls:
+        print(f"  {name:7s} {counts[name] / walls[name]:7.1f} tokens/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--block", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--families", default="qwen3_5,gemma3,qwen3")
+    parser.add_argument("--dense-only", action="store_true")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.dense_only:
+        dense_bench(args.new_tokens, args.prompts)
+        return
+    print(f"hidden {args.hidden}, {args.layers} layers, context {args.context}, block {args.block}, fp32, 1 thread; "
+          "ms per verify cycle (best of {args.repeats})".replace("{args.repeats}", str(args.repeats)))
+    print(f"{'family':10s} {'accepted':>8s} {'plain':>8s} {'record':>8s} {'snapshot':>9s}")
+    for kind in args.families.split(","):
+        model = build(kind, args.hidden, args.layers)
+        for accepted in (0, 3, args.block // 2, args.block - 1):
+            row = {mode: 1000 * time_cycle(model, args.context, args.block, accepted, mode, args.repeats)
+                   for mode in ("plain", "record", "snapshot")}
+            print(f"{kind:10s} {accepted + 1:8d} {row['plain']:8.1f} {row['record']:8.1f} {row['snapshot']:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
