@@ -75,6 +75,23 @@ def rope_theta_of(config, default: float = 1_000_000.0) -> float:
     return float(theta if theta is not None else default)
 
 
+def check_recipe_target(config, family: str | None, num_layers: int | None, name: str) -> None:
+    """Stop when a recipe written for one target family (its `model_type`, the text model's for a
+    multimodal checkpoint) or layer count is given another: its layer ids and draft shape would
+    silently mean something else."""
+    text = config.get_text_config()
+    kinds = {getattr(config, "model_type", None), getattr(text, "model_type", None)}
+    if family is not None and family not in kinds:
+        found = " / ".join(sorted(k for k in kinds if k))
+        raise DFlashLabError(f"target {name}: the recipe is for target.family {family}, but this target is {found}; "
+                             "point target.name at a matching checkpoint or fix target.family")
+    layers = int(text.num_hidden_layers)
+    if num_layers is not None and num_layers != layers:
+        raise DFlashLabError(f"target {name}: the recipe is for a target of {num_layers} layers "
+                             f"(target.num_layers), this one has {layers}; point target.name at a matching "
+                             "checkpoint or fix target.num_layers")
+
+
 def select_features(hidden_states, layer_ids: list[int]) -> torch.Tensor:
     """Concatenate the outputs of `layer_ids` from an `output_hidden_states` tuple: [.., S, n*H]."""
     return torch.cat([hidden_states[i + 1] for i in layer_ids], dim=-1)

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from dflash_lab.errors import DFlashLabError
+from dflash_lab.models.target import check_recipe_target
 from dflash_lab.train.recipe import Recipe, resolve_batch
 
 GIB = 1024**3
@@ -56,6 +57,20 @@ KNOWN_TARGETS: dict[str, dict] = {
         model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
         tie_word_embeddings=False, rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=40960,
+    ),
+    # Qwen3.5-4B's text model (the checkpoint is Qwen3_5ForConditionalGeneration): 3 Gated DeltaNet
+    # layers to 1 gated full-attention layer. Attention shapes as published (16 query / 4 KV heads of
+    # 256, 32 layers, hidden 2560, MLP 9216, vocabulary 248320, tied, RoPE 1e7 on a quarter of each
+    # head); the DeltaNet heads (16 key / 32 value of 128) as Qwen3-Next's: compare with the
+    # checkpoint's config.json, or plan with the checkpoint directory as target.name.
+    "Qwen/Qwen3.5-4B": dict(
+        model_type="qwen3_5_text", hidden_size=2560, intermediate_size=9216, num_hidden_layers=32,
+        num_attention_heads=16, num_key_value_heads=4, head_dim=256, vocab_size=248320,
+        tie_word_embeddings=True, rms_norm_eps=1e-6, max_position_embeddings=262144,
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25},
+        layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(32)],
+        linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+        linear_conv_kernel_dim=4,
     ),
 }
 KNOWN_MASK_TOKEN = {"Qwen/Qwen3-4B": 151669, "Qwen/Qwen3-8B": 151669}
@@ -108,11 +123,12 @@ def build_target(config, dtype: torch.dtype, name: str, fake: bool):
 
     from dflash_lab.models.target import wrap_target
 
-    # under FakeTensorMode the initialisation only computes shapes (fake CPU tensors, no storage)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # under FakeTensorMode the initialisation only computes shapes (fake CPU tensors, no storage);
+    # a multimodal checkpoint's config plans its text model, the part training runs (load_target)
+    model = AutoModelForCausalLM.from_config(config.get_text_config(), dtype=dtype)
     mask = KNOWN_MASK_TOKEN.get(name)
-    if mask is None or mask >= int(config.vocab_size):  # no tokenizer here: the last row stands in
-        mask = int(config.vocab_size) - 1
+    if mask is None or mask >= int(config.get_text_config().vocab_size):  # no tokenizer here: the last row stands in
+        mask = int(config.get_text_config().vocab_size) - 1
     return wrap_target(model, name=name, mask_token_id=mask)
 
 
@@ -394,7 +410,7 @@ def measure_step(recipe: Recipe, micro_batch: int, *, fake: bool = True, activat
             p.grad = torch.zeros_like(p)
         optimizer.step()
         optimizer.zero_grad(set_to_none=not grads_present)
-        samples = synthetic_samples(micro_batch, recipe.data.max_length, prompt_tokens, int(cfg.vocab_size), seed=t.seed)
+        samples = synthetic_samples(micro_batch, recipe.data.max_length, prompt_tokens, int(cfg.get_text_config().vocab_size), seed=t.seed)
         forward_batch, fwd = _forward_kwargs(recipe, attention, autocast_dtype)
         layer_ids = draft.config.target_layer_ids
         seeds = [1000 + i for i in range(micro_batch)]
@@ -579,6 +595,7 @@ def make_plan(recipe: Recipe, *, gpus: int = 1, gpu_memory: int = 80 * GB, margi
     t0 = time.perf_counter()
     micro, accum, global_batch = resolve_batch(recipe, gpus)
     cfg = target_cfg if target_cfg is not None else target_config(recipe.target.name)
+    check_recipe_target(cfg, recipe.target.family, recipe.target.num_layers, recipe.target.name)
     sizes = _model_bytes(recipe, cfg)
     ddp, fsdp = _extras(recipe, gpus, sizes)
     limit = int(gpu_memory * (1 - margin))

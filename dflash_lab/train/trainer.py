@@ -340,9 +340,11 @@ def _seed_everything(seed: int, cpu_threads: int | None) -> None:
 
 
 def _load_target(recipe: Recipe, device: torch.device):
-    from dflash_lab.models.target import load_target
+    from dflash_lab.models.target import check_recipe_target, load_target
 
-    return load_target(recipe.target.name, dtype=recipe.target.dtype, device=str(device))
+    target = load_target(recipe.target.name, dtype=recipe.target.dtype, device=str(device))
+    check_recipe_target(target.config, recipe.target.family, recipe.target.num_layers, recipe.target.name)
+    return target
 
 
 def _register(out_dir: Path, db: str | None) -> None:

@@ -255,3 +255,49 @@ def test_plan_counts_the_linear_attention_layers():
     tokens = 96
     assert step.flops_target > 2 * tokens * (sizes["target"] // 2)  # bf16 bytes / 2 = parameters, all of them dense
     assert target_layer_kinds(hybrid) == {"linear_attention": 4, "full_attention": 2}
+
+
+# -- recipes: the target they were written for --------------------------------------------------------
+def test_family_recipes_name_their_target_and_plan_config_matches():
+    from pathlib import Path
+
+    from dflash_lab.models.target import check_recipe_target
+    from dflash_lab.train.plan import target_config
+    from dflash_lab.train.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    expected = {"qwen3.5-4b/dflash2-b8.yaml": ("dflash2", 8), "qwen3.5-4b/v1-b16.yaml": ("dflash", 16),
+                "qwen3-8b/m2.yaml": ("dflash", 16)}
+    for name, (arch, block) in expected.items():
+        recipe = load_recipe(root / name)
+        assert (recipe.draft.arch, recipe.draft.block_size) == (arch, block), name
+        config = target_config(recipe.target.name)  # built in: plan runs without the checkpoint
+        check_recipe_target(config, recipe.target.family, recipe.target.num_layers, recipe.target.name)
+    hybrid = target_config("Qwen/Qwen3.5-4B")
+    assert hybrid.layer_types.count("full_attention") == 8 and full_attention_layers(hybrid)[-1] == 31
+
+
+def test_recipe_for_another_family_or_layer_count_is_refused(tmp_path, capsys):
+    from dflash_lab.cli import main
+    from dflash_lab.testing import tiny_target_dir
+
+    target = tiny_target_dir(tmp_path / "t", kind="qwen3")
+    capsys.readouterr()
+    for target_fields, message in [("family: qwen3_5_text", "recipe is for target.family qwen3_5_text, but this target "
+                                                            "is qwen3"),
+                                   ("family: qwen3, num_layers: 32", "a target of 32 layers (target.num_layers), "
+                                                                     "this one has 6")]:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(f"target: {{name: {target}, {target_fields}}}\ndraft: {{num_layers: 1, block_size: 4}}\n"
+                          "data: {max_length: 64, num_anchors: 4}\ntrain: {micro_batch: 1, global_batch: 1}\n")
+        assert main(["plan", "--config", str(recipe), "--gpus", "1", "--gpu-memory", "80GB"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: target") and message in err and "Traceback" not in err, err
+    data = tmp_path / "labels"
+    write = data / "shard-00000.jsonl"
+    data.mkdir()
+    write.write_text('{"id": "a", "messages": [{"role": "user", "content": "hi"}, '
+                     '{"role": "assistant", "content": "hello there"}]}\n')
+    assert main(["train", "--config", str(recipe), "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--no-progress"]) == 2
+    assert "this one has 6" in capsys.readouterr().err
