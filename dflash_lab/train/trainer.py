@@ -420,11 +420,18 @@ _ATTENTION = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v
 
 
 def _norm_scale(norm) -> torch.Tensor:
-    """An RMSNorm's effective per-channel scale: its output for an all-ones input (RMS 1), with eps
-    undone. Plain RMSNorms give `w`, zero-centred ones `1 + w`."""
+    """An RMSNorm's effective per-channel scale: `w` for a plain RMSNorm, `1 + w` for a zero-centred
+    one (Gemma 3, Qwen3.5). Told apart by the norm's own output for an all-ones input (RMS 1); the
+    weight itself is returned, so a copy stays bit-exact in any dtype."""
     eps = float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or 0.0)
-    ones = torch.ones(1, norm.weight.shape[0], dtype=norm.weight.dtype, device=norm.weight.device)
-    return norm(ones).float()[0] * (1.0 + eps) ** 0.5
+    weight = norm.weight.detach().float()
+    ones = torch.ones(1, weight.shape[0], dtype=norm.weight.dtype, device=weight.device)
+    probe = norm(ones).float()[0] * (1.0 + eps) ** 0.5
+    if torch.allclose(probe, weight, rtol=1e-2, atol=1e-2):
+        return norm.weight.detach()
+    if torch.allclose(probe, 1.0 + weight, rtol=1e-2, atol=1e-2):
+        return 1.0 + weight
+    return probe
 
 
 def _copyable_tensors(layer) -> dict[str, torch.Tensor]:
