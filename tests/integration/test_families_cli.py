@@ -90,3 +90,20 @@ def test_family_trains_evaluates_losslessly_and_exports(family, data_and_bench, 
         assert main(base + extra + ["--out", str(sampled), "--temperature", "0.8", "--seed", "1"]) == 0, family
         assert json.loads(sampled.read_text())["benchmarks"]["gsm8k"]["generated_tokens"] > 0
     assert last_full_attention_layer(target.config) is not None
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "gemma4"])
+def test_plan_through_the_cli_for_hybrid_moe_and_heterogeneous_targets(family, tmp_path, capsys):
+    """`plan` on a hybrid MoE target (Gated DeltaNet + experts) and on Gemma 4 (per-layer head widths)."""
+    target_dir = tiny_target_dir(tmp_path / family, kind=family, seed=1)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"target: {{name: {target_dir}, family: {load_target(target_dir).config.model_type}, "
+                      "num_layers: 6}\ndraft: {num_layers: 1, block_size: 4}\n"
+                      "data: {max_length: 64, num_anchors: 4}\ntrain: {micro_batch: 1, global_batch: 8}\n")
+    capsys.readouterr()
+    assert main(["plan", "--config", str(recipe), "--gpus", "8", "--gpu-memory", "80GB", "--no-search", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["fits"] and plan["flops_target_per_micro"] > 0
+    notes = " ".join(plan["notes"])
+    if family == "qwen3_next":
+        assert "4 linear_attention, 2 full_attention" in notes and "all 4 experts" in notes and "2 active" in notes
