@@ -3,6 +3,7 @@
     python bench/bench_rollback.py [--context 256] [--block 16] [--repeats 10]
     git show c2f16e7:dflash_lab/decoding/speculative.py > /tmp/speculative_before.py
     python bench/bench_rollback.py --dense-only --before /tmp/speculative_before.py   # dense: before/after
+    python bench/bench_rollback.py --crop-overhead --before /tmp/speculative_before.py  # its code change alone
 
 Hybrid (Gated DeltaNet) and sliding-window caches cannot simply drop the rejected tail of a verified
 block. Three exact ways were candidates; this times the target-side work of one verify cycle for
@@ -163,6 +164,38 @@ def dense_bench(new_tokens: int, prompts: int, before: str | None, repeats: int)
         print(f"  {drafter_name:7s} " + "  ".join(f"{k} {v:6.1f}" for k, v in row.items()))
 
 
+def crop_overhead(before: str, calls: int = 2000) -> None:
+    """The dense path's only change, timed alone: `_crop` per cycle and `start_rollback` per
+    generation on the embedded target's 30-layer cache (300 cached tokens, nothing to remove)."""
+    from transformers import AutoConfig
+
+    from dflash_lab.models import embedded
+
+    old = load_loop(before)
+    cfg = AutoConfig.from_pretrained(str(embedded.cache_root() / "models" / "smollm2-135m-instruct"))
+
+    def filled() -> DynamicCache:
+        cache = DynamicCache(config=cfg)
+        for i in range(len(cache.layers)):
+            keys = torch.zeros(1, cfg.num_key_value_heads, 300, cfg.hidden_size // cfg.num_attention_heads)
+            cache.update(keys, keys, i)
+        return cache
+
+    def per_call(fn) -> float:
+        best = float("inf")
+        for _ in range(5):
+            cache = filled()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn(cache)
+            best = min(best, (time.perf_counter() - t0) / calls)
+        return best * 1e6
+
+    print(f"_crop before: {per_call(lambda c: old._crop(c, 300)):.2f} us per cycle; "
+          f"after: {per_call(lambda c: _crop(c, 300, False)):.2f} us per cycle; "
+          f"start_rollback: {per_call(lambda c: start_rollback(c, 16)):.2f} us per generation")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context", type=int, default=256)
@@ -175,8 +208,12 @@ def main() -> None:
     parser.add_argument("--before", default=None, help="--dense-only: an older speculative.py to time beside this one")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--crop-overhead", action="store_true", help="with --before: the dense path's change alone")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.crop_overhead:
+        crop_overhead(args.before)
+        return
     if args.dense_only:
         dense_bench(args.new_tokens, args.prompts, args.before, max(1, args.repeats // 4))
         return
