@@ -3,7 +3,7 @@ config class, saved with a tokenizer and chat template like a published checkpoi
 `train` (two steps, the draft copied from the target's last full-attention layer where it fits), `eval` with the
 trained draft and with prompt-lookup, greedy (the lossless check against plain greedy on) and
 sampled, past the 8-token sliding window, then the checkpoint (the HF layout SGLang and vLLM load)
-reloaded."""
+reloaded and exported as the GGUF draft file beside a target GGUF of the family's architecture."""
 
 import json
 import random
@@ -19,6 +19,9 @@ from dflash_lab.testing import FAMILIES, THINKING_FAMILIES, TINY_SLIDING_WINDOW,
 
 WORDS = "the quick brown fox jumps over lazy dog add return step answer boxed def sky blue".split()
 NEW_TOKENS = 24
+# `general.architecture` of each family's target GGUF, as llama.cpp's converter names them
+GGUF_ARCH = {"qwen3": "qwen3", "llama": "llama", "qwen3_5": "qwen35", "qwen3_next": "qwen3next", "qwen3_moe": "qwen3moe",
+             "gpt_oss": "gpt-oss", "gemma3": "gemma3", "gemma4": "gemma4", "mistral": "llama"}
 GATED_QUERY_FAMILIES = ("qwen3_5", "qwen3_next")
 
 
@@ -39,6 +42,25 @@ def data_and_bench(tmp_path_factory):
     write_jsonl(bench / "gsm8k.test.jsonl", [{"question": f"Natalia sold {i} clips in April. How many in May?"}
                                             for i in range(3)])
     return root, data, bench
+
+
+def _target_gguf(path, arch: str, target):
+    """A target GGUF with the keys `draft export` reads (no weights: the draft file never needs them)."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch)
+    writer.add_uint32(f"{arch}.embedding_length", target.hidden_size)
+    writer.add_uint32(f"{arch}.block_count", target.num_layers)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(target.vocab_size)])
+    writer.add_token_types([1] * target.vocab_size)
+    writer.add_eos_token_id(target.stop_token_ids[0])
+    writer.add_chat_template(target.tokenizer.chat_template)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -74,6 +96,18 @@ def test_family_trains_evaluates_losslessly_and_exports(family, data_and_bench, 
     assert all(torch.equal(saved[k].float(), v.float()) for k, v in draft.state_dict().items() if k in saved)
     config = json.loads((final / "config.json").read_text())
     assert config["dflash_config"]["target_layer_ids"] == [target.num_layers // 2]
+
+    # GGUF: the draft file for a target GGUF of this family (a stub with the keys the exporter reads)
+    from gguf import GGUFReader
+
+    from dflash_lab.models.gguf_export import gguf_field
+
+    stub = _target_gguf(tmp_path / "target.gguf", GGUF_ARCH[family], target)
+    assert main(["draft", "export", str(final), "--to", "gguf", "--target", str(stub),
+                 "--out", str(tmp_path / "draft.gguf")]) == 0, family
+    reader = GGUFReader(str(tmp_path / "draft.gguf"))
+    assert gguf_field(reader, "dflash.target_hidden_size") == target.hidden_size
+    assert list(gguf_field(reader, "dflash.target_layers")) == [target.num_layers // 2 + 1]
 
     base = ["eval", "--target", str(target_dir), "--benchmarks", "gsm8k", "--bench-dir", str(bench),
             "--limit", "2", "--selection", "first", "--max-new-tokens", str(NEW_TOKENS), "--no-db", "--quiet",
