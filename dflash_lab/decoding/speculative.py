@@ -6,7 +6,7 @@
         y_0 .. y_k = argmax(target(block))                one target forward, with its KV cache
         a = longest prefix with d_{i+1} == y_i            the target agrees with the draft that far
         commit bonus, d_1 .. d_a; the new bonus is y_a    so every committed token is the target's own
-        crop the target cache to the committed length; hand the committed tokens' features to the drafter
+        roll the target cache back to the committed length (crop; see `start_rollback`); hand the committed tokens' features to the drafter
 
 With `sampling.temperature > 0` the same loop samples: the prefill token is drawn from the target's
 processed distribution, and the block is verified by the speculative-sampling chain rule of
@@ -48,10 +48,35 @@ class GenerationResult:
         return sum(self.cycle_acceptance) / len(self.cycle_acceptance) if self.cycle_acceptance else float("nan")
 
 
-def _crop(cache: DynamicCache, keep: int) -> None:
-    # transformers rejects crop(positive) on some versions; a negative count removes that many tokens
-    remove = cache.get_seq_length() - keep
-    if remove > 0:
+def needs_past_recording(cache: DynamicCache) -> bool:
+    """True when some layer of `cache` cannot simply drop its last tokens: a sliding-window layer
+    (Gemma 3/4, gpt-oss, Mistral: once the window is full it has already discarded the keys a
+    rollback would need) or a linear-attention layer (Qwen3.5, Qwen3-Next Gated DeltaNet: a
+    recurrent state and a conv window, not a list of keys)."""
+    return any(getattr(layer, "is_sliding", False) or hasattr(layer, "recurrent_states") for layer in cache.layers)
+
+
+def start_rollback(cache: DynamicCache, block_size: int) -> bool:
+    """Make the cache able to roll back a verified block (called after the prefill, so the prompt's
+    states are never kept twice). Dense caches are left as they are: their `crop` is exact and free.
+
+    Otherwise transformers' past recording keeps, until the next `crop`, the keys a sliding layer
+    would have dropped and the recurrent state after each of the last `block_size` tokens of a
+    linear-attention layer (its verify forward then steps through the block token by token, as
+    plain decoding does). `crop` restores exactly the state after the accepted prefix. Returns
+    whether recording is on (then every cycle must `crop`, even by 0, to drop the history)."""
+    if not needs_past_recording(cache):
+        return False
+    cache.activate_past_recording(recurrent_states_to_keep=max(1, block_size))
+    return True
+
+
+def _crop(cache: DynamicCache, keep: int, recording: bool = False) -> None:
+    """Roll the cache back to its first `keep` tokens (the committed ones)."""
+    # transformers rejects crop(positive) on some versions; a negative count removes that many tokens.
+    # A linear-attention layer reports its length as a tensor, hence int().
+    remove = int(cache.get_seq_length()) - keep
+    if remove > 0 or recording:
         cache.crop(-remove)
 
 
@@ -91,6 +116,7 @@ def speculative_generate(
     tokens[num_prompt] = logits[0, -1].argmax() if sampling.greedy else sample(
         processed_probs(logits[0, -1], sampling), generator)
     drafter.start(features, positions[None, :num_prompt])
+    recording = start_rollback(cache, drafter.block_size)
     prefill_s = time.perf_counter() - t0
 
     start = num_prompt  # position of the bonus token
@@ -123,7 +149,7 @@ def speculative_generate(
         if features is not None:
             drafter.commit(features[:, :produced], positions[None, start:start + produced])
         start += produced
-        _crop(cache, start)
+        _crop(cache, start, recording)
         cycles.append(produced)
 
     end = min(start + 1, max_length)

@@ -520,20 +520,19 @@ def build_draft_config(
     layer_types: list[str] | None = None,
 ) -> DraftConfig:
     """A draft config shaped like the target's own layers (hidden size, heads, MLP width)."""
-    from dflash_lab.models.target import default_target_layer_ids
+    from dflash_lab.models.target import attention_attr, default_target_layer_ids, rope_theta_of
 
     tc = target.config
-    heads = int(tc.num_attention_heads)
-    head_dim = int(getattr(tc, "head_dim", None) or tc.hidden_size // heads)
+    heads = int(attention_attr(tc, "num_attention_heads"))
+    head_dim = int(attention_attr(tc, "head_dim") or tc.hidden_size // heads)
     if rope_theta is None:
-        rope_params = getattr(tc, "rope_parameters", None) or {}
-        rope_theta = float(rope_params.get("rope_theta", getattr(tc, "rope_theta", 1_000_000.0)))
+        rope_theta = rope_theta_of(tc)
     cfg = DraftConfig(
         hidden_size=target.hidden_size,
         intermediate_size=int(intermediate_size or tc.intermediate_size),
         num_hidden_layers=num_layers,
         num_attention_heads=heads,
-        num_key_value_heads=int(getattr(tc, "num_key_value_heads", None) or heads),
+        num_key_value_heads=int(attention_attr(tc, "num_key_value_heads") or heads),
         head_dim=head_dim,
         vocab_size=target.vocab_size,
         num_target_layers=target.num_layers,

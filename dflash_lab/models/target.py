@@ -35,6 +35,63 @@ def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> l
     return [round(1 + i * span / (num_draft_layers - 1)) for i in range(num_draft_layers)]
 
 
+def full_attention_layers(config) -> list[int]:
+    """Indices of the target's full-attention decoder layers (every layer counts in the numbering,
+    whatever its kind: linear attention, sliding window). Without `layer_types`, all of them."""
+    kinds = getattr(config, "layer_types", None)
+    if not kinds:
+        return list(range(int(config.num_hidden_layers)))
+    return [i for i, kind in enumerate(kinds) if kind == "full_attention"]
+
+
+def last_full_attention_layer(config) -> int | None:
+    """Index of the target's last full-attention decoder layer, or None when it has none."""
+    full = full_attention_layers(config)
+    return full[-1] if full else None
+
+
+def attention_attr(config, name: str, default=None):
+    """An attention setting of the target (`head_dim`, `num_key_value_heads`, ...). Heterogeneous
+    configs (Gemma 4: wider heads in its full-attention layers) refuse the global read; then the
+    last full-attention layer's value is the one a draft layer copies and mirrors."""
+    try:
+        return getattr(config, name, default)
+    except Exception as exc:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        per_layer = getattr(config, "per_layer_config", None)
+        index = last_full_attention_layer(config)
+        if per_layer is None or index is None:
+            raise DFlashLabError(f"target config: {name} differs per layer and no full-attention layer "
+                                 f"says which one a draft should use ({exc})") from None
+        return getattr(per_layer[index], name, default)
+
+
+def rope_theta_of(config, default: float = 1_000_000.0) -> float:
+    """The full-attention layers' RoPE base: `rope_parameters` (flat, or keyed by layer type as in
+    Gemma 3/4), else the legacy `rope_theta`."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params.get("full_attention"), dict):
+        params = params["full_attention"]
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    return float(theta if theta is not None else default)
+
+
+def check_recipe_target(config, family: str | None, num_layers: int | None, name: str) -> None:
+    """Stop when a recipe written for one target family (its `model_type`, the text model's for a
+    multimodal checkpoint) or layer count is given another: its layer ids and draft shape would
+    silently mean something else."""
+    text = config.get_text_config()
+    kinds = {getattr(config, "model_type", None), getattr(text, "model_type", None)}
+    if family is not None and family not in kinds:
+        found = " / ".join(sorted(k for k in kinds if k))
+        raise DFlashLabError(f"target {name}: the recipe is for target.family {family}, but this target is {found}; "
+                             "point target.name at a matching checkpoint or fix target.family")
+    layers = int(text.num_hidden_layers)
+    if num_layers is not None and num_layers != layers:
+        raise DFlashLabError(f"target {name}: the recipe is for a target of {num_layers} layers "
+                             f"(target.num_layers), this one has {layers}; point target.name at a matching "
+                             "checkpoint or fix target.num_layers")
+
+
 def select_features(hidden_states, layer_ids: list[int]) -> torch.Tensor:
     """Concatenate the outputs of `layer_ids` from an `output_hidden_states` tuple: [.., S, n*H]."""
     return torch.cat([hidden_states[i + 1] for i in layer_ids], dim=-1)
@@ -388,6 +445,7 @@ def load_target(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **_device_kwargs(device), **kwargs)
     except OSError as exc:
         raise DFlashLabError(f"target {spec}: could not load the model ({exc})") from exc
+    model = text_model_of(model, spec)
     if str(model.device) != str(torch.device(device)):  # a loader that ignored device_map
         model.to(device)
     model.eval()
@@ -401,6 +459,34 @@ def load_target(
         mask_token_id=meta.get("mask_token_id"),
         fingerprint=fingerprint,
     )
+
+
+def text_model_of(model: nn.Module, spec: str = "target") -> nn.Module:
+    """The causal text model inside a multimodal checkpoint (Gemma 3/4 `...ForConditionalGeneration`:
+    `AutoModelForCausalLM` loads the whole image-text model there). A draft only reads the text
+    decoder, its embedding table and its LM head, so they are moved into the family's own
+    `...ForCausalLM` (no copy: the same modules) and the vision/audio towers are dropped. Qwen3.5's
+    published `Qwen3_5ForConditionalGeneration` checkpoints already load as `Qwen3_5ForCausalLM`."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    text_config = config.get_text_config()
+    if text_config is config:
+        return model
+    language_model = getattr(getattr(model, "model", None), "language_model", None)
+    head = getattr(model, "lm_head", None)
+    causal_class = AutoModelForCausalLM._model_mapping.get(type(text_config), None)
+    if language_model is None or head is None or causal_class is None:
+        raise DFlashLabError(
+            f"target {spec}: a multimodal {type(model).__name__} whose text model dflash-lab cannot find "
+            f"(text config {type(text_config).__name__}); point at a text-only checkpoint of the same model"
+        )
+    with torch.device("meta"):
+        causal = causal_class(text_config)
+    causal.model = language_model
+    causal.lm_head = head
+    causal.generation_config = model.generation_config
+    return causal
 
 
 def wrap_target(model: nn.Module, tokenizer=None, name: str = "target", mask_token_id: int | None = None) -> TargetModel:

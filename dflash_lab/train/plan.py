@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from dflash_lab.errors import DFlashLabError
+from dflash_lab.models.target import check_recipe_target
 from dflash_lab.train.recipe import Recipe, resolve_batch
 
 GIB = 1024**3
@@ -56,6 +57,20 @@ KNOWN_TARGETS: dict[str, dict] = {
         model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
         tie_word_embeddings=False, rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=40960,
+    ),
+    # Qwen3.5-4B's text model (the checkpoint is Qwen3_5ForConditionalGeneration): 3 Gated DeltaNet
+    # layers to 1 gated full-attention layer. Attention shapes as published (16 query / 4 KV heads of
+    # 256, 32 layers, hidden 2560, MLP 9216, vocabulary 248320, tied, RoPE 1e7 on a quarter of each
+    # head); the DeltaNet heads (16 key / 32 value of 128) as Qwen3-Next's: compare with the
+    # checkpoint's config.json, or plan with the checkpoint directory as target.name.
+    "Qwen/Qwen3.5-4B": dict(
+        model_type="qwen3_5_text", hidden_size=2560, intermediate_size=9216, num_hidden_layers=32,
+        num_attention_heads=16, num_key_value_heads=4, head_dim=256, vocab_size=248320,
+        tie_word_embeddings=True, rms_norm_eps=1e-6, max_position_embeddings=262144,
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25},
+        layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(32)],
+        linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+        linear_conv_kernel_dim=4,
     ),
 }
 KNOWN_MASK_TOKEN = {"Qwen/Qwen3-4B": 151669, "Qwen/Qwen3-8B": 151669}
@@ -108,11 +123,12 @@ def build_target(config, dtype: torch.dtype, name: str, fake: bool):
 
     from dflash_lab.models.target import wrap_target
 
-    # under FakeTensorMode the initialisation only computes shapes (fake CPU tensors, no storage)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # under FakeTensorMode the initialisation only computes shapes (fake CPU tensors, no storage);
+    # a multimodal checkpoint's config plans its text model, the part training runs (load_target)
+    model = AutoModelForCausalLM.from_config(config.get_text_config(), dtype=dtype)
     mask = KNOWN_MASK_TOKEN.get(name)
-    if mask is None or mask >= int(config.vocab_size):  # no tokenizer here: the last row stands in
-        mask = int(config.vocab_size) - 1
+    if mask is None or mask >= int(config.get_text_config().vocab_size):  # no tokenizer here: the last row stands in
+        mask = int(config.get_text_config().vocab_size) - 1
     return wrap_target(model, name=name, mask_token_id=mask)
 
 
@@ -390,7 +406,8 @@ def measure_step(recipe: Recipe, micro_batch: int, *, fake: bool = True, activat
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         target, draft, params, optimizer = _step_parts(recipe, cfg, tdtype, fake, grads_present)
         t = recipe.train
-        samples = synthetic_samples(micro_batch, recipe.data.max_length, prompt_tokens, int(cfg.vocab_size), seed=t.seed)
+        samples = synthetic_samples(micro_batch, recipe.data.max_length, prompt_tokens,
+                                    int(cfg.get_text_config().vocab_size), seed=t.seed)
         forward_batch, fwd = _forward_kwargs(recipe, attention, autocast_dtype)
         layer_ids = draft.config.target_layer_ids
         seeds = [1000 + i for i in range(micro_batch)]
@@ -414,7 +431,8 @@ def measure_step(recipe: Recipe, micro_batch: int, *, fake: bool = True, activat
     peak_by_kind, total = _peak_by_kind(snapshot)
     return StepMeasure(micro_batch=micro_batch, activation_checkpointing=draft.activation_checkpointing,
                        peak_bytes=total, peak_by_kind=peak_by_kind,
-                       flops_target=int(target_flops.get_total_flops()),
+                       flops_target=target_flops_with_experts(target.model, target_flops,
+                                                              micro_batch * max(len(x.input_ids) for x in samples)),
                        flops_draft=int(draft_flops.get_total_flops()) + tally.flops,
                        fake=fake, wall_s=time.perf_counter() - t0)
 
@@ -447,6 +465,45 @@ def _peak_by_kind(snapshot) -> tuple[dict[str, int], int]:
             elif "Total" in name:
                 total += int(value)
     return peak_by_kind, total or sum(peak_by_kind.values())
+
+
+# -- MoE and hybrid targets (issue 22) ----------------------------------------------------------------
+def _expert_blocks(model) -> list:
+    """The routed-experts modules of a MoE target (Qwen3-MoE, Qwen3-Next, gpt-oss: `mlp.experts`,
+    their weights stacked [num_experts, ...]). Shared experts are plain MLPs and count as such."""
+    return [(name, module) for name, module in model.named_modules() if name.split(".")[-1] == "experts"]
+
+
+def target_flops_with_experts(model, counter, tokens: int) -> int:
+    """The target forward's FLOPs with its routed experts counted as they run: each token through
+    `num_experts_per_tok` experts (2 FLOPs per weight of one expert). The FLOP counter cannot see
+    them (the fused expert kernels are not among its ops, and under fake tensors the routing has no
+    data), while the memory plan holds every expert's weights as it should."""
+    total = int(counter.get_total_flops())
+    blocks = _expert_blocks(model)
+    if not blocks:
+        return total
+    top_k = int(getattr(model.config.get_text_config(), "num_experts_per_tok", 0) or 0)
+    counted = counter.get_flop_counts()
+    for name, module in blocks:
+        total -= sum(sum(ops.values()) for key, ops in counted.items() if key.endswith("." + name))
+        params = [p for p in module.parameters()]
+        experts = int(params[0].shape[0]) if params else 0
+        if experts and top_k:
+            total += 2 * tokens * top_k * sum(p.numel() for p in params) // experts
+    return total
+
+
+def target_layer_kinds(cfg) -> dict:
+    """What the plan says about the target's layers: their kinds, and for MoE targets the expert
+    counts (memory holds all experts, FLOPs the active ones)."""
+    text = cfg.get_text_config()
+    kinds = list(getattr(text, "layer_types", None) or ["full_attention"] * int(text.num_hidden_layers))
+    out = {kind: kinds.count(kind) for kind in dict.fromkeys(kinds)}
+    experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
+    if experts:
+        out["experts"] = {"total": int(experts), "active_per_token": int(getattr(text, "num_experts_per_tok", 0) or 0)}
+    return out
 
 
 def _target_dtype(name: str) -> torch.dtype:
@@ -555,6 +612,7 @@ def make_plan(recipe: Recipe, *, gpus: int = 1, gpu_memory: int = 80 * GB, margi
     t0 = time.perf_counter()
     micro, accum, global_batch = resolve_batch(recipe, gpus)
     cfg = target_cfg if target_cfg is not None else target_config(recipe.target.name)
+    check_recipe_target(cfg, recipe.target.family, recipe.target.num_layers, recipe.target.name)
     sizes = _model_bytes(recipe, cfg)
     ddp, fsdp = _extras(recipe, gpus, sizes)
     limit = int(gpu_memory * (1 - margin))
@@ -583,6 +641,7 @@ def make_plan(recipe: Recipe, *, gpus: int = 1, gpu_memory: int = 80 * GB, margi
         f"sequences at data.max_length ({recipe.data.max_length}) with a 256-token prompt: the worst case a batch holds",
         "not counted: the CUDA context and allocator fragmentation (the margin is for them)",
     ]
+    notes.extend(_family_notes(cfg))
     if recipe.draft.init != "scratch":
         notes.append(f"draft.init {recipe.draft.init}: planned with the recipe's draft shape (num_layers "
                      f"{recipe.draft.num_layers}); a parent with another shape changes the figures")
@@ -602,6 +661,20 @@ def make_plan(recipe: Recipe, *, gpus: int = 1, gpu_memory: int = 80 * GB, margi
 
 
 SEARCH_CAP = 64
+
+
+def _family_notes(cfg) -> list[str]:
+    kinds = target_layer_kinds(cfg)
+    notes = []
+    if set(kinds) - {"full_attention", "experts"}:
+        layers = ", ".join(f"{n} {k}" for k, n in kinds.items() if k != "experts")
+        notes.append(f"target layers: {layers}; linear-attention layers counted as transformers' chunked "
+                     "Gated DeltaNet (the fla kernels do the same matmuls)")
+    if "experts" in kinds:
+        e = kinds["experts"]
+        notes.append(f"MoE target: weights of all {e['total']} experts per layer, FLOPs of the "
+                     f"{e['active_per_token']} active per token")
+    return notes
 
 
 def _largest_micro_batch(recipe: Recipe, cfg, step: StepMeasure | None, m0: int, total, limit: int, cap: int) -> int:

@@ -37,6 +37,11 @@ class TargetSection(_Section):
     """Target weights: auto = bf16 on GPU, fp32 on CPU."""
     fsdp: bool = False
     """Shard the frozen target with FSDP2 (`fully_shard`) across ranks (GPU, large targets)."""
+    family: str | None = None
+    """The target's `model_type` the recipe was written for (qwen3, qwen3_5, gemma3_text, ...): checked
+    when the target loads (train) or its config is read (plan); None = not checked."""
+    num_layers: int | None = Field(None, ge=1)
+    """The target's decoder layer count the recipe's layer ids assume; checked like `family`."""
 
 
 class DraftSection(_Section):

@@ -17,6 +17,7 @@ repeats the interrupted one exactly, and the batch layout over ranks does not ch
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import time
@@ -338,9 +339,11 @@ def _seed_everything(seed: int, cpu_threads: int | None) -> None:
 
 
 def _load_target(recipe: Recipe, device: torch.device):
-    from dflash_lab.models.target import load_target
+    from dflash_lab.models.target import check_recipe_target, load_target
 
-    return load_target(recipe.target.name, dtype=recipe.target.dtype, device=str(device))
+    target = load_target(recipe.target.name, dtype=recipe.target.dtype, device=str(device))
+    check_recipe_target(target.config, recipe.target.family, recipe.target.num_layers, recipe.target.name)
+    return target
 
 
 def _register(out_dir: Path, db: str | None) -> None:
@@ -357,18 +360,33 @@ def _register(out_dir: Path, db: str | None) -> None:
 
 # -- draft initialisation ------------------------------------------------------------------------
 def init_from_target_layers(draft, target) -> list[str]:
-    """Copy the target's last decoder layers (attention, MLP, norms) and final norm into the draft
-    where shapes match; q_norm/k_norm stay ones when the target has none; fc becomes the identity
-    on the last feature layer's slice (zeros elsewhere), and when that feature is the first copied
-    layer's input (target_layer_ids[-1] == L - n - 1) hidden_norm takes that layer's input norm.
-    Returns the copied tensor names."""
+    """Copy the target's last full-attention decoder layers (attention, MLP, norms) and final norm
+    into the draft where shapes match; q_norm/k_norm stay ones when the target has none; fc becomes
+    the identity on the last feature layer's slice (zeros elsewhere), and when that feature is the
+    first copied layer's input (target_layer_ids[-1] == that layer's index - 1) hidden_norm takes
+    that layer's input norm. Returns the copied tensor names.
+
+    Hybrid and sliding-window targets (Qwen3.5, Gemma, gpt-oss): only full-attention layers are a
+    draft layer's kind, so the last n of those are copied (whatever lies between them); a target
+    whose attention projections do not fit a draft layer (Qwen3.5/Qwen3-Next gate their queries)
+    is refused with the reason. Norms are copied by their effective scale, so zero-centred RMSNorms
+    (Gemma 3, Qwen3.5: `x * (1 + w)`) land right in the draft's `x * w`."""
+    from dflash_lab.models.target import full_attention_layers
+
     body = getattr(target.model, "model", target.model)
     layers = list(body.layers)
     n = len(draft.layers)
+    sources = full_attention_layers(target.config)[-n:]
+    if len(sources) < n:
+        raise DFlashLabError(
+            f"draft.init_from_target_layers: the draft has {n} layers but the target has only {len(sources)} "
+            f"full-attention layers to copy ({target.config.model_type}); use fewer draft layers or set "
+            "draft.init_from_target_layers: false")
     copied = []
     with torch.no_grad():
-        for i, layer in enumerate(draft.layers):
-            source = dict(layers[len(layers) - n + i].named_parameters())
+        for i, (layer, index) in enumerate(zip(draft.layers, sources)):
+            source = _copyable_tensors(layers[index])
+            _check_attention_fits(layer, source, index, target)
             for name, param in layer.named_parameters():
                 if name in source and tuple(source[name].shape) == tuple(param.shape):
                     param.copy_(_whole(source[name]).to(param.dtype))
@@ -376,18 +394,18 @@ def init_from_target_layers(draft, target) -> list[str]:
                 elif name.endswith(("q_norm.weight", "k_norm.weight")):
                     param.fill_(1.0)
         if hasattr(body, "norm") and body.norm.weight.shape == draft.norm.weight.shape:
-            draft.norm.weight.copy_(_whole(body.norm.weight).to(draft.norm.weight.dtype))
+            draft.norm.weight.copy_(_norm_scale(body.norm).to(draft.norm.weight.dtype))
             copied.append("norm.weight")
         h = draft.config.hidden_size
         nfeat = len(draft.config.target_layer_ids)
         draft.fc.weight.zero_()
         draft.fc.weight[:, (nfeat - 1) * h:].copy_(torch.eye(h, dtype=draft.fc.weight.dtype))
         copied.append("fc.weight(identity)")
-        first = layers[len(layers) - n]
-        if draft.config.target_layer_ids[-1] == len(layers) - n - 1 and hasattr(first, "input_layernorm"):
+        first = layers[sources[0]]
+        if draft.config.target_layer_ids[-1] == sources[0] - 1 and hasattr(first, "input_layernorm"):
             # the last feature is exactly the first copied layer's input: c = hidden_norm(h) then
             # gives that layer's own normalised input, so its K/V over the context start as the target's
-            draft.hidden_norm.weight.copy_(_whole(first.input_layernorm.weight).to(draft.hidden_norm.weight.dtype))
+            draft.hidden_norm.weight.copy_(_norm_scale(first.input_layernorm).to(draft.hidden_norm.weight.dtype))
             copied.append("hidden_norm.weight")
         else:
             draft.hidden_norm.weight.fill_(1.0)
@@ -401,6 +419,54 @@ def _whole(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+# A Gemma 3/4 layer norms the MLP input with `pre_feedforward_layernorm`; its
+# `post_attention_layernorm` scales the attention output instead, which a draft layer does not have.
+_GEMMA_NORMS = {"pre_feedforward_layernorm.weight": "post_attention_layernorm.weight"}
+_ATTENTION = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight")
+
+
+def _norm_scale(norm) -> torch.Tensor:
+    """An RMSNorm's effective per-channel scale: `w` for a plain RMSNorm, `1 + w` for a zero-centred
+    one (Gemma 3, Qwen3.5). Told apart by the norm's own output for an all-ones input (RMS 1); the
+    weight itself is returned, so a copy stays bit-exact in any dtype."""
+    eps = float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or 0.0)
+    whole = _whole(norm.weight).detach()  # FSDP: the norm runs here on the full weight, not its shard
+    probe_norm = copy.copy(norm)  # a shallow copy with its own parameter dict; the target is untouched
+    probe_norm._parameters = dict(norm._parameters, weight=torch.nn.Parameter(whole, requires_grad=False))
+    weight = whole.float()
+    ones = torch.ones(1, weight.shape[0], dtype=whole.dtype, device=weight.device)
+    probe = probe_norm(ones).float()[0] * (1.0 + eps) ** 0.5
+    if torch.allclose(probe, weight, rtol=1e-2, atol=1e-2):
+        return whole
+    if torch.allclose(probe, 1.0 + weight, rtol=1e-2, atol=1e-2):
+        return 1.0 + weight
+    return probe
+
+
+def _copyable_tensors(layer) -> dict[str, torch.Tensor]:
+    """A target layer's tensors under the draft layer's names; norms as their effective scale."""
+    gemma = hasattr(layer, "pre_feedforward_layernorm")
+    norms = {f"{name}.weight": module for name, module in layer.named_modules()
+             if name.endswith("norm") and getattr(module, "weight", None) is not None}
+    tensors = {}
+    for name, param in layer.named_parameters():
+        if gemma and name == "post_attention_layernorm.weight":
+            continue  # scales the attention output, not the MLP input
+        tensors[_GEMMA_NORMS.get(name, name) if gemma else name] = _norm_scale(norms[name]) if name in norms else param
+    return tensors
+
+
+def _check_attention_fits(draft_layer, source: dict, index: int, target) -> None:
+    params = dict(draft_layer.named_parameters())
+    misfits = [f"{name} {tuple(source[name].shape) if name in source else 'missing'} vs draft {tuple(params[name].shape)}"
+               for name in _ATTENTION if name not in source or tuple(source[name].shape) != tuple(params[name].shape)]
+    if misfits:
+        raise DFlashLabError(
+            f"draft.init_from_target_layers: target layer {index} ({target.config.model_type}, the last full-attention "
+            f"layers) does not fit a draft layer: {'; '.join(misfits)} (e.g. Qwen3.5/Qwen3-Next gate their queries, "
+            "so q_proj is twice as wide); set draft.init_from_target_layers: false")
 
 
 def _pick_device(name: str, info: D.DistInfo) -> torch.device:
