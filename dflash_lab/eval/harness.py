@@ -336,7 +336,9 @@ def load_prompt_target(spec, *, full: bool = True, device: str | None = None, dt
         raise DFlashLabError(f"target {spec}: could not load its tokenizer ({exc})") from exc
     fingerprint = _dir_fingerprint(path) if path.is_dir() else None
     meta = json.loads((path / "dflash_lab.json").read_text()) if (path / "dflash_lab.json").exists() else {}
-    return TargetModel(model=None, tokenizer=tokenizer, name=meta.get("name", str(spec)), fingerprint=fingerprint)
+    target = TargetModel(model=None, tokenizer=tokenizer, name=meta.get("name", str(spec)), fingerprint=fingerprint)
+    target.model_dir = path  # what an engine we start loads (eval/vllm_engine.py)
+    return target
 
 
 def lossless_failures(results: dict) -> list[str]:

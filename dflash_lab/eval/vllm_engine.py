@@ -314,6 +314,9 @@ def target_dir_for(target) -> Path:
     else the directory it was loaded from)."""
     from dflash_lab.models import embedded
 
+    model_dir = getattr(target, "model_dir", None)  # load_prompt_target records where it read the tokenizer
+    if model_dir is not None and Path(model_dir).is_dir():
+        return Path(model_dir)
     name = str(target.name)
     if name in embedded.EMBEDDED_TARGETS:
         return embedded.fetch(name)
