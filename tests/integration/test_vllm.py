@@ -70,8 +70,9 @@ def hf_layout_fixup(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def engine() -> Path:
+    """vLLM's environment, or every test here skips (first: before any fixture trains or loads)."""
     python = vllm_env.engine_python()
     if python is None:
         pytest.skip(f"vLLM is not installed here (no environment in {vllm_env.engine_dir()}): run "
