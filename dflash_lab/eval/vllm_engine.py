@@ -20,7 +20,9 @@ must equal its own plain decoding), and two engines' fp32 kernels sum in differe
 near-tie of the target's two best tokens vLLM and our loop may pick differently with nothing wrong.
 Within one engine, fp32, one request at a time, the two runs must agree token for token; the plain
 run also gives the tokens/s without the draft on the same engine. The price is one more startup
-(about a minute here).
+(about a minute here). A mismatch at a near-tie of plain vLLM's two best tokens (the speculative
+token is its runner-up within VLLM_TIE_TOLERANCE) counts as `numerical`, not a failure, as in the
+llama.cpp backend.
 
 Requests go one at a time (concurrency 1): tokens/s comparable with the builtin and llama.cpp
 backends, and no batch-dependent numerics in the lossless check.
@@ -302,6 +304,52 @@ def run_prompts(target, benchmark, max_new_tokens: int, url: str, *, progress: b
     return _run_servers(benchmark, target, [url], 1, progress, make_send)
 
 
+# vLLM verifies a drafted block in one batched forward and decodes plain greedy one token at a time;
+# its CPU kernels may sum the two in different orders, so at a near-tie of the target's two best
+# tokens the runs can part ways with nothing wrong (as llama.cpp's did, eval/llamacpp.py). A mismatch
+# is `numerical` when the speculative run's token is the plain run's runner-up within this many
+# logits (log-prob differences: vLLM's default log-probs are the raw logits' log-softmax).
+VLLM_TIE_TOLERANCE = 0.05
+
+
+def plain_top2(url: str, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[list[tuple[int, float]]]]:
+    """Greedy output ids of `prompt_ids` and, per generated position, the two best (token id, log-prob)."""
+    from dflash_lab.eval.backends import _post_json, vllm_request
+
+    body = {**vllm_request(prompt_ids, max_new_tokens, None), "return_token_ids": True, "logprobs": 2,
+            "return_tokens_as_token_ids": True}
+    choice = (_post_json(url.rstrip("/") + "/v1/completions", body, 1800.0).get("choices") or [{}])[0]
+    tops = (choice.get("logprobs") or {}).get("top_logprobs") or []
+    top2 = [sorted(((int(k.split(":", 1)[1]), float(v)) for k, v in (top or {}).items() if k.startswith("token_id:")),
+                   key=lambda item: -item[1])[:2] for top in tops]
+    return list(choice.get("token_ids") or []), top2
+
+
+def classify_mismatch(url: str, target, record: dict, tolerance: float = VLLM_TIE_TOLERANCE):
+    """(True | "numerical" | False, report or None) for a speculative response that differs from the
+    plain run: decode its own prompt again on the plain server with the top-2 log-probs; at the first
+    differing token the report has both tokens and the plain step's top two with their margin."""
+    from dflash_lab.eval.backends import first_difference
+
+    spec_ids = list(record["output_ids"])
+    plain_ids, top2s = plain_top2(url, target.encode(record["prompt_text"]), max(len(spec_ids), 1))
+    index = first_difference(spec_ids, plain_ids)
+    if index is None:
+        return True, None
+    top2 = top2s[index] if index < len(top2s) else []
+    margin = top2[0][1] - top2[1][1] if len(top2) == 2 else None
+    spec_token = spec_ids[index] if index < len(spec_ids) else None
+    plain_token = plain_ids[index] if index < len(plain_ids) else None
+    tie = (margin is not None and margin <= tolerance and spec_token is not None
+           and [t for t, _ in top2] == [plain_token, spec_token])
+    report = {"index": index, "kind": "numerical" if tie else "failure", "tolerance": tolerance,
+              "speculative": {"token": spec_token},
+              "greedy": {"token": plain_token, "top2_ids": [t for t, _ in top2],
+                         "top2_logprobs": [round(lp, 5) for _, lp in top2],
+                         "margin": None if margin is None else round(margin, 5)}}
+    return ("numerical" if tie else False), report
+
+
 def read_counters(url: str) -> dict:
     from dflash_lab.eval.backends import read_vllm_counters
 
@@ -368,5 +416,6 @@ def evaluate_in_process(target, desc: dict, benchmarks: list, max_new_tokens: in
         with VllmServer(VllmServerConfig(**common), progress=progress) as url:
             for bench in benchmarks:
                 plain = run_prompts(target, bench, max_new_tokens, url, progress=progress)
-                attach_lossless(runs[bench.name][0], plain)
+                attach_lossless(runs[bench.name][0], plain,
+                                recheck=lambda record, url=url: classify_mismatch(url, target, record))
     return runs

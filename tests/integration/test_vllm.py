@@ -124,10 +124,27 @@ def plain(engine, vllm_target, target) -> dict:
     with V.VllmServer(V.VllmServerConfig(target=vllm_target, max_model_len=1024), progress=False) as url:
         for text, max_new in wanted:
             out[(text, max_new)] = V.post_completion(url, _prompt_ids(target, text), max_new)["output_ids"]
+        out["recheck"] = _recheck_cases(url, target)
     for (text, max_new), ids in out.items():
         ours = greedy_generate(target, _prompt_ids(target, text), max_new, target.stop_token_ids).output_ids
         assert ids == ours, f"plain vLLM differs from our greedy decoding on {text!r}"
     return out
+
+
+def _recheck_cases(url: str, target) -> dict:
+    """The lossless recheck on the plain server (test_lossless_recheck_...): a speculative answer
+    that differs from plain greedy at token 3 by the plain run's runner-up, or by another token."""
+    prompt_text = target.render_prompt([{"role": "user", "content": PARITY_PROMPTS[2]}])
+    ids, top2 = V.plain_top2(url, target.encode(prompt_text), 8)
+    runner_up = top2[3][1][0]
+    other = next(t for t in range(100, 200) if t not in (ids[3], runner_up))
+    record = {"prompt_text": prompt_text, "output_ids": ids[:3] + [runner_up] + ids[4:]}
+    return {"ids": ids, "runner_up": runner_up, "prompt_text": prompt_text,
+            "same": V.classify_mismatch(url, target, {**record, "output_ids": ids}),
+            "tie": V.classify_mismatch(url, target, record, tolerance=1e9),
+            "exact": V.classify_mismatch(url, target, record, tolerance=0.0),
+            "other": V.classify_mismatch(url, target, {**record, "output_ids": ids[:3] + [other] + ids[4:]},
+                                         tolerance=1e9)}
 
 
 def serve_each(draft: Path, vllm_target: Path, target, prompts, max_new: int) -> list[dict]:
@@ -190,6 +207,24 @@ def test_eval_cli_starts_vllm_with_a_random_draft_lossless(engine, vllm_target, 
         assert sum(bench["acceptance_histogram"].values()) == bench["counters"]["drafts"]
         assert bench["tokens_per_s"] > 0 and bench["greedy_tokens_per_s"] > 0
     assert "lossless True" in printed.out
+
+
+# -- the lossless check's near-tie recheck -------------------------------------------------------------
+def test_lossless_recheck_tells_a_near_tie_from_a_failure(plain, target):
+    """`eval`'s recheck of a mismatch (eval/vllm_engine.py `classify_mismatch`) on the real plain
+    server: the speculative token being plain greedy's runner-up within the tolerance is `numerical`;
+    outside the tolerance, or any other token, a failure with the report."""
+    r = plain["recheck"]
+    assert r["ids"] == plain[(PARITY_PROMPTS[2], MAX_NEW)][:8]  # greedy with log-probs is greedy
+    assert target.encode(r["prompt_text"]) == _prompt_ids(target, PARITY_PROMPTS[2])
+    assert r["same"] == (True, None)
+    verdict, report = r["tie"]
+    assert verdict == "numerical" and report["index"] == 3, report
+    assert report["greedy"]["top2_ids"] == [r["ids"][3], r["runner_up"]] and report["greedy"]["margin"] > 0
+    verdict, report = r["exact"]
+    assert verdict is False and report["kind"] == "failure" and report["greedy"]["margin"] > 0
+    verdict, report = r["other"]
+    assert verdict is False and report["speculative"]["token"] not in report["greedy"]["top2_ids"]
 
 
 # -- the serving gate -------------------------------------------------------------------------------
