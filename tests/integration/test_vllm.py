@@ -17,8 +17,8 @@ our drafts: the real server, started by our code on loopback (issue 21, items 4,
   refusal (docs/serving-vllm.md); when a build serves it, the test checks losslessness and parity.
 
 Without vLLM's environment every test here skips, saying how to install it. One vLLM start is
-about a minute on this 2-core machine; the module starts six (9.8 minutes with the training, on
-the 2-core machine shared with other jobs, load average 5-7).
+about a minute on this 2-core machine; the module starts six (6.9 to 9.8 minutes with the training, on
+the 2-core machine shared with other jobs, load average 2-7).
 The target is a copy of the embedded one in the usual HF layout (`hf_layout_fixup`): until
 `models fetch` writes that layout itself, vLLM would print token 0 on the fetched directory
 (SPEC section 2c), and `eval` refuses it.
@@ -121,16 +121,17 @@ def _prompt_ids(target, text):
 @pytest.fixture(scope="module")
 def plain(engine, vllm_target, target) -> dict:
     """Plain vLLM (no draft), greedy: {(prompt, max_new): output ids} for every prompt the module
-    uses; one server. It also equals our own greedy decoding (fp32, the same target)."""
+    uses, and "recheck": the recheck cases; one server. It equals our own greedy decoding (fp32,
+    the same target)."""
     wanted = [(t, GATE_MAX_NEW) for t in GATE_PROMPTS] + [(t, MAX_NEW) for t in PARITY_PROMPTS]
     out = {}
     with V.VllmServer(V.VllmServerConfig(target=vllm_target, max_model_len=1024), progress=False) as url:
         for text, max_new in wanted:
             out[(text, max_new)] = V.post_completion(url, _prompt_ids(target, text), max_new)["output_ids"]
         out["recheck"] = _recheck_cases(url, target)
-    for (text, max_new), ids in out.items():
+    for text, max_new in wanted:
         ours = greedy_generate(target, _prompt_ids(target, text), max_new, target.stop_token_ids).output_ids
-        assert ids == ours, f"plain vLLM differs from our greedy decoding on {text!r}"
+        assert out[(text, max_new)] == ours, f"plain vLLM differs from our greedy decoding on {text!r}"
     return out
 
 
