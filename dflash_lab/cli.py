@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "dflash_lab.eval.commands",  # eval, eval-run, runs
     "dflash_lab.report_commands",  # report
     "dflash_lab.demo",  # demo
+    "dflash_lab.engines.commands",  # engines install|status
 ]
 
 

