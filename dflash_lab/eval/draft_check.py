@@ -24,8 +24,9 @@ Engines plug in through `ENGINES` (name -> factory returning an object with `nam
 `unavailable(job) -> str | None` and `run(job) -> list[EngineRun]`; optionally `summary() -> dict`
 with `tau` / `acceptance_per_position` / `acceptance_note` measured over the whole run, e.g. from
 vLLM's spec-decode counters, and `classify_output_mismatch(job, i, run) -> (verdict, report)`). The vLLM engine is looked up in
-`dflash_lab.eval.vllm_engine` (`draft_check_engine()`); until that module provides it, vLLM is listed
-as not available, with the reason.
+`dflash_lab.eval.vllm_engine` (`draft_check_engine()`: totals per response from vLLM's spec-decode
+counters, read around each request); where vLLM is not installed it is listed as not available,
+with the reason.
 """
 
 from __future__ import annotations
@@ -282,10 +283,15 @@ def tau_of(runs: list[EngineRun]) -> float | None:
 
 
 def _stop_in_draft(ours: EngineRun, theirs: EngineRun) -> bool:
-    """One accounting difference that is not a divergence: a response that ends on a stop token the
-    DRAFT proposed is counted by llama.cpp as accepted, by our loop as its cycle's own token."""
-    return (ours.finish_reason == "stop" and theirs.accepted == (ours.accepted or 0) + 1
-            and theirs.cycles == (ours.cycles or 0) - 1)
+    """One accounting difference that is not a divergence: a response that ends inside a drafted
+    block (a stop token the DRAFT proposed, or max_new_tokens reached there) is counted by the
+    engine as one more accepted token, by our loop as its cycle's own token. llama.cpp then also
+    counts one cycle fewer (stop only); vLLM counts the same cycles (stop or length)."""
+    if theirs.accepted != (ours.accepted or 0) + 1:
+        return False
+    llamacpp_like = ours.finish_reason == "stop" and theirs.cycles == (ours.cycles or 0) - 1
+    vllm_like = ours.finish_reason in ("stop", "length") and theirs.cycles == ours.cycles
+    return llamacpp_like or vllm_like
 
 
 def first_cycle_divergence(ours: EngineRun, theirs: EngineRun) -> dict | None:

@@ -419,3 +419,87 @@ def evaluate_in_process(target, desc: dict, benchmarks: list, max_new_tokens: in
                 attach_lossless(runs[bench.name][0], plain,
                                 recheck=lambda record, url=url: classify_mismatch(url, target, record))
     return runs
+
+
+# -- `draft check`: vLLM as one of the engines compared with our loop ---------------------------------
+class VllmCheckEngine:
+    """vLLM in `dflash-lab draft check` (eval/draft_check.py's engine interface). vLLM does not expose
+    the drafted tokens of each cycle, but its spec-decode counters are exact per response when
+    requests go one at a time: the counter difference around one request gives that response's
+    drafts (verify cycles), accepted tokens and acceptance per position. `summary()` gives tau and
+    the acceptance per position over the whole run, from the same counters."""
+
+    name = "vllm"
+
+    def __init__(self):
+        self.totals = {"accepted": 0.0, "drafts": 0.0, "per_pos": {}}
+        self.plain_cfg: VllmServerConfig | None = None
+
+    def unavailable(self, job) -> str | None:
+        from dflash_lab.engines.vllm_env import engine_python
+
+        try:
+            if engine_python() is None:
+                return "vLLM is not installed (`dflash-lab engines install vllm`, docs/serving-vllm.md)"
+            check_target_layout(self._target_dir(job))
+        except DFlashLabError as exc:
+            return str(exc)
+        return None
+
+    @staticmethod
+    def _target_dir(job) -> Path:
+        return target_dir_for(job.target)
+
+    def run(self, job) -> list:
+        from dflash_lab.eval.backends import check_vllm_counters, diff_counters
+        from dflash_lab.eval.draft_check import EngineRun
+
+        longest = max(len(p) for p in job.prompts)
+        common = {"target": self._target_dir(job), "max_model_len": max(512, longest + job.max_new_tokens + 64),
+                  "served_name": str(job.target.name)}
+        spec = VllmServerConfig(draft=Path(job.draft_dir), num_speculative_tokens=job.block_size - 1, **common)
+        runs = []
+        with VllmServer(spec) as url:
+            for ids in job.prompts:
+                before = read_counters(url)
+                response = post_completion(url, ids, job.max_new_tokens)
+                counters = diff_counters(before, read_counters(url))
+                check_vllm_counters(counters, [url])
+                self._add(counters)
+                runs.append(EngineRun(output_ids=list(response["output_ids"] or []), cycles=int(counters["drafts"]),
+                                      drafted=int(counters["drafts"]) * (job.block_size - 1),
+                                      accepted=int(round(counters["accepted"])),
+                                      finish_reason=response["finish_reason"]))
+        self.plain_cfg = VllmServerConfig(**common)
+        return runs
+
+    def _add(self, counters: dict) -> None:
+        self.totals["accepted"] += counters["accepted"]
+        self.totals["drafts"] += counters["drafts"]
+        for pos, value in counters["per_pos"].items():
+            self.totals["per_pos"][pos] = self.totals["per_pos"].get(pos, 0.0) + value
+
+    def summary(self) -> dict:
+        """tau = 1 + accepted / drafts and, for k = 1.., the share of drafts whose first k tokens were
+        accepted (vLLM's per-position counter k - 1), over every prompt."""
+        drafts = self.totals["drafts"]
+        if drafts <= 0:
+            return {}
+        per_pos = self.totals["per_pos"]
+        return {"tau": round(1 + self.totals["accepted"] / drafts, 4),
+                "acceptance_per_position": [round(per_pos.get(k, 0.0) / drafts, 4) for k in range(max(per_pos) + 1)]
+                if per_pos else None,
+                "acceptance_note": "vLLM's spec-decode counters, summed over the prompts"}
+
+    def classify_output_mismatch(self, job, index: int, run):
+        """A response that differs from our greedy: plain vLLM decides whether it is a near-tie of its
+        own two best tokens (as `eval --backend vllm` does)."""
+        from dflash_lab.eval.draft_check import _FixedEncoder
+
+        record = {"prompt_text": job.target.decode(job.prompts[index]), "output_ids": run.output_ids}
+        with VllmServer(self.plain_cfg) as url:
+            return classify_mismatch(url, _FixedEncoder(job.target, job.prompts[index]), record)
+
+
+def draft_check_engine() -> VllmCheckEngine:
+    return VllmCheckEngine()

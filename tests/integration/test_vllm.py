@@ -19,9 +19,8 @@ our drafts: the real server, started by our code on loopback (issue 21, items 4,
 Without vLLM's environment every test here skips, saying how to install it. One vLLM start is
 about a minute on this 2-core machine; the module starts six (6.9 to 9.8 minutes with the training, on
 the 2-core machine shared with other jobs, load average 2-7).
-The target is a copy of the embedded one in the usual HF layout (`hf_layout_fixup`): until
-`models fetch` writes that layout itself, vLLM would print token 0 on the fetched directory
-(SPEC section 2c), and `eval` refuses it.
+The target is the directory `models fetch` writes, as it is (the usual HF layout, issue 21 item 1;
+in the old layout vLLM printed token 0 on it, SPEC section 2c).
 """
 
 from __future__ import annotations
@@ -51,28 +50,6 @@ WINDOW = 16  # the sliding-window draft's window (>= block size 16); every promp
 pytestmark = pytest.mark.slow
 
 
-def hf_layout_fixup(src: Path, dst: Path) -> Path:
-    """A copy of a fetched target directory in the usual HF layout vLLM needs: `architectures` set
-    and the tied embedding stored as `model.embed_tokens.weight`. Test-only, until `models fetch`
-    writes this layout (issue 21 item 1); then this copy equals the fetched directory."""
-    from safetensors.torch import load_file, save_file
-
-    dst.mkdir(parents=True, exist_ok=True)
-    for path in src.iterdir():
-        if path.suffix != ".gguf" and path.name not in ("config.json", "model.safetensors", "dflash_lab.json"):
-            shutil.copy(path, dst / path.name)
-    config = json.loads((src / "config.json").read_text())
-    config["architectures"] = config.get("architectures") or ["LlamaForCausalLM"]
-    (dst / "config.json").write_text(json.dumps(config, indent=1))
-    meta = json.loads((src / "dflash_lab.json").read_text())
-    (dst / "dflash_lab.json").write_text(json.dumps({**meta, "name": str(dst)}))  # this copy, not the cached one
-    tensors = load_file(str(src / "model.safetensors"))
-    if "lm_head.weight" in tensors and "model.embed_tokens.weight" not in tensors:
-        tensors["model.embed_tokens.weight"] = tensors.pop("lm_head.weight")
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
 @pytest.fixture(scope="module", autouse=True)
 def engine() -> Path:
     """vLLM's environment, or every test here skips (first: before any fixture trains or loads)."""
@@ -92,7 +69,9 @@ def target():
 
 @pytest.fixture(scope="module")
 def vllm_target(tmp_path_factory, engine) -> Path:
-    return hf_layout_fixup(embedded.fetch(TARGET), tmp_path_factory.mktemp("target") / TARGET)
+    """The directory `models fetch` writes, as it is: vLLM must load it (issue 21 item 1; before, it
+    printed token 0 on it, SPEC section 2c)."""
+    return embedded.fetch(TARGET)
 
 
 @pytest.fixture(scope="module")
@@ -255,6 +234,21 @@ def test_sliding_window_draft_past_its_window(engine, vllm_target, target, gate_
     served = serve_each(window_draft, vllm_target, target, PARITY_PROMPTS, MAX_NEW)
     assert [r["output_ids"] for r in served] == [plain[(t, MAX_NEW)] for t in PARITY_PROMPTS]  # lossless
     assert accepted_mismatches(served, windowed, PARITY_PROMPTS) == []
+
+
+# -- draft check: vLLM beside our loop ------------------------------------------------------------
+def test_draft_check_runs_the_memorised_draft_in_vllm(engine, vllm_target, gate_draft, tmp_path, capsys):  # noqa: F811
+    """`draft check --engines builtin,vllm`: the same output as greedy, the same drafted/accepted
+    totals per response as our loop (vLLM's counters read around each request), exit 0."""
+    out = tmp_path / "check.json"
+    status = main(["draft", "check", str(gate_draft), "--target", str(vllm_target), "--engines", "builtin,vllm",
+                   "--prompts", "2", "--max-new-tokens", "32", "--out", str(out)])
+    printed = capsys.readouterr().out
+    report = {r["engine"]: r for r in json.loads(out.read_text())["engines"]}
+    assert status == 0, printed
+    assert report["vllm"]["available"] and report["vllm"]["lossless"] == "yes", printed
+    assert report["vllm"]["drafts"] == "same totals", printed
+    assert report["vllm"]["tau"] > 1.0 and report["vllm"]["acceptance_per_position"], printed
 
 
 # -- DFlash2 ----------------------------------------------------------------------------------------

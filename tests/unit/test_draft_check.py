@@ -102,10 +102,14 @@ def test_an_output_that_differs_from_greedy_is_not_lossless(job):
     assert replay.lossless == "no" and replay.failed and replay.lossless_details[0]["prompt"] == 0
 
 
-def test_unavailable_engines_say_why(job):
+def test_unavailable_engines_say_why(job, monkeypatch, tmp_path):
+    from dflash_lab.engines import vllm_env
+
+    monkeypatch.setattr(vllm_env, "engine_dir", lambda: tmp_path / "no-engine")
+    monkeypatch.delenv(vllm_env.PYTHON_ENV, raising=False)
     reports = C.check_draft(job, ["vllm"])
     assert [r.engine for r in reports] == ["builtin", "vllm"]
-    assert reports[1].available is False and "vllm_engine" in reports[1].why
+    assert reports[1].available is False and "engines install vllm" in reports[1].why
     assert "vllm      not available: " in C.format_report(reports, job)
     with pytest.raises(Exception, match="--engines"):
         C.parse_engines("builtin,sglang")
@@ -124,3 +128,67 @@ def test_an_engine_with_run_wide_counters_reports_its_own_figures(job):
     _, counters = C.check_draft(job, ["counters"], engines={"counters": Counters})
     assert counters.tau == 2.5 and counters.acceptance_per_position == [0.5, 0.25, 0.0]
     assert counters.drafts == "not compared" and not counters.failed and counters.lossless == "yes"
+
+
+class FakeVllm:
+    """Stands in for the vLLM server of `VllmCheckEngine`: answers each prompt with our loop's output
+    and moves the spec-decode counters by our loop's cycles and accepted counts (`extra_accepted`
+    per prompt: vLLM's count of a response that ends inside a drafted block)."""
+
+    def __init__(self, runs, extra_accepted=0):
+        self.runs, self.extra, self.i = runs, extra_accepted, 0
+        self.counters = {"accepted": 0.0, "drafts": 0.0, "per_pos": {0: 0.0}}
+
+    def server(self, cfg):
+        import contextlib
+
+        return contextlib.nullcontext("http://fake")
+
+    def read(self, url):
+        return copy.deepcopy(self.counters)
+
+    def post(self, url, ids, max_new_tokens, **kw):
+        run = self.runs[self.i]
+        self.i += 1
+        self.counters["drafts"] += run.cycles
+        self.counters["accepted"] += run.accepted + self.extra
+        self.counters["per_pos"][0] += sum(a >= 1 for a in run.cycle_accepted)
+        return {"output_ids": run.output_ids, "finish_reason": run.finish_reason}
+
+
+def test_the_vllm_engine_compares_per_response_counters(job, monkeypatch):
+    """vLLM's engine reads the counters around each request (one at a time): per-response cycles and
+    accepted, tau and acceptance per position from the counters over the whole run."""
+    from dflash_lab.eval import vllm_engine as V
+
+    ours = C.BuiltinEngine().run(job)
+    fake = FakeVllm(ours)
+    monkeypatch.setattr(V, "VllmServer", fake.server)
+    monkeypatch.setattr(V, "read_counters", fake.read)
+    monkeypatch.setattr(V, "post_completion", fake.post)
+    _, vllm = C.check_draft(job, ["vllm"], engines={"vllm": lambda: _available(V.draft_check_engine())})
+    assert vllm.drafts == "same totals" and vllm.lossless == "yes" and not vllm.failed
+    cycles = sum(r.cycles for r in ours)
+    assert vllm.tau == round(1 + sum(r.accepted for r in ours) / cycles, 4)
+    assert vllm.acceptance_per_position[0] == round(sum(a >= 1 for r in ours for a in r.cycle_accepted) / cycles, 4)
+
+    fake = FakeVllm(ours, extra_accepted=2)  # two more accepted than our loop on every prompt: a divergence
+    monkeypatch.setattr(V, "VllmServer", fake.server)
+    monkeypatch.setattr(V, "read_counters", fake.read)
+    monkeypatch.setattr(V, "post_completion", fake.post)
+    _, other = C.check_draft(job, ["vllm"], engines={"vllm": lambda: _available(V.draft_check_engine())})
+    assert other.drafts == "diverged" and other.divergence["prompt"] == 0
+
+
+def _available(engine):
+    engine.unavailable = lambda job: None
+    return engine
+
+
+def test_an_answer_that_ends_inside_a_drafted_block_is_not_a_divergence():
+    ours = C.EngineRun(output_ids=[1, 2, 3], cycles=3, accepted=4, finish_reason="length")
+    assert C._stop_in_draft(ours, C.EngineRun(output_ids=[1, 2, 3], cycles=3, accepted=5))  # vLLM's count
+    assert not C._stop_in_draft(ours, C.EngineRun(output_ids=[1, 2, 3], cycles=2, accepted=5))  # llama.cpp: stop only
+    stop = C.EngineRun(output_ids=[1, 2, 3], cycles=3, accepted=4, finish_reason="stop")
+    assert C._stop_in_draft(stop, C.EngineRun(output_ids=[1, 2, 3], cycles=2, accepted=5))  # llama.cpp's count
+    assert not C._stop_in_draft(stop, C.EngineRun(output_ids=[1, 2, 3], cycles=3, accepted=6))
