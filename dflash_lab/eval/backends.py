@@ -100,6 +100,25 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def plain_tie_verdict(spec_ids: list[int], plain_ids: list[int], index: int, top2: list[tuple[int, float]],
+                      tolerance: float):
+    """("numerical" | False, report) at the first differing token `index` of a speculative run and
+    a plain run of the same engine, given the plain step's two best (token id, log-prob): a near-tie
+    when the speculative token is the plain run's runner-up within `tolerance` (log-prob difference =
+    logit difference). Shared by the engines that recheck a mismatch on their own plain server."""
+    margin = top2[0][1] - top2[1][1] if len(top2) == 2 else None
+    spec_token = spec_ids[index] if index < len(spec_ids) else None
+    plain_token = plain_ids[index] if index < len(plain_ids) else None
+    tie = (margin is not None and margin <= tolerance and spec_token is not None
+           and [t for t, _ in top2] == [plain_token, spec_token])
+    report = {"index": index, "kind": "numerical" if tie else "failure", "tolerance": tolerance,
+              "speculative": {"token": spec_token},
+              "greedy": {"token": plain_token, "top2_ids": [t for t, _ in top2],
+                         "top2_logprobs": [round(lp, 5) for _, lp in top2],
+                         "margin": None if margin is None else round(margin, 5)}}
+    return ("numerical" if tie else False), report
+
+
 def _side(recorder: LogitRecorder, position: int, token: int | None) -> dict:
     ids, values = recorder.top2.get(position, ([], []))
     margin = values[0] - values[1] if len(values) == 2 else None

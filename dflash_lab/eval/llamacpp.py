@@ -286,7 +286,7 @@ def classify_mismatch(url: str, target, record: dict, tolerance: float = LLAMACP
     prompt may differ: the reference must be this prompt's). At the first differing token the report
     has both tokens and the plain step's top two with their margin (log-prob difference = logit
     difference)."""
-    from dflash_lab.eval.backends import _post_json, first_difference
+    from dflash_lab.eval.backends import _post_json, first_difference, plain_tie_verdict
 
     prompt_ids = target.encode(record["prompt_text"])
     spec_ids = list(record["output_ids"])
@@ -300,17 +300,7 @@ def classify_mismatch(url: str, target, record: dict, tolerance: float = LLAMACP
     top = (steps[index].get("top_logprobs") or []) if index < len(steps) else []
     # another llama.cpp build's format (no ids or log-probs) leaves top2 short: a failure, with the report
     top2 = [(int(t["id"]), float(t["logprob"])) for t in top[:2] if "id" in t and "logprob" in t]
-    margin = top2[0][1] - top2[1][1] if len(top2) == 2 else None
-    spec_token = spec_ids[index] if index < len(spec_ids) else None
-    plain_token = plain_ids[index] if index < len(plain_ids) else None
-    tie = (margin is not None and margin <= tolerance and spec_token is not None
-           and [t for t, _ in top2] == [plain_token, spec_token])
-    report = {"index": index, "kind": "numerical" if tie else "failure", "tolerance": tolerance,
-              "speculative": {"token": spec_token},
-              "greedy": {"token": plain_token, "top2_ids": [t for t, _ in top2],
-                         "top2_logprobs": [round(lp, 5) for _, lp in top2],
-                         "margin": None if margin is None else round(margin, 5)}}
-    return ("numerical" if tie else False), report
+    return plain_tie_verdict(spec_ids, plain_ids, index, top2, tolerance)
 
 
 def target_gguf_for(spec, kind: str = "f32") -> Path:

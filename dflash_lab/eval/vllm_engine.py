@@ -329,7 +329,7 @@ def classify_mismatch(url: str, target, record: dict, tolerance: float = VLLM_TI
     """(True | "numerical" | False, report or None) for a speculative response that differs from the
     plain run: decode its own prompt again on the plain server with the top-2 log-probs; at the first
     differing token the report has both tokens and the plain step's top two with their margin."""
-    from dflash_lab.eval.backends import first_difference
+    from dflash_lab.eval.backends import first_difference, plain_tie_verdict
 
     spec_ids = list(record["output_ids"])
     plain_ids, top2s = plain_top2(url, target.encode(record["prompt_text"]), max(len(spec_ids), 1))
@@ -337,17 +337,7 @@ def classify_mismatch(url: str, target, record: dict, tolerance: float = VLLM_TI
     if index is None:
         return True, None
     top2 = top2s[index] if index < len(top2s) else []
-    margin = top2[0][1] - top2[1][1] if len(top2) == 2 else None
-    spec_token = spec_ids[index] if index < len(spec_ids) else None
-    plain_token = plain_ids[index] if index < len(plain_ids) else None
-    tie = (margin is not None and margin <= tolerance and spec_token is not None
-           and [t for t, _ in top2] == [plain_token, spec_token])
-    report = {"index": index, "kind": "numerical" if tie else "failure", "tolerance": tolerance,
-              "speculative": {"token": spec_token},
-              "greedy": {"token": plain_token, "top2_ids": [t for t, _ in top2],
-                         "top2_logprobs": [round(lp, 5) for _, lp in top2],
-                         "margin": None if margin is None else round(margin, 5)}}
-    return ("numerical" if tie else False), report
+    return plain_tie_verdict(spec_ids, plain_ids, index, top2, tolerance)
 
 
 def read_counters(url: str) -> dict:
