@@ -55,11 +55,28 @@ def _engine_env() -> dict:
 
 @pytest.fixture(scope="module")
 def drafts(tmp_path_factory):
+    """"served" is a training checkpoint directory as the trainer writes it (`save_checkpoint`: the
+    weights, trainer_state.json and the optimizer/RNG state), handed to vLLM as it is (issue 21 item
+    2: vLLM loads every top-level *.safetensors of a draft directory)."""
+    import torch
+
+    from dflash_lab.models.checkpoint import load_draft
+    from dflash_lab.models.target import load_target
+    from dflash_lab.train.state import TRAINING_STATE_DIR, save_checkpoint
+
     root = tmp_path_factory.mktemp("vllm-drafts")
-    for name, seed in (("served", 0), ("other", 1)):
+    for name, seed in (("init", 0), ("other", 1)):
         assert main(["draft", "init", "--target", TARGET, "--num-layers", "1", "--seed", str(seed),
                      "--out", str(root / name)]) == 0
-    return {"served": root / "served", "other": root / "other"}
+    draft = load_draft(root / "init", load_target(TARGET))
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=1e-4)
+    for p in draft.parameters():  # one step: the optimizer has state to save, as after training
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    served = save_checkpoint(root / "served", draft, optimizer, {"step": 1})
+    assert (served / TRAINING_STATE_DIR / "optimizer.safetensors").is_file()
+    assert sorted(p.name for p in served.glob("*.safetensors")) == ["model.safetensors"]
+    return {"served": served, "other": root / "other"}
 
 
 @pytest.fixture(scope="module")
