@@ -5,7 +5,9 @@ Settings (same draft shape in both: 1 layer, block 16, target layer 15, mask tok
 - `method`: the same loss (CE on the target's tokens, slots 1-15, decay gamma 7), AdamW lr 2e-3,
   weight decay 0, warmup 4% then cosine to 0, clip 1.0, random init of the draft's layers.
 - `defaults`: each tool's own loss / optimizer / lr / anchors / schedule / init (ours: the demo's
-  stage 1 levers: kd, slots 1-4, init from the target's last layer, bf16 feature cache).
+  stage 1 levers: kd, slots 1-4, init from the target's last layer, bf16 feature cache). The batch
+  stays about 2 sequences for all (a size, not a method lever: speculators' default 8192-token packs
+  would make about 5 steps of the 167 training records per epoch).
 """
 
 from __future__ import annotations
@@ -69,9 +71,10 @@ def speculators_cmd(job: Job) -> list[str]:
             "--mask-token-id", str(MASK), "--draft-attn-impl", "sdpa", "--loss-implementation", "eager",
             "--total-seq-len", str(MICRO * MAX_LEN), "--num-workers", "0", "--prefetch-factor", "2",
             "--epochs", "1000", "--max-steps", str(job.steps), "--save-path", str(job.out / "ckpt"),
-            "--log-dir", str(job.out / "logs"), "--seed", "0", "--max-anchors", str(MICRO * ANCHORS)]
+            "--log-dir", str(job.out / "logs"), "--seed", "0"]
     if job.setting == "method":
-        args += ["--full-attention-indices", "0", "--hidden-states-dtype", "float32",
+        # max_anchors counts per packed batch (about MICRO sequences), our num_anchors per sequence
+        args += ["--max-anchors", str(MICRO * ANCHORS),"--full-attention-indices", "0", "--hidden-states-dtype", "float32",
                  "--loss-fn", "ce", "--dflash-decay-gamma", "7", "--per-position-loss-weight", "fixed-exp-decay",
                  "--optimizer", "adamw", "--weight-decay", "0", "--lr", "2e-3",
                  "--scheduler-type", "cosine", "--scheduler-warmup-ratio", "0.04"]
