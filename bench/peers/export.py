@@ -69,7 +69,7 @@ def specforge_export(python: str, job_out: Path, target_dir: str) -> Path:
     if not ckpts:
         raise FileNotFoundError(f"{out_dir}: no SpecForge checkpoint (*-stepN)")
     export = job_out / "export"
-    cmd = [python, "-m", "specforge.cli", "export", "--to", "hf", "--checkpoint", str(ckpts[-1]),
+    cmd = [str(Path(python).with_name("specforge")), "export", "--to", "hf", "--checkpoint", str(ckpts[-1]),
            "--draft-config", str(job_out / "draft-config.json"), "--output-dir", str(export),
            "--embedding-source", target_dir]
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -19,10 +19,16 @@ import sys
 import time
 
 STEPS: list[dict] = []
+_FIRST: list[int] = []
 
 
-def _hook(_opt, _args, _kwargs) -> None:
-    STEPS.append({"cpu": time.process_time(), "wall": time.perf_counter()})
+def _hook(opt, _args, _kwargs) -> None:
+    # one entry per training step: the first optimizer that steps stands for the step (speculators'
+    # default Muon mode steps a Muon and an AdamW optimizer every step)
+    if not _FIRST:
+        _FIRST.append(id(opt))
+    if id(opt) == _FIRST[0]:
+        STEPS.append({"cpu": time.process_time(), "wall": time.perf_counter()})
 
 
 class _MaxSteps(Exception):
