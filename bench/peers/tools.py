@@ -1,8 +1,9 @@
 """Per tool: the trainer's command line for a setting, and the export of its draft to our format.
 
-Settings (same draft shape in both: 1 layer, block 16, target layer 15, mask token 16; the same
-96 anchor blocks per optimizer step, fp32, one thread):
-- `method`: the same loss (CE on the target's tokens, slots 1-15, decay gamma 7), AdamW lr 2e-3,
+Settings (same draft shape in both: 1 layer, block 16, target layer 15, mask token 16; batches of
+about 2 sequences; one thread):
+- `method`: the same loss (CE on the target's tokens, slots 1-15, decay gamma 7), 96 anchor blocks
+  per optimizer step, fp32 compute, AdamW lr 2e-3,
   weight decay 0, warmup 4% then cosine to 0, clip 1.0, random init of the draft's layers.
 - `defaults`: each tool's own loss / optimizer / lr / anchors / schedule / init (ours: the demo's
   stage 1 levers: kd, slots 1-4, init from the target's last layer, bf16 feature cache). The batch
