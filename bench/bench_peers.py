@@ -70,7 +70,7 @@ def eval_one(work: Path, draft: str, tool: str, setting: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", required=True, type=Path)
-    ap.add_argument("--cpu-seconds", type=float, default=120.0, help="training CPU seconds per run")
+    ap.add_argument("--cpu-seconds", type=float, default=240.0, help="training CPU seconds per run")
     ap.add_argument("--settings", default=",".join(tools.SETTINGS))
     ap.add_argument("--tools", default=",".join(tools.TOOLS))
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (CPU seconds are per process)")
