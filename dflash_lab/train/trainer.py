@@ -395,20 +395,24 @@ def init_from_target_layers(draft, target) -> list[str]:
         if hasattr(body, "norm") and body.norm.weight.shape == draft.norm.weight.shape:
             draft.norm.weight.copy_(_norm_scale(body.norm).to(draft.norm.weight.dtype))
             copied.append("norm.weight")
-        h = draft.config.hidden_size
-        nfeat = len(draft.config.target_layer_ids)
-        draft.fc.weight.zero_()
-        draft.fc.weight[:, (nfeat - 1) * h:].copy_(torch.eye(h, dtype=draft.fc.weight.dtype))
-        copied.append("fc.weight(identity)")
-        first = layers[sources[0]]
-        if draft.config.target_layer_ids[-1] == sources[0] - 1 and hasattr(first, "input_layernorm"):
-            # the last feature is exactly the first copied layer's input: c = hidden_norm(h) then
-            # gives that layer's own normalised input, so its K/V over the context start as the target's
-            draft.hidden_norm.weight.copy_(_norm_scale(first.input_layernorm).to(draft.hidden_norm.weight.dtype))
-            copied.append("hidden_norm.weight")
-        else:
-            draft.hidden_norm.weight.fill_(1.0)
+        copied.extend(_init_feature_input(draft, layers[sources[0]], sources[0]))
     return copied
+
+
+def _init_feature_input(draft, first, first_index: int) -> list[str]:
+    """fc: the identity on the last feature's slice; hidden_norm: the input norm of `first` (the
+    first copied target layer) when the last feature is exactly that layer's input, else ones."""
+    h = draft.config.hidden_size
+    nfeat = len(draft.config.target_layer_ids)
+    draft.fc.weight.zero_()
+    draft.fc.weight[:, (nfeat - 1) * h:].copy_(torch.eye(h, dtype=draft.fc.weight.dtype))
+    if draft.config.target_layer_ids[-1] == first_index - 1 and hasattr(first, "input_layernorm"):
+        # c = hidden_norm(h) then gives that layer's own normalised input, so its K/V over the
+        # context start as the target's
+        draft.hidden_norm.weight.copy_(_norm_scale(first.input_layernorm).to(draft.hidden_norm.weight.dtype))
+        return ["fc.weight(identity)", "hidden_norm.weight"]
+    draft.hidden_norm.weight.fill_(1.0)
+    return ["fc.weight(identity)"]
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
