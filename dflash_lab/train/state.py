@@ -20,7 +20,9 @@ so the directory is servable as it is: vLLM and SGLang load every `*.safetensors
 (issue 21). Checkpoints written before that keep the training files at the top level; `state_dir`
 finds them either way, so old runs still resume.
 The whole directory is built under a temporary name and renamed into place, so a kill never leaves
-a half-written checkpoint under a real name. Nothing is unpickled on load.
+a half-written checkpoint under a real name. Nothing is unpickled on load. The module also finds
+a run's checkpoints (list, latest, best, by epoch end), checks one before a resume reads it, sets a
+broken one aside and prunes old ones: all of that reads these files too.
 """
 
 from __future__ import annotations
