@@ -10,7 +10,8 @@
 recipe (`--recipe`) with loss kd, max_slot, micro-batch 2, 48 anchors, one thread, over synthetic
 chat labels: once to fill the feature cache, then 10 steps and 2 steps; (t10 - t2) / 8 is the
 whole run's per-step wall time (data, logging, metrics, synchronisation and Python included), also
-divided by the micro-batches per step to compare with the isolated step (one micro-batch).
+divided by the micro-batches per step to compare with the isolated step (one micro-batch). Both
+are also given in CPU seconds (one thread), which a machine shared with other jobs disturbs less.
 
 The step is the trainer's own code: `FeatureSource` (target forward), `forward_batch` (draft
 forward, vocabulary stage, loss) and backward, then AdamW, for a 1-layer draft (`--layers`) on the
