@@ -1,7 +1,7 @@
 """How far apart vLLM's bf16 kernels put the same token's log-prob on a hybrid target (not a test).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python bench/vllm_bf16_ties.py [--family qwen3_next] [--seeds 0,1]
-        [--prompts 8] [--new-tokens 32] [--json out.json]
+        [--prompts 8] [--new-tokens 32] [--ssm-dtype auto|float32] [--json out.json]
 
 The tolerance of `eval --backend vllm`'s lossless check in bf16 (`vllm_engine.VLLM_TIE_TOLERANCE`)
 comes from here. Per seed: a tiny random target of the family (`tiny_target_dir`, hidden 128, 2
@@ -47,7 +47,8 @@ def prefill_top2(url: str, prompt: list[int], output: list[int]) -> list[list[tu
     return rows
 
 
-def one_seed(family: str, seed: int, prompts: list[list[int]], new_tokens: int, work: Path) -> dict:
+def one_seed(family: str, seed: int, prompts: list[list[int]], new_tokens: int, work: Path,
+             extra: list[str]) -> dict:
     from dflash_lab.cli import main
     from dflash_lab.eval import vllm_engine as V
     from dflash_lab.eval.backends import first_difference
@@ -56,7 +57,7 @@ def one_seed(family: str, seed: int, prompts: list[list[int]], new_tokens: int, 
     target_dir = tiny_target_dir(work / f"target-{seed}", kind=family, seed=seed, **SIZES)
     draft = work / f"draft-{seed}"
     assert main(["draft", "init", "--target", str(target_dir), "--num-layers", "1", "--out", str(draft)]) == 0
-    common = dict(target=target_dir, dtype="bfloat16", max_model_len=512)
+    common = dict(target=target_dir, dtype="bfloat16", max_model_len=512, extra_args=extra)
     with V.VllmServer(V.VllmServerConfig(draft=draft, num_speculative_tokens=15, **common), progress=False) as url:
         spec = [V.post_completion(url, ids, new_tokens)["output_ids"] for ids in prompts]
     noise, plain_margins, mismatches = [], [], []
@@ -104,6 +105,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--json")
+    ap.add_argument("--ssm-dtype", default="auto", help="vLLM --mamba-ssm-cache-dtype (auto: the model's dtype)")
     args = ap.parse_args()
     from dflash_lab.eval.draft_check import CHECK_PROMPTS
     from dflash_lab.models.target import load_target
@@ -116,9 +118,10 @@ def main() -> int:
             probe = load_target(str(tiny_target_dir(Path(tmp) / f"probe-{seed}", kind=args.family, seed=seed,
                                                     **SIZES)))
             prompts = [probe.encode_prompt([{"role": "user", "content": t}]) for t in CHECK_PROMPTS[:args.prompts]]
-            runs.append(one_seed(args.family, seed, prompts, args.new_tokens, Path(tmp)))
+            extra = [] if args.ssm_dtype == "auto" else ["--mamba-ssm-cache-dtype", args.ssm_dtype]
+            runs.append(one_seed(args.family, seed, prompts, args.new_tokens, Path(tmp), extra))
             print(json.dumps({"seed": seed, **summarise(runs[-1:])}), flush=True)
-    summary = {"family": args.family, "seeds": args.seeds, **summarise(runs)}
+    summary = {"family": args.family, "seeds": args.seeds, "ssm_dtype": args.ssm_dtype, **summarise(runs)}
     print(json.dumps(summary, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "runs": runs}))

@@ -163,8 +163,8 @@ def _print_summary(results: dict) -> None:
         state = "verified" if server["verified"] else "NOT verified"
         print(f"  server {server['url']}: draft {server['draft_path'] or '?'} ({state}: {server['how']})")
     if results.get("dtype") not in (None, "float32") and results.get("lossless_check"):
-        print(f"  {results['dtype']}: a mismatch at a near-tie of the target's two best tokens (within "
-              f"{results['lossless_tie_tolerance']} logits) counts as numerical, not a failure")
+        print(f"  {results['dtype']}: lossless check with a near-tie tolerance of {results['lossless_tie_tolerance']} "
+              "logits (a mismatch whose token is that close to the target's first place is numerical, not a failure)")
     for bench, r in results["benchmarks"].items():
         speed = f"{r['tokens_per_s']:.1f} tok/s" if r.get("tokens_per_s") else ""
         if r.get("speedup"):

@@ -192,8 +192,12 @@ def test_vllm_in_bf16_is_checked_against_its_own_plain_decoding(job, monkeypatch
                          accepted=r.accepted, cycle_accepted=r.cycle_accepted, finish_reason=r.finish_reason)
              for r in ours]  # another token at index 1: not our greedy
     monkeypatch.setattr(V, "resolve_dtype", lambda requested, target_dir, device=None: "bfloat16")
-    verdicts = iter([(True, None), (False, {"index": 1, "kind": "failure"})])
-    monkeypatch.setattr(V, "classify_mismatch", lambda url, target, record, tolerance, top_k: next(verdicts))
+    # plain vLLM (one start, after the speculative one): prompt 0 as vLLM with the draft answered;
+    # prompt 1 our greedy, with vLLM's token far below the first place (1.5 > the bf16 tolerance)
+    plain_runs = [(other[0].output_ids, []),
+                  (ours[1].output_ids, [[]] + [[(ours[1].output_ids[1], -0.1), (other[1].output_ids[1], -1.6)]])]
+    asked = []
+    monkeypatch.setattr(V, "plain_top2", lambda url, ids, n, k: asked.append(k) or plain_runs[len(asked) - 1])
     fake = FakeVllm(other, extra_accepted=2)
     monkeypatch.setattr(V, "VllmServer", fake.server)
     monkeypatch.setattr(V, "read_counters", fake.read)
@@ -206,7 +210,8 @@ def test_vllm_in_bf16_is_checked_against_its_own_plain_decoding(job, monkeypatch
     assert vllm.divergence["kind"] == "numerical" and "bfloat16" in vllm.divergence["note"]
     first, second = vllm.lossless_details
     assert first["kind"] == "numerical" and "plain vLLM" in first["note"] and first["index"] == 1
-    assert second["kind"] == "failure" and vllm.lossless == "no" and vllm.failed
+    assert second["kind"] == "failure" and second["speculative"]["gap"] == 1.5 and vllm.lossless == "no"
+    assert vllm.failed and asked == [V.VLLM_TIE_TOP_K["bfloat16"]] * 2
     assert "(bfloat16)" in C.format_report([vllm], two)
 
 
