@@ -168,8 +168,8 @@ def resolve_dtype(requested: str | None, target_dir: Path, device: str | None = 
     if requested == "float32" and hybrid_cpu:
         raise DFlashLabError(
             f"--dtype float32: target {target_dir} has Gated DeltaNet (linear-attention) layers and {CPU_GDN_BF16}; "
-            f"pass --dtype bfloat16 (or leave --dtype out): the lossless check then counts a mismatch at a near-tie "
-            f"of plain vLLM's two best tokens (within {tie_tolerance('bfloat16')} log-prob) as numerical")
+            f"pass --dtype bfloat16 (or leave --dtype out): the lossless check then counts a mismatch whose token "
+            f"is within {tie_tolerance('bfloat16')} log-prob of plain vLLM's first place as numerical (a bf16 near-tie)")
     return requested
 
 
@@ -443,8 +443,8 @@ def evaluate_in_process(target, desc: dict, benchmarks: list, max_new_tokens: in
                         dtype: str | None = None) -> dict[str, tuple[list[dict], dict]]:
     """Start vLLM with the draft, run every benchmark (the counters diffed around each), stop it;
     with `lossless_check`, run the same prompts on vLLM without the draft and compare the tokens
-    (a mismatch at a near-tie of plain vLLM's two best tokens, within `tie_tolerance(dtype)`, is
-    `numerical`). `dtype`: see `resolve_dtype`. Returns {benchmark name: (records, counter
+    (a mismatch whose token is within `tie_tolerance(dtype)` of plain vLLM's first place, among its
+    best `VLLM_TIE_TOP_K[dtype]`, is `numerical`). `dtype`: see `resolve_dtype`. Returns {benchmark name: (records, counter
     difference)}: two server starts for the whole eval."""
     from dflash_lab.engines.vllm_env import require_engine_python
     from dflash_lab.eval.backends import diff_counters
