@@ -168,8 +168,9 @@ def resolve_dtype(requested: str | None, target_dir: Path, device: str | None = 
     if requested == "float32" and hybrid_cpu:
         raise DFlashLabError(
             f"--dtype float32: target {target_dir} has Gated DeltaNet (linear-attention) layers and {CPU_GDN_BF16}; "
-            f"pass --dtype bfloat16 (or leave --dtype out): the lossless check then counts a mismatch whose token "
-            f"is within {tie_tolerance('bfloat16')} log-prob of plain vLLM's first place as numerical (a bf16 near-tie)")
+            f"pass --dtype bfloat16 (or leave --dtype out): the lossless check then counts a mismatch whose "
+            f"token is within {tie_tolerance('bfloat16')} log-prob of plain vLLM's first place as numerical "
+            "(a bf16 near-tie)")
     return requested
 
 
