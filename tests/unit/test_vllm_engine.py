@@ -45,6 +45,24 @@ def test_cpu_plan_installs_the_cpu_torch_first_and_removes_the_cuda_extras(tmp_p
     assert steps.index(tv) < len(steps) - 1  # before the `import vllm` check, which then covers it
 
 
+def test_a_failed_optional_step_is_said_and_recorded_and_the_install_goes_on(tmp_path, monkeypatch):
+    """The torchvision step where PyTorch's index is unreachable: the log says what it means, the
+    stamp names it, the install finishes; a failed required step still stops it."""
+    env = tmp_path / "env"
+    steps = [vllm_env.Step("create", [sys.executable, "-c", "print('a venv')"]),
+             vllm_env.Step("optional thing", [sys.executable, "-c", "raise SystemExit(1)"], may_fail=True,
+                           if_failed="not installed: no Qwen3.5"),
+             vllm_env.Step("check", [sys.executable, "-c", "print('0.32.0 2.13.0+cpu')"])]
+    monkeypatch.setattr(vllm_env, "install_plan", lambda device, env, base_python=None: env.mkdir() or steps)
+    lines = []
+    stamp = vllm_env.install("cpu", env, log=lines.append)
+    assert stamp["optional_steps_failed"] == ["optional thing"] and stamp["vllm_version"] == "0.32.0"
+    assert any(line.endswith("not installed: no Qwen3.5") for line in lines), lines
+    steps[1] = vllm_env.Step("required thing", [sys.executable, "-c", "raise SystemExit(1)"])
+    with pytest.raises(DFlashLabError, match="required thing"):
+        vllm_env.install("cpu", tmp_path / "env2", log=lines.append)
+
+
 def test_cuda_plan_is_plain_vllm_with_its_own_torch(tmp_path):
     argvs = [" ".join(s.argv) for s in vllm_env.install_plan("cuda", tmp_path)]
     assert any("vllm==0.32.0" in a for a in argvs)
