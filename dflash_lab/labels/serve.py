@@ -137,7 +137,8 @@ def serve_commands(engine: str, target: str, gpus: int = 1, port: int | None = N
 def vllm_hybrid_args(target: str) -> list[str]:
     """What vLLM needs to serve a Gated DeltaNet (hybrid) target directory beside a draft (vLLM
     #46090, and how `eval` starts it): no prefix caching, and bf16 on the CPU build, whose DeltaNet
-    kernel runs nothing else. A hub name cannot be read here: nothing is added for it (docs/serving-vllm.md says what to add)."""
+    kernel runs nothing else. A hub name cannot be read here: nothing is added for it
+    (docs/serving-vllm.md says what to add)."""
     from dflash_lab.eval.vllm_engine import engine_device, has_linear_attention
 
     if not Path(target).is_dir() or not has_linear_attention(Path(target)):
