@@ -29,10 +29,10 @@ KNOWN_TARGETS: dict[str, dict] = {
         tie_word_embeddings=False, rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=40960,
     ),
     # Qwen3.5-4B's text model (the checkpoint is Qwen3_5ForConditionalGeneration): 3 Gated DeltaNet
-    # layers to 1 gated full-attention layer. Attention shapes as published (16 query / 4 KV heads of
-    # 256, 32 layers, hidden 2560, MLP 9216, vocabulary 248320, tied, RoPE 1e7 on a quarter of each
-    # head); the DeltaNet heads (16 key / 32 value of 128) as Qwen3-Next's: compare with the
-    # checkpoint's config.json, or plan with the checkpoint directory as target.name.
+    # layers to 1 gated full-attention layer. Its config.json `text_config` as published: 16 query / 4
+    # KV heads of 256, 32 layers, hidden 2560, MLP 9216, vocabulary 248320, tied, RoPE 1e7 on a quarter
+    # of each head, DeltaNet 16 key / 32 value heads of 128 with a 4-tap conv (checked 2026-12-08
+    # against three public copies of it; the same DeltaNet heads as Qwen3-Next and Qwen3.5-9B).
     "Qwen/Qwen3.5-4B": dict(
         model_type="qwen3_5_text", hidden_size=2560, intermediate_size=9216, num_hidden_layers=32,
         num_attention_heads=16, num_key_value_heads=4, head_dim=256, vocab_size=248320,
