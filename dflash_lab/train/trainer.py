@@ -109,6 +109,17 @@ def _check_recipe(recipe: Recipe, world: int) -> None:
     resolve_batch(recipe, world)  # an indivisible batch layout is an error
 
 
+def _autocast_on(requested: bool | None, device: torch.device, target_dtype: torch.dtype) -> bool:
+    """bf16 autocast: train.bf16 when set, else on for a GPU or a half-precision target, whose head
+    the fp32 draft's hidden states meet in the vocabulary stage only under autocast."""
+    half_target = target_dtype in (torch.bfloat16, torch.float16)
+    if requested is False and half_target:
+        raise DFlashLabError(f"train.bf16=false with a {target_dtype} target (target.dtype): the fp32 draft reads the "
+                             "target's head only under bf16 autocast; set train.bf16=true (or leave it unset), or "
+                             "target.dtype=float32")
+    return requested if requested is not None else (device.type == "cuda" or half_target)
+
+
 def _resume_point(out_dir: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None: a fresh run); refuses to start over a run with checkpoints."""
     if (out_dir / "run.json").exists() and not resume:
@@ -130,9 +141,9 @@ class Trainer:
         self.recipe, self.run, self.device, self.info = recipe, run, device, info
         tcfg = recipe.train
         self.micro, self.accum, self.global_batch = resolve_batch(recipe, info.world_size)
-        self.bf16 = tcfg.bf16 if tcfg.bf16 is not None else device.type == "cuda"
         _seed_everything(tcfg.seed, tcfg.cpu_threads if device.type == "cpu" else None)
         self.target = target if target is not None else _load_target(recipe, device)
+        self.bf16 = _autocast_on(tcfg.bf16, device, self.target.dtype)
         if recipe.target.fsdp:
             D.shard_target(self.target, info)
         self._build_data()
