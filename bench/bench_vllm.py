@@ -27,14 +27,8 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 from dflash_lab.eval.benchmarks import Benchmark, Sample  # noqa: E402
 from dflash_lab.eval.harness import evaluate, load_prompt_target  # noqa: E402
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Name three colours of the rainbow.",
-    "How many legs does a spider have?",
-    "Explain why the sky is blue in two sentences.",
-    "Give me a short recipe for pancakes.",
-]
+# the same chat prompts as bench_llamacpp.py, so the two engines' tables compare row for row
+from bench.bench_llamacpp import PROMPTS  # noqa: E402
 
 
 def per_position(results: dict, block_size: int) -> list[float] | None:

@@ -44,7 +44,7 @@ from dflash_lab.models.draft import DFlashDraftModel, build_draft_config  # noqa
 from dflash_lab.models.target import wrap_target  # noqa: E402
 from dflash_lab.train import blocks as B  # noqa: E402
 from dflash_lab.train import losses as L  # noqa: E402
-from dflash_lab.train import plan as P  # noqa: E402
+from dflash_lab import plan as P  # noqa: E402
 from dflash_lab.train.recipe import load_recipe  # noqa: E402
 from dflash_lab.train.trainer import FeatureSource, forward_batch  # noqa: E402
 

@@ -10,7 +10,8 @@
 recipe (`--recipe`) with loss kd, max_slot, micro-batch 2, 48 anchors, one thread, over synthetic
 chat labels: once to fill the feature cache, then 10 steps and 2 steps; (t10 - t2) / 8 is the
 whole run's per-step wall time (data, logging, metrics, synchronisation and Python included), also
-divided by the micro-batches per step to compare with the isolated step (one micro-batch).
+divided by the micro-batches per step to compare with the isolated step (one micro-batch). Both
+are also given in CPU seconds (one thread), which a machine shared with other jobs disturbs less.
 
 The step is the trainer's own code: `FeatureSource` (target forward), `forward_batch` (draft
 forward, vocabulary stage, loss) and backward, then AdamW, for a 1-layer draft (`--layers`) on the
@@ -41,17 +42,19 @@ def _sync(device):
 
 
 class _Clock:
-    """Accumulates seconds per part for one step."""
+    """Accumulates wall seconds (`parts`) and this process's CPU seconds (`cpu`) per part for one
+    step. CPU time survives a machine shared with other jobs better than wall time (one thread)."""
 
     def __init__(self, device):
-        self.device, self.parts = device, {}
+        self.device, self.parts, self.cpu = device, {}, {}
 
     def timed(self, name, fn, *args, **kwargs):
         _sync(self.device)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = fn(*args, **kwargs)
         _sync(self.device)
         self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - t
+        self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
         return out
 
 
@@ -110,23 +113,24 @@ def whole_run(recipe: str, max_slot, anchors: int, records: int = 48) -> dict:
         write_jsonl(root / "labels" / "shard-00000.jsonl", rows)
         (root / "labels" / "meta.json").write_text('{"kind": "labels"}')
 
-        def run(name: str, steps: int) -> float:
+        def run(name: str, steps: int) -> tuple[float, float]:
             argv = ["train", "--config", recipe, "--data", str(root / "labels"), "--out", str(root / name),
                     "--no-progress", "loss.name=kd", f"loss.max_slot={max_slot or 'null'}", "train.micro_batch=2",
                     f"data.num_anchors={anchors}", "train.cpu_threads=1", f"data.feature_cache={root}/cache",
                     "data.heldout=0", "train.eval_interval=0", "train.save_every=0", f"train.max_steps={steps}",
                     "registry.db=null"]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if cli(argv) != 0:
                 raise SystemExit(f"train failed: {argv}")
-            return time.perf_counter() - t0
+            return time.perf_counter() - t0, time.process_time() - c0
 
         run("warm", 10)  # fills the feature cache
-        t10, t2 = run("r10", 10), run("r2", 2)
+        (t10, c10), (t2, c2) = run("r10", 10), run("r2", 2)
         schedule = json.loads((root / "r10" / "run.json").read_text())["schedule"]
-    per_step = (t10 - t2) / 8
+    per_step, cpu_per_step = (t10 - t2) / 8, (c10 - c2) / 8
     micro_steps = schedule["grad_accum"]
-    return {"step_s": per_step, "micro_batches_per_step": micro_steps, "per_micro_batch_s": per_step / micro_steps}
+    return {"step_s": per_step, "micro_batches_per_step": micro_steps, "per_micro_batch_s": per_step / micro_steps,
+            "step_cpu_s": cpu_per_step, "per_micro_batch_cpu_s": cpu_per_step / micro_steps}
 
 
 def main() -> None:
@@ -193,16 +197,18 @@ def main() -> None:
         return stats
 
     stats = step(0)  # warm-up
-    rows = []
+    rows, cpu_rows = [], []
     for i in range(args.steps):
-        clock.parts = {}
+        clock.parts, clock.cpu = {}, {}
         step(i + 1)
-        p = dict(clock.parts)
-        p["rest of forward_batch"] = p.pop("forward_batch") - p["draft forward"] - p["vocabulary stage"]
-        rows.append(p)
+        for out, timed in ((rows, clock.parts), (cpu_rows, clock.cpu)):
+            p = dict(timed)
+            p["rest of forward_batch"] = p.pop("forward_batch") - p["draft forward"] - p["vocabulary stage"]
+            out.append(p)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     warm = sum(v for k, v in med.items() if k != "target forward")
     full = warm + med["target forward"]
+    warm_cpu = statistics.median(sum(v for k, v in r.items() if k != "target forward") for r in cpu_rows)
 
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -222,7 +228,8 @@ def main() -> None:
     for k in order:
         print(f"  {k:24s} {med[k]:7.3f} s  {100 * med[k] / full:5.1f}% of the step with target, "
               f"{'' if k == 'target forward' else f'{100 * med[k] / warm:5.1f}% with a warm cache'}")
-    print(f"  step, feature cache warm {warm:7.3f} s   FLOPs {(flops - flops_target) / 1e9:.2f} G")
+    print(f"  step, feature cache warm {warm:7.3f} s   FLOPs {(flops - flops_target) / 1e9:.2f} G   "
+          f"CPU {warm_cpu:.3f} s")
     print(f"  step with target forward {full:7.3f} s   FLOPs {flops / 1e9:.2f} G")
     print(f"  matmul rate ([{max(scored, 64)}, {cfg.hidden_size}] x [{cfg.hidden_size}, {target.vocab_size}] fp32) "
           f"{rate / 1e9:.1f} GFLOP/s")
@@ -231,10 +238,11 @@ def main() -> None:
     if whole:
         print(f"  whole train run: {whole['step_s']:.3f} s per step of {whole['micro_batches_per_step']} micro-batches, "
               f"{whole['per_micro_batch_s']:.3f} s per micro-batch ({whole['per_micro_batch_s'] / warm:.2f}x the "
-              "isolated warm step)")
+              f"isolated warm step); CPU {whole['per_micro_batch_cpu_s']:.3f} s per micro-batch "
+              f"({whole['per_micro_batch_cpu_s'] / warm_cpu:.2f}x the isolated step's CPU)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"parts_s": med, "step_warm_s": warm, "step_full_s": full, "flops_warm": flops - flops_target,
+            json.dump({"parts_s": med, "step_warm_s": warm, "step_warm_cpu_s": warm_cpu, "step_full_s": full, "flops_warm": flops - flops_target,
                        "flops_full": flops, "matmul_flops_per_s": rate, "ratio_warm": warm / ideal_warm,
                        "ratio_full": full / ideal_full, "scored_slots": scored, "whole_run": whole,
                        "args": vars(args)}, f, indent=2)

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "dflash_lab.data.commands",  # prompts build|stats
     "dflash_lab.labels.commands",  # label, labels audit, serve-cmd
     "dflash_lab.train.commands",  # train
+    "dflash_lab.plan.commands",  # plan
     "dflash_lab.eval.commands",  # eval, eval-run, runs
     "dflash_lab.report_commands",  # report
     "dflash_lab.demo",  # demo

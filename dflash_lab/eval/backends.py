@@ -103,18 +103,21 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 def plain_tie_verdict(spec_ids: list[int], plain_ids: list[int], index: int, top2: list[tuple[int, float]],
                       tolerance: float):
     """("numerical" | False, report) at the first differing token `index` of a speculative run and
-    a plain run of the same engine, given the plain step's two best (token id, log-prob): a near-tie
-    when the speculative token is the plain run's runner-up within `tolerance` (log-prob difference =
-    logit difference). Shared by the engines that recheck a mismatch on their own plain server."""
-    margin = top2[0][1] - top2[1][1] if len(top2) == 2 else None
+    a plain run of the same engine, given the plain step's best (token id, log-prob), best first: a
+    near-tie when the plain token is the first place and the speculative token is within `tolerance`
+    of it (log-prob difference = logit difference). With the top two (fp32) that is "the plain run's
+    runner-up"; an engine in bf16 passes more (its rounding reorders several close tokens). Shared by
+    the engines that recheck a mismatch on their own plain server."""
+    margin = top2[0][1] - top2[1][1] if len(top2) >= 2 else None
     spec_token = spec_ids[index] if index < len(spec_ids) else None
     plain_token = plain_ids[index] if index < len(plain_ids) else None
-    tie = (margin is not None and margin <= tolerance and spec_token is not None
-           and [t for t, _ in top2] == [plain_token, spec_token])
+    spec_lp = next((lp for t, lp in top2[1:] if t == spec_token), None) if spec_token is not None else None
+    gap = top2[0][1] - spec_lp if spec_lp is not None else None
+    tie = gap is not None and gap <= tolerance and top2[0][0] == plain_token
     report = {"index": index, "kind": "numerical" if tie else "failure", "tolerance": tolerance,
-              "speculative": {"token": spec_token},
-              "greedy": {"token": plain_token, "top2_ids": [t for t, _ in top2],
-                         "top2_logprobs": [round(lp, 5) for _, lp in top2],
+              "speculative": {"token": spec_token, "gap": None if gap is None else round(gap, 5)},
+              "greedy": {"token": plain_token, "top2_ids": [t for t, _ in top2[:2]],
+                         "top2_logprobs": [round(lp, 5) for _, lp in top2[:2]],
                          "margin": None if margin is None else round(margin, 5)}}
     return ("numerical" if tie else False), report
 

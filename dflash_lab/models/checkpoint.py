@@ -43,18 +43,9 @@ def save_draft(model: DFlashDraftModel, out_dir: str | os.PathLike, *, dtype: to
         raise DFlashLabError(f"draft {out} already exists; nothing was changed: choose a new folder "
                              "(or pass --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_json_dict()
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach()
-        if dtype is not None:
-            tensor = tensor.to(dtype)
-        tensors[name] = tensor.contiguous().cpu()
-    config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     tmp = make_temp_dir(out.parent, prefix=f".{out.name}.")
     try:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_draft_files(tmp, model.config.to_json_dict(), model.state_dict(), dtype=dtype)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         follow_umask_tree(tmp)
@@ -71,6 +62,22 @@ def save_draft(model: DFlashDraftModel, out_dir: str | os.PathLike, *, dtype: to
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def write_draft_files(folder: Path, config: dict, weights: dict[str, torch.Tensor], *,
+                      dtype: torch.dtype | None = None) -> None:
+    """config.json (`config`, the draft config's JSON fields, plus the weights' `dtype`) and
+    model.safetensors (`weights` in `dtype` when given) into the existing folder `folder`: the files
+    of a draft as the engines load it. `save_draft` and the trainer's checkpoints both write them here."""
+    tensors = {}
+    for name, tensor in weights.items():
+        tensor = tensor.detach()
+        if dtype is not None:
+            tensor = tensor.to(dtype)
+        tensors[name] = tensor.contiguous().cpu()
+    config = {**config, "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.")}
+    (Path(folder) / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(Path(folder) / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def is_draft_dir(path: str | os.PathLike) -> bool:

@@ -1,17 +1,15 @@
 """The stateful parts of a training run, each small, with a typed config (torchtitan's layout).
 
-    DraftParts     the draft, its AdamW optimizer and the schedule (cosine_lr); its state is the
-                   checkpoint's tensor files (weights + optimizer), read by `load_checkpoint`
+    DraftParts     the draft, its AdamW optimizer and the schedule (cosine_lr); state_dict: the
+                   weights and the optimizer's state
     Progress       step and the schedule's length (fixed by the time budget or not); state_dict
     TimeBudget     train.time_budget_s: times the first steps and fixes the schedule's length
     Evaluator      held-out simulated tau, every `eval_interval` steps and at each checkpoint
-    Checkpointer   when a checkpoint is due, what goes in it (every part's state), writing and
-                   pruning, the best held-out tau so far (state_dict), and resuming every part
-    Metrics        step statistics accumulated on the device, read once per log interval;
-                   metrics.jsonl, TensorBoard, the progress bar
+    Metrics        step statistics accumulated on the device, read once per log interval
+                   (state_dict: the open interval); metrics.jsonl, TensorBoard, the progress bar
     RunRecord      run.json
-The data loader (`loader.TrainLoader`, state: the data position) is the last; `trainer.Trainer`
-builds and wires them.
+The data loader (`loader.TrainLoader`, state: the data position) is another; `trainer.Trainer`
+builds them and hands the stateful ones, by name, to the one `checkpointer.Checkpointer`.
 """
 
 from __future__ import annotations
@@ -28,8 +26,7 @@ import torch
 
 from dflash_lab.fileio import atomic_write_text
 from dflash_lab.train import distributed as D
-from dflash_lab.train import state as S
-from dflash_lab.train.loader import TrainLoader
+from dflash_lab.train.checkpointer import DraftState
 from dflash_lab.train.step import heldout_metrics
 
 
@@ -57,13 +54,14 @@ class OptimConfig:
     clip: float | None = 1.0
 
 
-class DraftParts:
-    """The draft (fp32 master weights), its optimizer and the learning-rate schedule."""
+class DraftParts(DraftState):
+    """The draft (fp32 master weights), its optimizer and the learning-rate schedule; its state
+    (`DraftState`): the weights and the optimizer's."""
 
     def __init__(self, draft: torch.nn.Module, cfg: OptimConfig):
-        self.draft, self.cfg = draft, cfg
-        self.optimizer = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                           weight_decay=cfg.weight_decay)
+        super().__init__(draft, torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                                  weight_decay=cfg.weight_decay))
+        self.cfg = cfg
         self.params = [p for p in draft.parameters() if p.requires_grad]
 
     def set_lr(self, step: int, total_steps: int) -> float:
@@ -78,14 +76,6 @@ class DraftParts:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
-
-    def load_checkpoint(self, ckpt: Path) -> None:
-        """Weights (the fp32 master copy when there is one) and optimizer state of a checkpoint."""
-        from dflash_lab.models.checkpoint import read_draft_config, read_tensors
-
-        tensors = S.master_weights(ckpt) or read_tensors(ckpt, read_draft_config(ckpt))
-        self.draft.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
-        S.load_optimizer(self.optimizer, ckpt)
 
 
 @dataclass
@@ -161,81 +151,6 @@ class Evaluator:
                                self.info, self.cfg.seed, lockstep=self.cfg.lockstep)
 
 
-@dataclass
-class CheckpointConfig:
-    out_dir: Path
-    seed: int = 0
-    """Recorded in trainer_state.json."""
-    save_every: int = 0
-    """A checkpoint every this many steps (0: only at epoch ends, a stop and the end)."""
-    keep_last: int | None = None
-    keep_epoch_ends: bool = True
-    dtype: torch.dtype | None = None
-    """The served draft's dtype (the target's); training state stays fp32 (master.safetensors)."""
-
-
-class Checkpointer:
-    """Decides when a checkpoint is due, writes every part's state into it (state.py's files:
-    the draft, the optimizer, the RNG and trainer_state.json), prunes the old ones, keeps the
-    best held-out tau so far, and resumes every part from a checkpoint."""
-
-    def __init__(self, cfg: CheckpointConfig, info: D.DistInfo, parts: DraftParts, progress: Progress,
-                 loader: TrainLoader):
-        self.cfg, self.info = cfg, info
-        self.parts, self.progress, self.loader = parts, progress, loader
-        self.metrics: Metrics | None = None  # set once built (it opens its writer at the resumed step)
-        self.best_tau: float | None = None
-
-    def state_dict(self) -> dict:
-        return {"best_heldout_tau": self.best_tau}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best_tau = state.get("best_heldout_tau")
-
-    def due(self, epoch_end: bool, stopping: bool) -> bool:
-        """A step checkpoint now? Never at the last step: `final` is written then."""
-        step, every = self.progress.step, self.cfg.save_every
-        if step >= self.progress.total_steps:
-            return False
-        return epoch_end or stopping or (bool(every) and step % every == 0)
-
-    def save(self, name: str, metrics: dict, epoch_end: bool) -> Path:
-        """Checkpoint `name` of every part's state now; `metrics` go into trainer_state.json."""
-        tau = metrics.get("heldout_tau")
-        if tau is not None:
-            self.best_tau = tau if self.best_tau is None else max(self.best_tau, tau)
-        position = self.loader.state_dict()
-        window = self.metrics.state_dict() if self.metrics is not None else {}
-        state = {**self.progress.state_dict(), **self.state_dict(), "epoch": position["epoch"] + 1,
-                 "epoch_end": epoch_end, "data_position": position, "metrics": metrics, "seed": self.cfg.seed,
-                 "metrics_window": window}
-        path = self.cfg.out_dir / "checkpoints" / name
-        if self.info.is_main:
-            S.save_checkpoint(path, self.parts.draft, self.parts.optimizer, state, dtype=self.cfg.dtype)
-            if name != "final":
-                self._prune()
-        D.barrier(self.info)
-        return path
-
-    def _prune(self) -> None:
-        try:
-            best = S.best_checkpoint(self.cfg.out_dir)
-        except Exception:  # an unreadable old checkpoint must not stop the run: prune without protection
-            best = None
-        S.prune_checkpoints(self.cfg.out_dir, self.cfg.keep_last, protect=best,
-                            keep_epoch_ends=self.cfg.keep_epoch_ends)
-
-    def load(self, ckpt: Path) -> None:
-        """Every part as checkpoint `ckpt` left it: weights and optimizer, progress, the data
-        position, this bookkeeping and the RNG states."""
-        self.parts.load_checkpoint(ckpt)
-        state = S.read_trainer_state(ckpt)
-        self.progress.load_state_dict(state)
-        self.loader.load_state_dict(state["data_position"])
-        self.load_state_dict(state)
-        S.load_rng_state(ckpt)
-
-
 # -- metrics ---------------------------------------------------------------------------------------
 STAT_KEYS = ("loss", "tau_sum", "blocks", "block_tokens", "valid_slots", "kl_sum", "ce_sum")
 HELDOUT_KEYS = ("heldout_tau", "heldout_unary_tau")  # Evaluator.evaluate's keys (the second: DFlash2)
@@ -253,8 +168,6 @@ class MetricsConfig:
     global_batch: int
     log_every: int = 1
     progress: bool = True
-    total_steps: int = 0
-    initial_step: int = 0
 
 
 @dataclass
@@ -277,18 +190,22 @@ class Metrics:
         self.extra_keys: list[str] = []  # DFlash2: selector sums, after the per-slot counts
         self.writer = None
         self.bar = None
-        if info.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(log_dir=str(cfg.out_dir / "tb"), purge_step=cfg.initial_step or None)
-            except Exception:  # tensorboard missing: metrics.jsonl still has everything
-                self.writer = None
-            if cfg.progress:
-                from tqdm import tqdm
+    def open(self, initial_step: int, total_steps: int) -> None:
+        """TensorBoard's writer and the progress bar (rank 0), at the step the run starts from
+        (known once a resumed run has loaded its checkpoint)."""
+        if not self.info.is_main:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
 
-                self.bar = tqdm(total=cfg.total_steps, initial=cfg.initial_step, desc="train", unit="step",
-                                dynamic_ncols=True)
+            self.writer = SummaryWriter(log_dir=str(self.cfg.out_dir / "tb"), purge_step=initial_step or None)
+        except Exception:  # tensorboard missing: metrics.jsonl still has everything
+            self.writer = None
+        if self.cfg.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
 
     def add_step(self, loss: torch.Tensor, stats: dict, grad_norm: torch.Tensor, seconds: float) -> None:
         vec = torch.cat([torch.stack([loss.detach().double().reshape(()).to(stats["tau_sum"].device)]

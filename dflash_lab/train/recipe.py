@@ -140,7 +140,7 @@ class TrainSection(_Section):
     betas: tuple[float, float] = (0.9, 0.95)
     seed: int = 0
     bf16: bool | None = None
-    """bf16 autocast; null = on for GPU, off for CPU."""
+    """bf16 autocast; null = on for a GPU or a bf16/fp16 target, off otherwise (false with such a target is refused)."""
     device: str = "auto"
     cpu_threads: int | None = Field(None, ge=1)
     """torch intra-op threads on CPU (null = torch's default). On a shared machine 1 can be

@@ -1,32 +1,39 @@
-"""Checkpoints with training state, written atomically, and exact resume.
+"""The on-disk format of a training checkpoint: where each component's state goes, written
+atomically, read back for exact resume. The one module that knows the files; `checkpointer.py`
+collects the components' states and hands them here.
 
-A checkpoint directory `RUN_DIR/checkpoints/step-<N>/` (or `final/`) holds:
-    config.json, model.safetensors   the draft, as SGLang/vLLM/z-lab load it (via `save_draft`), in
-                                     the target's dtype (config.json `dtype` says which)
-    trainer_state.json               {"step", "epoch", "epoch_step", "epoch_end", "metrics", ...}
-    training_state/                  what only resume reads:
-        master.safetensors           the fp32 training weights, when model.safetensors is not fp32
-        optimizer.safetensors        AdamW moments and step counts (flattened names)
-        optimizer.json               param groups (lr, betas, ...) and the tensor layout
-        rng.json, rng.safetensors    python / numpy / torch RNG states
+A checkpoint directory `RUN_DIR/checkpoints/step-<N>/` (or `final/`) holds, by component name of
+the state dict (`write_checkpoint` / `read_checkpoint`):
+    "draft"      {"config", "weights", "optimizer"}:
+                   config.json, model.safetensors   the draft, as SGLang/vLLM/z-lab load it
+                                    (`models.checkpoint.write_draft_files`), in the target's dtype
+                                    (config.json `dtype` says which)
+                   training_state/master.safetensors   the fp32 weights, when model.safetensors is not fp32
+                   training_state/optimizer.safetensors   AdamW moments and step counts (flattened names)
+                   training_state/optimizer.json   param groups (lr, betas, ...) and the tensor layout
+    "rng"        training_state/rng.json (python, numpy), rng.safetensors (torch, cuda.<i>)
+    any other    trainer_state.json: its keys at the top level ("progress": step, total_steps,
+                 budget_fixed; "checkpoint": best_heldout_tau, epoch_end, metrics, seed), or under
+                 the key IN_TRAINER_STATE names ("loader" -> data_position, "metrics" ->
+                 metrics_window); `epoch` (1-based, of the data position) is written beside them
 so the directory is servable as it is: vLLM and SGLang load every `*.safetensors` at its top level
 (issue 21). Checkpoints written before that keep the training files at the top level; `state_dir`
 finds them either way, so old runs still resume.
 The whole directory is built under a temporary name and renamed into place, so a kill never leaves
-a half-written checkpoint under a real name. Nothing is unpickled on load.
+a half-written checkpoint under a real name. Nothing is unpickled on load. The module also finds
+a run's checkpoints (list, latest, best, by epoch end), checks one before a resume reads it, sets a
+broken one aside and prunes old ones: all of that reads these files too.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -34,15 +41,99 @@ from safetensors.torch import load_file, save_file
 from dflash_lab.errors import DFlashLabError
 from dflash_lab.fileio import follow_umask_tree
 from dflash_lab.fileio import names_write_errors
-from dflash_lab.models.checkpoint import save_draft
+from dflash_lab.models.checkpoint import read_draft_config, read_tensors, write_draft_files
 
 STATE_NAME = "trainer_state.json"
 TRAINING_STATE_DIR = "training_state"
+MASTER_NAME = "master.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
+IN_TRAINER_STATE = {"loader": "data_position", "metrics": "metrics_window"}
+"""Components whose state sits under one key of trainer_state.json (the others: at its top level)."""
+_FILES = ("draft", "rng")  # the components with files of their own
+_KEY_ORDER = ("step", "total_steps", "budget_fixed", "best_heldout_tau", "epoch", "epoch_end", "data_position",
+              "metrics", "seed", "metrics_window")  # trainer_state.json's keys, as the trainer has always written them
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
+
+def state_dir(ckpt: Path) -> Path:
+    """Where a checkpoint keeps its training-only files: `training_state/`, or the checkpoint
+    itself for one written before issue 21."""
+    sub = Path(ckpt) / TRAINING_STATE_DIR
+    return sub if sub.is_dir() else Path(ckpt)
+
+
+# -- writing ---------------------------------------------------------------------------------------
+@names_write_errors("checkpoint", fix="free disk space, then resume: dflash-lab train --out RUN_DIR --resume")
+def write_checkpoint(path: Path, states: dict[str, dict], dtype: torch.dtype | None = None) -> Path:
+    """Checkpoint `path` of the components' states ({name: state_dict()}), atomically (temp dir,
+    then rename over any old one). `dtype`: the served draft's dtype (the target's); the fp32
+    weights training resumes from are kept in training_state/master.safetensors when that dtype
+    is not fp32."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_root = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp = tmp_root / "ckpt"
+        training = tmp / TRAINING_STATE_DIR  # out of the servers' top-level *.safetensors glob
+        training.mkdir(parents=True)
+        if "draft" in states:
+            _write_draft(tmp, states["draft"], dtype)
+        if "rng" in states:
+            _write_split(training, "rng", states["rng"])
+        (tmp / STATE_NAME).write_text(json.dumps(trainer_state_of(states), indent=2) + "\n")
+        follow_umask_tree(tmp)  # safetensors writes 0600: teammates and servers must read checkpoints
+        _replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    return path
+
+
+def _write_draft(folder: Path, state: dict, dtype: torch.dtype | None) -> None:
+    write_draft_files(folder, state["config"], state["weights"], dtype=dtype)
+    training = folder / TRAINING_STATE_DIR
+    if dtype is not None and dtype != torch.float32:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in state["weights"].items()},
+                  str(training / MASTER_NAME))
+    opt_tensors, opt_meta = optimizer_tensors(state["optimizer"])
+    save_file(opt_tensors, str(training / "optimizer.safetensors"))
+    (training / "optimizer.json").write_text(json.dumps(opt_meta))
+
+
+def _write_split(folder: Path, stem: str, state: dict) -> None:
+    """`state`'s tensors to STEM.safetensors, the rest to STEM.json."""
+    (folder / f"{stem}.json").write_text(json.dumps({k: v for k, v in state.items() if not torch.is_tensor(v)}))
+    save_file({k: v for k, v in state.items() if torch.is_tensor(v)}, str(folder / f"{stem}.safetensors"))
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def trainer_state_of(states: dict[str, dict]) -> dict:
+    """trainer_state.json of the components' states: every state without files of its own, at
+    the top level or under its IN_TRAINER_STATE key, with `epoch` beside the data position."""
+    out = {}
+    for name, state in states.items():
+        if name in IN_TRAINER_STATE:
+            out[IN_TRAINER_STATE[name]] = state
+        elif name not in _FILES:
+            out.update(state)
+    if "data_position" in out:
+        out["epoch"] = out["data_position"]["epoch"] + 1  # epoch_checkpoint and people read it
+    rank = {key: i for i, key in enumerate(_KEY_ORDER)}
+    return dict(sorted(out.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
+def optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state_dict as safetensors tensors (`state.<param>.<key>`) and JSON (the
+    param groups and which fields are tensors)."""
     tensors = {}
     layout = {}
     for idx, state in sd["state"].items():
@@ -56,96 +147,54 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, {"param_groups": sd["param_groups"], "layout": layout}
 
 
-def state_dir(ckpt: Path) -> Path:
-    """Where a checkpoint keeps its training-only files: `training_state/`, or the checkpoint
-    itself for one written before issue 21."""
-    sub = Path(ckpt) / TRAINING_STATE_DIR
-    return sub if sub.is_dir() else Path(ckpt)
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
+# -- reading ---------------------------------------------------------------------------------------
+def read_checkpoint(ckpt: Path, names) -> dict[str, dict]:
+    """The states of components `names` as checkpoint `ckpt` holds them (the inverse of
+    `write_checkpoint`; either layout). A file that cannot be read is a broken checkpoint."""
     ckpt = Path(ckpt)
+    trainer_state = read_trainer_state(ckpt)
+    out = {}
+    for name in names:
+        if name == "draft":
+            out[name] = _read_draft(ckpt)
+        elif name == "rng":
+            out[name] = _read_split(ckpt, "rng")
+        elif name in IN_TRAINER_STATE:
+            out[name] = trainer_state.get(IN_TRAINER_STATE[name]) or {}
+        else:
+            out[name] = trainer_state
+    return out
+
+
+def _read_draft(ckpt: Path) -> dict:
+    """{"weights": the fp32 master copy when there is one, else the served weights; "optimizer"}."""
+    weights = master_weights(ckpt) or read_tensors(ckpt, read_draft_config(ckpt))
+    return {"weights": weights, "optimizer": _read_optimizer(ckpt)}
+
+
+def _read_optimizer(ckpt: Path) -> dict:
     where = state_dir(ckpt)
     meta = _read_json(ckpt, "optimizer.json", where)
     try:
-        tensors = load_file(str(where / "optimizer.safetensors")) if (where / "optimizer.safetensors").exists() else {}
+        file = where / "optimizer.safetensors"
+        tensors = load_file(str(file)) if file.exists() else {}
         state = {}
         for idx, fields in meta["layout"].items():
             state[int(idx)] = {k: (tensors[f"state.{idx}.{k}"] if v == "tensor" else v) for k, v in fields.items()}
         groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]  # JSON lists
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (SafetensorError, OSError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise broken_checkpoint(ckpt, f"optimizer state unreadable ({type(exc).__name__}: {exc})") from None
+    return {"state": state, "param_groups": groups}
 
 
-def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    meta = {
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    }
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = s
-    return meta, tensors
-
-
-def load_rng_state(ckpt: Path) -> None:
-    """Restore the RNG states a checkpoint saved."""
+def _read_split(ckpt: Path, stem: str) -> dict:
     where = state_dir(ckpt)
-    set_rng_state(_read_json(Path(ckpt), "rng.json", where), load_file(str(where / "rng.safetensors")))
-
-
-def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-    py = meta["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = meta["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-MASTER_NAME = "master.safetensors"
-
-
-@names_write_errors("checkpoint", fix="free disk space, then resume: dflash-lab train --out RUN_DIR --resume")
-def save_checkpoint(path: Path, draft, optimizer, trainer_state: dict, dtype: torch.dtype | None = None) -> Path:
-    """Draft + training state, atomically (temp dir, then rename over any old one). `dtype`: the
-    served draft's dtype (the target's); the fp32 weights training resumes from are kept in
-    training_state/master.safetensors when that dtype is not fp32."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_root = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    meta = _read_json(ckpt, f"{stem}.json", where)
     try:
-        tmp = save_draft(draft, tmp_root / "ckpt", dtype=dtype)
-        training = tmp / TRAINING_STATE_DIR  # out of the servers' top-level *.safetensors glob
-        training.mkdir()
-        if dtype is not None and dtype != torch.float32:
-            save_file({k: v.detach().float().contiguous().cpu() for k, v in draft.state_dict().items()},
-                      str(training / MASTER_NAME))
-        opt_tensors, opt_meta = optimizer_tensors(optimizer)
-        save_file(opt_tensors, str(training / "optimizer.safetensors"))
-        (training / "optimizer.json").write_text(json.dumps(opt_meta))
-        rng_meta, rng_tensors = rng_state()
-        (training / "rng.json").write_text(json.dumps(rng_meta))
-        save_file(rng_tensors, str(training / "rng.safetensors"))
-        (tmp / STATE_NAME).write_text(json.dumps(trainer_state, indent=2) + "\n")
-        follow_umask_tree(tmp)  # safetensors writes 0600: teammates and servers must read checkpoints
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
-    return path
+        tensors = load_file(str(where / f"{stem}.safetensors"))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise broken_checkpoint(ckpt, f"{stem}.safetensors unreadable ({type(exc).__name__}: {exc})") from None
+    return {**meta, **tensors}
 
 
 def master_weights(ckpt: Path) -> dict[str, torch.Tensor] | None:

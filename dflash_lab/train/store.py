@@ -324,45 +324,50 @@ def build_store(data_path, target, max_length: int, min_supervised: int, directo
         small = sum(f.stat().st_size for f in files) < SMALL_DATA_BYTES
         workers = 1 if small else default_workers()
     workers = max(1, int(workers))
-    text_target = target.text_only()
     writer = _StoreWriter(directory)
-    started = time.perf_counter()
-    cpu = os.times()
-    cpu_started = cpu.user + cpu.system + cpu.children_user + cpu.children_system
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     bar = tqdm(desc="token store", unit="rec", disable=not progress, dynamic_ncols=True, mininterval=1.0,
                file=sys.stderr)
+    results = _tokenized_chunks(_iter_chunks(files, chunk_records), target.text_only(), max_length, min_supervised,
+                                workers)
     try:
-        chunks = _iter_chunks(files, chunk_records)
-        if workers == 1:
-            for chunk in chunks:
-                res = tokenize_chunk(text_target, chunk, max_length, min_supervised)
-                writer.add(res)
-                bar.update(res.records)
-        else:
-            ctx = _pool_context()
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(text_target, max_length, min_supervised)) as pool:
-                pending: deque = deque()
-                for chunk in chunks:
-                    pending.append(pool.apply_async(_work, (chunk,)))
-                    while len(pending) >= 2 * workers:
-                        res = pending.popleft().get()
-                        writer.add(res)
-                        bar.update(res.records)
-                while pending:
-                    res = pending.popleft().get()
-                    writer.add(res)
-                    bar.update(res.records)
+        for res in results:
+            writer.add(res)
+            bar.update(res.records)
     except BaseException:
+        results.close()  # the pool stops now, not when the traceback is freed
         writer.abort()
         bar.close()
         raise
     bar.close()
-    cpu = os.times()
-    cpu_s = cpu.user + cpu.system + cpu.children_user + cpu.children_system - cpu_started
-    meta = {**meta, "build": {"seconds": round(time.perf_counter() - started, 3), "cpu_seconds": round(cpu_s, 3),
-                              "workers": workers,
+    meta = {**meta, "build": {"seconds": round(time.perf_counter() - started, 3),
+                              "cpu_seconds": round(_cpu_seconds() - cpu_started, 3), "workers": workers,
                               "host": os.uname().nodename, "pid": os.getpid()}}
     return writer.finish(meta)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the pool's workers)."""
+    cpu = os.times()
+    return cpu.user + cpu.system + cpu.children_user + cpu.children_system
+
+
+def _tokenized_chunks(chunks, text_target, max_length: int, min_supervised: int, workers: int):
+    """Each chunk tokenised, in order: here, or by a pool of `workers` processes with at most 2
+    chunks per worker in flight, so the reader never runs ahead of the writer."""
+    if workers == 1:
+        for chunk in chunks:
+            yield tokenize_chunk(text_target, chunk, max_length, min_supervised)
+        return
+    ctx = _pool_context()
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(text_target, max_length, min_supervised)) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_work, (chunk,)))
+            while len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 # -- verifying a store before it is mapped ------------------------------------------------------------

@@ -32,13 +32,14 @@ from dflash_lab.fileio import atomic_write_text
 from dflash_lab.train import distributed as D
 from dflash_lab.train import losses as L
 from dflash_lab.train import state as S
-from dflash_lab.train.components import (HELDOUT_KEYS, CheckpointConfig, Checkpointer, DraftParts, EvalConfig,
-                                         Evaluator, Metrics, MetricsConfig, OptimConfig, Progress, RunRecord,
-                                         TimeBudget, cosine_lr, now_iso, truncate_metrics, warn)
+from dflash_lab.train.checkpointer import CheckpointConfig, Checkpointer, RngState
+from dflash_lab.train.components import (HELDOUT_KEYS, DraftParts, EvalConfig, Evaluator, Metrics, MetricsConfig,
+                                         OptimConfig, Progress, RunRecord, TimeBudget, cosine_lr, now_iso,
+                                         truncate_metrics, warn)
 from dflash_lab.train.data import FeatureCache, manifest_sha256
 from dflash_lab.train.loader import LoaderConfig, SubsetSource, TrainLoader, split_indices
 from dflash_lab.train.recipe import Recipe, load_recipe, parse_recipe, recipe_to_yaml, resolve_batch
-# The step's math lives in step.py; plan.py, the bench scripts and tests import it from here too.
+# The step's math lives in step.py; dflash_lab.plan, the bench scripts and tests import it from here too.
 from dflash_lab.train.step import (FeatureSource, StepConfig, accumulate_gradients, build_micro_blocks,  # noqa: F401
                                    forward_batch, heldout_metrics)
 
@@ -108,6 +109,17 @@ def _check_recipe(recipe: Recipe, world: int) -> None:
     resolve_batch(recipe, world)  # an indivisible batch layout is an error
 
 
+def _autocast_on(requested: bool | None, device: torch.device, target_dtype: torch.dtype) -> bool:
+    """bf16 autocast: train.bf16 when set, else on for a GPU or a half-precision target, whose head
+    the fp32 draft's hidden states meet in the vocabulary stage only under autocast."""
+    half_target = target_dtype in (torch.bfloat16, torch.float16)
+    if requested is False and half_target:
+        raise DFlashLabError(f"train.bf16=false with a {target_dtype} target (target.dtype): the fp32 draft reads the "
+                             "target's head only under bf16 autocast; set train.bf16=true (or leave it unset), or "
+                             "target.dtype=float32")
+    return requested if requested is not None else (device.type == "cuda" or half_target)
+
+
 def _resume_point(out_dir: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None: a fresh run); refuses to start over a run with checkpoints."""
     if (out_dir / "run.json").exists() and not resume:
@@ -129,9 +141,9 @@ class Trainer:
         self.recipe, self.run, self.device, self.info = recipe, run, device, info
         tcfg = recipe.train
         self.micro, self.accum, self.global_batch = resolve_batch(recipe, info.world_size)
-        self.bf16 = tcfg.bf16 if tcfg.bf16 is not None else device.type == "cuda"
         _seed_everything(tcfg.seed, tcfg.cpu_threads if device.type == "cpu" else None)
         self.target = target if target is not None else _load_target(recipe, device)
+        self.bf16 = _autocast_on(tcfg.bf16, device, self.target.dtype)
         if recipe.target.fsdp:
             D.shard_target(self.target, info)
         self._build_data()
@@ -142,25 +154,23 @@ class Trainer:
         self.parts = DraftParts(self.draft, OptimConfig(
             lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay, warmup_ratio=tcfg.warmup_ratio,
             min_lr_ratio=tcfg.min_lr_ratio, clip=tcfg.clip))
-        self.checkpointer = Checkpointer(CheckpointConfig(
-            out_dir=run.out_dir, seed=tcfg.seed, save_every=tcfg.save_every, keep_last=tcfg.keep_last,
-            keep_epoch_ends=tcfg.keep_epoch_ends,
-            dtype=self.target.dtype), info, self.parts, self.progress, self.loader)
-        if run.resume_from is not None:
-            self.checkpointer.load(run.resume_from)
-        self.model = D.wrap_draft(self.draft, info, str(device))
         self._build_step()
         self.evaluator = Evaluator(EvalConfig(seed=tcfg.seed, every=tcfg.eval_interval, lockstep=recipe.target.fsdp),
                                    self.draft, self.target, self.features, self.heldout, self.fwd, info)
-        self.record = RunRecord(run.out_dir / "run.json")
-        self._start_run_dir()
         self.metrics = Metrics(MetricsConfig(
             out_dir=run.out_dir, block_size=self.draft.config.block_size, global_batch=self.global_batch,
-            log_every=tcfg.log_every, progress=run.progress, total_steps=self.progress.total_steps,
-            initial_step=self.progress.step), info)
+            log_every=tcfg.log_every, progress=run.progress), info)
+        self.checkpointer = Checkpointer(CheckpointConfig(
+            out_dir=run.out_dir, seed=tcfg.seed, save_every=tcfg.save_every, keep_last=tcfg.keep_last,
+            keep_epoch_ends=tcfg.keep_epoch_ends, dtype=self.target.dtype), info,
+            {"draft": self.parts, "progress": self.progress, "loader": self.loader, "metrics": self.metrics,
+             "rng": RngState()})
         if run.resume_from is not None:
-            self.metrics.load_state_dict(S.read_trainer_state(run.resume_from).get("metrics_window") or {})
-        self.checkpointer.metrics = self.metrics
+            self.checkpointer.load(run.resume_from)
+        self.model = D.wrap_draft(self.draft, info, str(device))
+        self.record = RunRecord(run.out_dir / "run.json")
+        self._start_run_dir()
+        self.metrics.open(self.progress.step, self.progress.total_steps)
         self.last_metrics: dict = {}  # the last logged row: checkpoints record it
         self.tau_step: int | None = None  # the step whose weights the last held-out tau measured
         self.lr = 0.0
@@ -294,7 +304,7 @@ class Trainer:
 
     def checkpoint_if_due(self, stopping: bool) -> None:
         epoch_end = self.loader.epoch_done
-        if self.checkpointer.due(epoch_end, stopping):
+        if self.checkpointer.due(self.progress.step, self.progress.total_steps, epoch_end, stopping):
             self.checkpoint(f"step-{self.progress.step}", epoch_end)
 
     def checkpoint(self, name: str, epoch_end: bool) -> Path:
@@ -396,20 +406,24 @@ def init_from_target_layers(draft, target) -> list[str]:
         if hasattr(body, "norm") and body.norm.weight.shape == draft.norm.weight.shape:
             draft.norm.weight.copy_(_norm_scale(body.norm).to(draft.norm.weight.dtype))
             copied.append("norm.weight")
-        h = draft.config.hidden_size
-        nfeat = len(draft.config.target_layer_ids)
-        draft.fc.weight.zero_()
-        draft.fc.weight[:, (nfeat - 1) * h:].copy_(torch.eye(h, dtype=draft.fc.weight.dtype))
-        copied.append("fc.weight(identity)")
-        first = layers[sources[0]]
-        if draft.config.target_layer_ids[-1] == sources[0] - 1 and hasattr(first, "input_layernorm"):
-            # the last feature is exactly the first copied layer's input: c = hidden_norm(h) then
-            # gives that layer's own normalised input, so its K/V over the context start as the target's
-            draft.hidden_norm.weight.copy_(_norm_scale(first.input_layernorm).to(draft.hidden_norm.weight.dtype))
-            copied.append("hidden_norm.weight")
-        else:
-            draft.hidden_norm.weight.fill_(1.0)
+        copied.extend(_init_feature_input(draft, layers[sources[0]], sources[0]))
     return copied
+
+
+def _init_feature_input(draft, first, first_index: int) -> list[str]:
+    """fc: the identity on the last feature's slice; hidden_norm: the input norm of `first` (the
+    first copied target layer) when the last feature is exactly that layer's input, else ones."""
+    h = draft.config.hidden_size
+    nfeat = len(draft.config.target_layer_ids)
+    draft.fc.weight.zero_()
+    draft.fc.weight[:, (nfeat - 1) * h:].copy_(torch.eye(h, dtype=draft.fc.weight.dtype))
+    if draft.config.target_layer_ids[-1] == first_index - 1 and hasattr(first, "input_layernorm"):
+        # c = hidden_norm(h) then gives that layer's own normalised input, so its K/V over the
+        # context start as the target's
+        draft.hidden_norm.weight.copy_(_norm_scale(first.input_layernorm).to(draft.hidden_norm.weight.dtype))
+        return ["fc.weight(identity)", "hidden_norm.weight"]
+    draft.hidden_norm.weight.fill_(1.0)
+    return ["fc.weight(identity)"]
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:

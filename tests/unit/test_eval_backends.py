@@ -216,3 +216,23 @@ def test_server_requests_carry_the_sampling_settings():
     plain = SamplingParams(1.0)
     assert backends.sglang_request([1], 8, plain)["sampling_params"] == {"temperature": 1.0, "max_new_tokens": 8}
     assert backends.vllm_request([1], 8, None, plain) == {"prompt": [1], "max_tokens": 8, "temperature": 1.0}
+
+
+# -- the near-tie verdict the engines share (llama.cpp, vLLM) ------------------------------------------
+def test_plain_tie_verdict_runner_up_within_tolerance_or_deeper_in_a_longer_list():
+    """With the plain step's top two (fp32): numerical only when the speculative token is plain's
+    runner-up within the tolerance. With a longer list (vLLM in bf16): any of plain's candidates
+    within the tolerance of the first place; never when plain's own token is not the first place."""
+    spec, plain = [5, 7, 9], [5, 8, 9]
+    verdict, report = backends.plain_tie_verdict(spec, plain, 1, [(8, -1.0), (7, -1.04)], 0.05)
+    assert verdict == "numerical" and report["greedy"]["margin"] == pytest.approx(0.04)
+    assert report["speculative"] == {"token": 7, "gap": pytest.approx(0.04)}
+    assert backends.plain_tie_verdict(spec, plain, 1, [(8, -1.0), (7, -1.06)], 0.05)[0] is False
+    assert backends.plain_tie_verdict(spec, plain, 1, [(8, -1.0), (6, -1.01)], 0.05)[0] is False  # not in the top 2
+    deeper = [(8, -1.0), (6, -1.2), (7, -1.5), (3, -3.0)]
+    verdict, report = backends.plain_tie_verdict(spec, plain, 1, deeper, 1.0)
+    assert verdict == "numerical" and report["speculative"]["gap"] == pytest.approx(0.5)
+    assert report["greedy"]["top2_ids"] == [8, 6]  # the report keeps the top two
+    assert backends.plain_tie_verdict(spec, plain, 1, deeper, 0.4)[0] is False
+    assert backends.plain_tie_verdict(spec, plain, 1, [(6, -1.0), (7, -1.1), (8, -1.2)], 1.0)[0] is False
+    assert backends.plain_tie_verdict([5], plain, 1, deeper, 1.0)[0] is False  # the speculative run ended

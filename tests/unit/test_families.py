@@ -222,7 +222,8 @@ def test_multimodal_checkpoint_loads_its_text_model(family, tmp_path):
 
 # -- plan: MoE and hybrid targets ---------------------------------------------------------------------
 def _plan_step(config):
-    from dflash_lab.train.plan import _model_bytes, measure_step
+    from dflash_lab.plan import measure_step
+    from dflash_lab.plan.memory import _model_bytes
     from dflash_lab.train.recipe import parse_recipe
 
     recipe = parse_recipe({"target": {"name": "tiny"}, "draft": {"num_layers": 1, "block_size": 4, "mask_token_id": 5},
@@ -232,7 +233,7 @@ def _plan_step(config):
 
 def test_plan_counts_all_experts_memory_and_active_experts_flops():
     from dflash_lab.testing import tiny_config
-    from dflash_lab.train.plan import target_layer_kinds
+    from dflash_lab.plan import target_layer_kinds
 
     moe = tiny_config("qwen3_moe", vocab_size=VOCAB)  # 4 experts of width 32, 2 active
     dense_active = tiny_config("qwen3", vocab_size=VOCAB, intermediate=2 * moe.moe_intermediate_size)
@@ -248,7 +249,7 @@ def test_plan_counts_all_experts_memory_and_active_experts_flops():
 
 def test_plan_counts_the_linear_attention_layers():
     from dflash_lab.testing import tiny_config
-    from dflash_lab.train.plan import target_layer_kinds
+    from dflash_lab.plan import target_layer_kinds
 
     hybrid = tiny_config("qwen3_5", vocab_size=VOCAB)
     step, sizes = _plan_step(hybrid)
@@ -262,7 +263,7 @@ def test_family_recipes_name_their_target_and_plan_config_matches():
     from pathlib import Path
 
     from dflash_lab.models.target import check_recipe_target
-    from dflash_lab.train.plan import target_config
+    from dflash_lab.plan import target_config
     from dflash_lab.train.recipe import load_recipe
 
     root = Path(__file__).resolve().parents[2] / "recipes"

@@ -139,3 +139,24 @@ def test_cli_label_audit_and_errors(tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[1].startswith("CUDA_VISIBLE_DEVICES=1 ")
     assert f" -m vllm.entrypoints.openai.api_server --model {tmp_path / 'T'} --port 8001" in printed[1]
+
+
+def test_vllm_serve_cmd_for_a_hybrid_target_turns_prefix_caching_off(tmp_path, monkeypatch):
+    """vLLM serves a DFlash draft beside a Gated DeltaNet target only without prefix caching, and on
+    its CPU build only in bf16 (issue 22): serve-cmd prints both for such a target directory and
+    neither for a full-attention one."""
+    from dflash_lab.eval import vllm_engine
+
+    hybrid, dense = tmp_path / "hybrid", tmp_path / "dense"
+    for folder, config in ((hybrid, {"model_type": "qwen3_next"}),
+                           (dense, {"model_type": "qwen3", "layer_types": ["full_attention"] * 2})):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+    for device, dtype_args in (("cpu", ["--dtype", "bfloat16"]), ("cuda", [])):
+        monkeypatch.setattr(vllm_engine, "engine_device", lambda device=device: device)
+        argv = shlex.split(serve_commands("vllm", str(hybrid))[0])
+        assert "--no-enable-prefix-caching" in argv
+        assert (argv[argv.index("--dtype"):argv.index("--dtype") + 2] if "--dtype" in argv else []) == dtype_args
+        plain = shlex.split(serve_commands("vllm", str(dense))[0])
+        assert "--no-enable-prefix-caching" not in plain and "--dtype" not in plain
+    assert "--no-enable-prefix-caching" not in serve_commands("vllm", "Qwen/Qwen3.5-4B")[0]  # a hub name: unread

@@ -1,7 +1,8 @@
 """The package's layers, read from the code's own imports (every `import`, also those inside
 functions): models/ sits under decoding/, decoding/ under eval/, eval/ under the report. A
 command that runs a higher layer is registered by that layer (`decoding/commands.py`,
-`report_commands.py`), so no import runs back up."""
+`report_commands.py`, `plan/commands.py`), so no import runs back up. plan/ sits above train/: it
+runs the trainer's step under fake tensors."""
 
 import ast
 from pathlib import Path
@@ -12,11 +13,12 @@ PACKAGE = Path(dflash_lab.__file__).parent
 
 # package (or top-level module) of dflash_lab -> what it must never import, and why
 FORBIDDEN = {
-    "models": ({"decoding", "train", "eval", "labels", "data", "registry", "report", "report_commands", "demo", "cli"},
+    "models": ({"decoding", "train", "plan", "eval", "labels", "data", "registry", "report", "report_commands", "demo", "cli"},
                "the models sit under every other layer"),
-    "decoding": ({"train", "eval", "labels", "data", "registry", "report", "report_commands", "demo", "cli"},
+    "decoding": ({"train", "plan", "eval", "labels", "data", "registry", "report", "report_commands", "demo", "cli"},
                  "decoding runs models; evaluation and training run decoding, not the other way"),
-    "eval": ({"train", "labels", "report", "report_commands", "demo", "cli"},
+    "train": ({"plan"}, "the plan measures the trainer's step (plan imports train); the trainer knows no plan"),
+    "eval": ({"train", "plan", "labels", "report", "report_commands", "demo", "cli"},
              "the report reads what eval measured; eval knows no report"),
 }
 
@@ -78,3 +80,4 @@ def test_the_commands_of_a_higher_layer_are_registered_by_it():
     commands = next(a for a in build_parser()._actions if a.dest == "command").choices
     assert commands["generate"].get_default("handler").__module__ == "dflash_lab.decoding.commands"
     assert commands["report"].get_default("handler").__module__ == "dflash_lab.report_commands"
+    assert commands["plan"].get_default("handler").__module__ == "dflash_lab.plan.commands"

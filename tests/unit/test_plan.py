@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from dflash_lab import plan as P
 from dflash_lab.errors import DFlashLabError
+from dflash_lab.plan.fake_step import _flex_stand_in
 from dflash_lab.testing import tiny_config
-from dflash_lab.train import plan as P
 from dflash_lab.train.recipe import load_recipe, parse_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -173,6 +174,6 @@ def test_flex_stand_in_keeps_what_real_flex_keeps(monkeypatch, context, dtype):
     anchor_pos = torch.stack([torch.randperm(context - 1, generator=g)[:anchors].sort().values + 1 for _ in range(n)])
     real = _saved_for_backward(lambda: B.FlexBlockAttention(anchor_pos, block, compiled=False)(
         q, k_ctx, v_ctx, k_blk, v_blk, d**-0.5))
-    stand_in = _saved_for_backward(lambda: P._flex_stand_in(P.FlopTally())(anchor_pos, block)(
+    stand_in = _saved_for_backward(lambda: _flex_stand_in(P.FlopTally())(anchor_pos, block)(
         q, k_ctx, v_ctx, k_blk, v_blk, d**-0.5))
     assert stand_in <= real <= 1.03 * stand_in, (real, stand_in)

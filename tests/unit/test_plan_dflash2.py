@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dflash_lab.testing import tiny_config
-from dflash_lab.train import plan as P
+from dflash_lab import plan as P
 from dflash_lab.train.recipe import load_recipe, parse_recipe
 
 REPO = Path(__file__).resolve().parents[2]

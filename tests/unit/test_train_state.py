@@ -10,6 +10,8 @@ import torch
 from dflash_lab.errors import DFlashLabError
 from dflash_lab.models.draft import DFlashDraftModel, DraftConfig
 from dflash_lab.train import state as S
+from dflash_lab.train.checkpointer import CheckpointConfig, Checkpointer, DraftState, RngState, save_checkpoint
+from dflash_lab.train.distributed import DistInfo
 
 
 def _draft():
@@ -19,24 +21,30 @@ def _draft():
     return DFlashDraftModel(cfg).init_weights(0)
 
 
+def _resume(path, draft, optimizer):
+    """What a run's Checkpointer restores from checkpoint `path`: weights, optimizer and RNG."""
+    components = {"draft": DraftState(draft, optimizer), "rng": RngState()}
+    Checkpointer(CheckpointConfig(out_dir=path.parent.parent), DistInfo(), components).load(path)
+
+
 def test_save_and_restore_state(tmp_path):
     draft = _draft()
     opt = torch.optim.AdamW(draft.parameters(), lr=1e-3)
     draft(torch.randn(1, 4, 16), torch.arange(4)[None], torch.randn(1, 3, 16), torch.arange(3)[None]).sum().backward()
     opt.step()
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
-    path = S.save_checkpoint(tmp_path / "checkpoints" / "step-1", draft, opt,
+    path = save_checkpoint(tmp_path / "checkpoints" / "step-1", draft, opt,
                              {"step": 1, "epoch": 1, "epoch_end": False, "metrics": {"heldout_tau": 1.5}})
     expected = (random.random(), np.random.rand(), torch.rand(1))
     assert not list((tmp_path / "checkpoints").glob(".*"))  # no temp leftovers
-    opt2 = torch.optim.AdamW(_draft().parameters(), lr=5.0)
-    S.load_optimizer(opt2, path)
+    draft2 = _draft()
+    opt2 = torch.optim.AdamW(draft2.parameters(), lr=5.0)
+    _resume(path, draft2, opt2)
     a, b = opt.state_dict(), opt2.state_dict()
     assert a["param_groups"] == b["param_groups"]
     for k in a["state"]:
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(a["state"][k][key], b["state"][k][key])
-    S.load_rng_state(path)
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
 
 
@@ -59,7 +67,7 @@ def test_training_state_sits_apart_and_old_checkpoints_still_load(tmp_path, layo
     draft(torch.randn(1, 4, 16), torch.arange(4)[None], torch.randn(1, 3, 16), torch.arange(3)[None]).sum().backward()
     opt.step()
     torch.manual_seed(7)
-    path = S.save_checkpoint(tmp_path / "checkpoints" / "step-1", draft, opt, {"step": 1}, dtype=torch.bfloat16)
+    path = save_checkpoint(tmp_path / "checkpoints" / "step-1", draft, opt, {"step": 1}, dtype=torch.bfloat16)
     expected = torch.rand(1)
     assert _servable(path)
     assert {p.name for p in (path / S.TRAINING_STATE_DIR).iterdir()} == {
@@ -68,12 +76,13 @@ def test_training_state_sits_apart_and_old_checkpoints_still_load(tmp_path, layo
         _to_old_layout(path)
         assert not _servable(path) and S.state_dir(path) == path
     S.verify_checkpoint(path)
-    opt2 = torch.optim.AdamW(_draft().parameters(), lr=5.0)
-    S.load_optimizer(opt2, path)
+    draft2 = _draft()
+    opt2 = torch.optim.AdamW(draft2.parameters(), lr=5.0)
+    _resume(path, draft2, opt2)
     assert opt2.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
     master = S.master_weights(path)
     assert all(torch.equal(master[name], t) for name, t in draft.state_dict().items())
-    S.load_rng_state(path)
+    assert all(torch.equal(draft2.state_dict()[name], t) for name, t in draft.state_dict().items())  # fp32, not bf16
     assert torch.equal(torch.rand(1), expected)
     # a truncated training file is named with where it sits
     rng = S.state_dir(path) / "rng.safetensors"
@@ -121,14 +130,14 @@ def test_checkpoint_in_target_dtype_keeps_fp32_master(tmp_path):
 
     draft = _draft()
     opt = torch.optim.AdamW(draft.parameters(), lr=1e-3)
-    path = S.save_checkpoint(tmp_path / "final", draft, opt, {"step": 1}, dtype=torch.bfloat16)
+    path = save_checkpoint(tmp_path / "final", draft, opt, {"step": 1}, dtype=torch.bfloat16)
     assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
     served = read_tensors(path, read_draft_config(path))
     master = S.master_weights(path)
     for name, tensor in draft.state_dict().items():
         assert served[name].dtype == torch.bfloat16 and torch.equal(served[name], tensor.to(torch.bfloat16))
         assert master[name].dtype == torch.float32 and torch.equal(master[name], tensor)
-    fp32 = S.save_checkpoint(tmp_path / "fp32", draft, opt, {"step": 1}, dtype=torch.float32)
+    fp32 = save_checkpoint(tmp_path / "fp32", draft, opt, {"step": 1}, dtype=torch.float32)
     assert S.master_weights(fp32) is None  # no duplicate when the served copy is already fp32
 
 
@@ -157,3 +166,47 @@ def test_checkpoint_never_records_a_held_out_tau_of_earlier_weights():
     assert measured == [5]
     assert saved == [("step-2", {"loss": 1.0, "heldout_tau": 3.0}), ("step-5", {"loss": 1.0, "heldout_tau": 6.0})]
     assert fake.tau_step == 5
+
+
+class _Box:
+    """A component whose state is a plain dict."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
+def test_one_checkpointer_saves_and_loads_every_component_by_name(tmp_path):
+    """The Checkpointer is given {name: component} once; state.py puts each state in its file:
+    trainer_state.json keeps the keys and order the trainer has always written, and a load gives
+    every component its own state back."""
+    draft = _draft()
+    opt = torch.optim.AdamW(draft.parameters(), lr=1e-3)
+
+    def components(progress, position):
+        return {"draft": DraftState(draft, opt), "progress": _Box(progress), "loader": _Box(position),
+                "metrics": _Box({}), "rng": RngState()}
+
+    saved = components({"step": 3, "total_steps": 9, "budget_fixed": True}, {"epoch": 1, "step_in_epoch": 2})
+    cfg = CheckpointConfig(out_dir=tmp_path, seed=11)
+    path = Checkpointer(cfg, DistInfo(), saved).save("step-3", {"loss": 1.0, "heldout_tau": 2.5}, epoch_end=False)
+    state = json.loads((path / S.STATE_NAME).read_text())
+    assert list(state) == ["step", "total_steps", "budget_fixed", "best_heldout_tau", "epoch", "epoch_end",
+                           "data_position", "metrics", "seed", "metrics_window"]
+    assert state["epoch"] == 2 and state["seed"] == 11 and state["metrics"] == {"loss": 1.0, "heldout_tau": 2.5}
+    loaded = components({"step": 0}, {})
+    checkpointer = Checkpointer(cfg, DistInfo(), loaded)
+    checkpointer.load(path)
+    assert loaded["progress"].state["step"] == 3 and loaded["loader"].state == {"epoch": 1, "step_in_epoch": 2}
+    assert loaded["metrics"].state == {} and checkpointer.best_tau == 2.5
+    state["data_position"] = "lost"  # a component that cannot take its state names the checkpoint
+    (path / S.STATE_NAME).write_text(json.dumps(state))
+    loaded["loader"] = _Box({})
+    loaded["loader"].load_state_dict = lambda position: position["epoch"]  # as TrainLoader reads it
+    with pytest.raises(DFlashLabError, match="step-3 is broken: the loader state does not load"):
+        Checkpointer(cfg, DistInfo(), loaded).load(path)

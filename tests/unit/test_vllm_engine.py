@@ -36,6 +36,31 @@ def test_cpu_plan_installs_the_cpu_torch_first_and_removes_the_cuda_extras(tmp_p
     assert removal.may_fail
     assert all(s.argv[0] == str(tmp_path / "env" / "bin" / "python") for s in steps[1:])
     assert "import vllm" in argvs[-1]
+    # vLLM's Qwen3.5 model imports torchvision: its CPU build from PyTorch's index, never PyPI's CUDA
+    # one (pinned `+cpu`), torch left alone (--no-deps); unreachable index: the install goes on
+    tv = steps[vllm_at + 2]
+    assert tv.may_fail and tv.if_failed and "Qwen3.5" in tv.if_failed
+    assert "torchvision==0.28.0+cpu" in tv.argv and "--no-deps" in tv.argv
+    assert tv.argv[tv.argv.index("--index-url") + 1] == "https://download.pytorch.org/whl/cpu"
+    assert steps.index(tv) < len(steps) - 1  # before the `import vllm` check, which then covers it
+
+
+def test_a_failed_optional_step_is_said_and_recorded_and_the_install_goes_on(tmp_path, monkeypatch):
+    """The torchvision step where PyTorch's index is unreachable: the log says what it means, the
+    stamp names it, the install finishes; a failed required step still stops it."""
+    env = tmp_path / "env"
+    steps = [vllm_env.Step("create", [sys.executable, "-c", "print('a venv')"]),
+             vllm_env.Step("optional thing", [sys.executable, "-c", "raise SystemExit(1)"], may_fail=True,
+                           if_failed="not installed: no Qwen3.5"),
+             vllm_env.Step("check", [sys.executable, "-c", "print('0.32.0 2.13.0+cpu')"])]
+    monkeypatch.setattr(vllm_env, "install_plan", lambda device, env, base_python=None: env.mkdir() or steps)
+    lines = []
+    stamp = vllm_env.install("cpu", env, log=lines.append)
+    assert stamp["optional_steps_failed"] == ["optional thing"] and stamp["vllm_version"] == "0.32.0"
+    assert any(line.endswith("not installed: no Qwen3.5") for line in lines), lines
+    steps[1] = vllm_env.Step("required thing", [sys.executable, "-c", "raise SystemExit(1)"])
+    with pytest.raises(DFlashLabError, match="required thing"):
+        vllm_env.install("cpu", tmp_path / "env2", log=lines.append)
 
 
 def test_cuda_plan_is_plain_vllm_with_its_own_torch(tmp_path):
@@ -91,6 +116,48 @@ def test_server_argv_is_the_module_eager_fp32_with_the_draft(tmp_path):
     assert "--speculative-config" not in V.server_argv(V.VllmServerConfig(target=tmp_path), "py", 1)
     env = V.server_env(V.VllmServerConfig(target=tmp_path, kv_cache_gib=2), {"PYTHONPATH": "/x"})
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and "PYTHONPATH" not in env and env["HF_HUB_OFFLINE"] == "1"
+
+
+# -- the precision: bf16 for Gated DeltaNet targets on a CPU --------------------------------------------
+def test_hybrid_targets_run_bf16_on_a_cpu_and_float32_there_is_refused_naming_the_fix(tmp_path):
+    from dflash_lab.testing import tiny_target_dir
+
+    hybrid = tiny_target_dir(tmp_path / "next", kind="qwen3_next")
+    dense = tiny_target_dir(tmp_path / "dense", kind="qwen3")
+    assert V.has_linear_attention(hybrid) and not V.has_linear_attention(dense)
+    # a multimodal checkpoint's text model, and a config that leaves layer_types out
+    (tmp_path / "mm").mkdir()
+    (tmp_path / "mm" / "config.json").write_text(json.dumps({"text_config": {"layer_types": ["linear_attention"]}}))
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text(json.dumps({"model_type": "qwen3_5_text"}))
+    assert V.has_linear_attention(tmp_path / "mm") and V.has_linear_attention(tmp_path / "bare")
+
+    assert V.resolve_dtype(None, hybrid, "cpu") == V.resolve_dtype("auto", hybrid, "cpu") == "bfloat16"
+    assert V.resolve_dtype("auto", hybrid, "cuda") == "float32"  # the GPU kernels run float32
+    assert V.resolve_dtype("auto", dense, "cpu") == "float32"  # the exact check wherever vLLM can
+    assert V.resolve_dtype("bfloat16", dense, "cpu") == "bfloat16"
+    with pytest.raises(DFlashLabError) as exc:
+        V.resolve_dtype("float32", hybrid, "cpu")
+    assert "--dtype bfloat16" in str(exc.value) and "Gated DeltaNet" in str(exc.value) and str(hybrid) in str(exc.value)
+    with pytest.raises(DFlashLabError, match="float32 .* or bfloat16"):
+        V.resolve_dtype("float16", dense, "cpu")
+    assert V.tie_tolerance("float32") == V.VLLM_TIE_TOLERANCE < V.tie_tolerance("bfloat16")
+
+
+def test_eval_takes_dtype_for_the_vllm_it_starts_and_not_for_a_running_server(tmp_path, capsys, bench_dir):
+    """--dtype reaches vLLM only when eval starts it: with --server (someone else's server) it is
+    refused as before, float16 always (vLLM runs float32 or bfloat16 here); all before any work."""
+    base = ["eval", "--backend", "vllm", "--target", "smollm2-135m-instruct", "--draft", str(tmp_path),
+            "--bench-dir", str(bench_dir), "--benchmarks", "gsm8k", "--limit", "1", "--no-db",
+            "--out", str(tmp_path / "r.json")]
+    for extra, message in [(["--dtype", "bfloat16", "--server", "http://127.0.0.1:9"], "--dtype bfloat16: these place"),
+                           (["--dtype", "float16"], "--dtype float16: the vllm backend runs float32")]:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and message in err, err
+    from dflash_lab.validate import check_backend_options
+
+    check_backend_options(type("A", (), {"backend": "vllm", "server": [], "dtype": "bfloat16", "device": "auto"})())
 
 
 # -- what vLLM needs of the directories -------------------------------------------------------------
