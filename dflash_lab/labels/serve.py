@@ -121,6 +121,7 @@ def serve_commands(engine: str, target: str, gpus: int = 1, port: int | None = N
         else:
             config = json.dumps({"method": "dflash", "model": str(draft), "num_speculative_tokens": block - 1})
             spec_args = ["--speculative-config", config]
+    hybrid_args = vllm_hybrid_args(target) if engine == "vllm" else []  # reads config.json once, not per GPU
     commands = []
     for gpu in range(gpus):
         if engine == "sglang":
@@ -128,7 +129,7 @@ def serve_commands(engine: str, target: str, gpus: int = 1, port: int | None = N
                     "--port", str(port + gpu), "--host", host]
         else:
             argv = [python, "-m", VLLM_SERVER_MODULE, "--model", str(target), "--port", str(port + gpu),
-                    "--host", host, "--enforce-eager", *vllm_hybrid_args(target)]
+                    "--host", host, "--enforce-eager", *hybrid_args]
         argv += spec_args + list(extra_args or [])
         commands.append(f"CUDA_VISIBLE_DEVICES={gpu} " + " ".join(shlex.quote(a) for a in argv))
     return commands
